@@ -1,0 +1,115 @@
+"""Parameter counts of a ModelSpec, split into the classes that decode streams differently.
+
+The split is what the traffic model needs: the embedding table (only B rows gathered per step), the LM head
+(streamed once; the embedding table itself when tied), always-streamed decoder weights (attention, dense MLPs,
+shared experts, routers, norms) and routed experts (streamed only when some token in the batch picks them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kvmodel.specs import ModelSpec
+
+
+@dataclass(frozen=True)
+class ParamBreakdown:
+    """Parameter counts (not bytes) by class."""
+
+    embedding: int  # V x h input table
+    lm_head: int  # separate output projection; 0 when tied to the embedding
+    attention: int  # all layers: q/k/v/o (or MLA projections), biases, q/k norms
+    dense_mlp: int  # all layers: dense MLPs, shared experts, routers
+    norms: int  # per-layer norms + final norm
+    expert_each: int  # one routed expert's parameters (per MoE layer)
+    num_experts: int  # routed experts per MoE layer (0 for dense models)
+    num_moe_layers: int
+    extra: int  # outside the text decoder (vision tower, audio, ...); never streamed in decode
+
+    @property
+    def routed_experts(self) -> int:
+        return self.expert_each * self.num_experts * self.num_moe_layers
+
+    @property
+    def total(self) -> int:
+        return (
+            self.embedding + self.lm_head + self.attention + self.dense_mlp + self.norms
+            + self.routed_experts + self.extra
+        )
+
+    @property
+    def decoder_streamed_always(self) -> int:
+        """Parameters read every decode step whatever the batch (excludes embedding rows and routed experts)."""
+        return self.attention + self.dense_mlp + self.norms
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["routed_experts"] = self.routed_experts
+        d["total"] = self.total
+        return d
+
+
+def _mlp_params(hidden: int, inter: int, gated: bool, bias: bool) -> int:
+    mats = 3 if gated else 2
+    b = (inter * (2 if gated else 1) + hidden) if bias else 0
+    return mats * hidden * inter + b
+
+
+def param_breakdown(m: ModelSpec) -> ParamBreakdown:
+    """Count parameters from the architecture alone (head_dim as given)."""
+    h, L = m.hidden_size, m.num_layers
+    gated = m.mlp == "gated"
+    norm_w = 2 if m.norm == "layernorm" else 1  # weight (+ bias)
+
+    # Attention, per layer
+    if m.mla:
+        a = m.mla
+        qk_head = a.qk_nope_head_dim + a.qk_rope_head_dim
+        if a.q_lora_rank:
+            q = h * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * m.num_heads * qk_head  # incl. q_a_layernorm
+        else:
+            q = h * m.num_heads * qk_head
+        kv = h * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank  # kv_a_proj_with_mqa + kv_a_layernorm
+        kv += a.kv_lora_rank * m.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
+        o = m.num_heads * a.v_head_dim * h
+        attn_layer = q + kv + o
+    else:
+        qd, kvd = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+        attn_layer = h * qd + 2 * h * kvd + qd * h
+        if m.qkv_bias:
+            attn_layer += qd + 2 * kvd
+        if m.o_bias:
+            attn_layer += h
+        if m.qk_norm:
+            attn_layer += 2 * m.head_dim * norm_w
+    attention = L * attn_layer
+
+    # MLPs
+    expert_each = num_experts = moe_layers = 0
+    if m.moe:
+        e = m.moe
+        moe_layers = L - e.first_dense_layers
+        dense = e.first_dense_layers * _mlp_params(h, m.intermediate_size, gated, m.mlp_bias)
+        shared_w = e.shared_intermediate_size or e.expert_intermediate_size
+        per_moe_layer_dense = e.num_shared_experts * _mlp_params(h, shared_w, gated, m.mlp_bias)
+        per_moe_layer_dense += h * e.num_experts + (e.num_experts if e.router_bias else 0)  # router
+        dense += moe_layers * per_moe_layer_dense
+        expert_each = _mlp_params(h, e.expert_intermediate_size, gated, m.mlp_bias)
+        num_experts = e.num_experts
+    else:
+        dense = L * _mlp_params(h, m.intermediate_size, gated, m.mlp_bias)
+
+    norms = (L * m.norms_per_layer + 1) * h * norm_w
+    embedding = m.vocab_size * h
+    lm_head = 0 if m.tie_embeddings else m.vocab_size * h
+    return ParamBreakdown(
+        embedding=embedding,
+        lm_head=lm_head,
+        attention=attention,
+        dense_mlp=dense,
+        norms=norms,
+        expert_each=expert_each,
+        num_experts=num_experts,
+        num_moe_layers=moe_layers,
+        extra=m.extra_params,
+    )

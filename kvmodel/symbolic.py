@@ -1,0 +1,296 @@
+"""Every formula of the model, once, as a sympy expression.
+
+This module is the single source of truth: ``traffic.py`` lambdifies these expressions to numpy, ``kvmodel
+explain`` prints them, and the tests prove identities on them (e.g. the reread closed form equals the explicit
+sum). Nothing here is re-typed elsewhere.
+
+Units: bytes, seconds, FLOPs; bandwidths in bytes/s inside the formulas (GB/s = 1e9 B/s at the edges).
+Per decode step; "per layer" quantities are multiplied by layer counts explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+# ----------------------------------------------------------------------------------------------------------------
+# Symbols
+# ----------------------------------------------------------------------------------------------------------------
+_pos = dict(positive=True)
+_nonneg = dict(nonnegative=True)
+
+B = sp.Symbol("B", **_pos)  # batch (sequences decoded together)
+T = sp.Symbol("T", **_pos)  # context: tokens already cached per sequence
+L = sp.Symbol("L", **_pos)  # layers
+L_s = sp.Symbol("L_s", **_nonneg)  # sliding-window layers (subset of L)
+W = sp.Symbol("W", **_pos)  # sliding window, tokens
+Hq = sp.Symbol("H_q", **_pos)  # query heads
+Hkv = sp.Symbol("H_kv", **_pos)  # KV heads cached per layer (1 latent head for MLA)
+d = sp.Symbol("d", **_pos)  # key channels per cached head
+dv = sp.Symbol("d_v", **_nonneg)  # value channels per cached head (0 for MLA: values come from the latent)
+dq = sp.Symbol("d_q", **_pos)  # query/output channels per query head
+bk = sp.Symbol("b_k", **_pos)  # key bits
+bv = sp.Symbol("b_v", **_pos)  # value bits
+g = sp.Symbol("g", **_pos)  # quantization group (channels per scale)
+mk = sp.Symbol("m_k", **_nonneg)  # metadata bytes per key group (0 for 16-bit/FP8, 2 symmetric, 4 asymmetric)
+mv = sp.Symbol("m_v", **_nonneg)  # metadata bytes per value group
+bw = sp.Symbol("b_w", **_pos)  # bytes per weight parameter
+ba = sp.Symbol("b_a", **_pos)  # bytes per activation element (2 for fp16/bf16)
+h = sp.Symbol("h", **_pos)  # hidden size
+V = sp.Symbol("V", **_pos)  # vocabulary
+P_always = sp.Symbol("P_always", **_nonneg)  # params streamed every step (attention, dense MLP, norms, routers)
+P_lm = sp.Symbol("P_lm", **_nonneg)  # LM-head params (V*h; the embedding table itself when tied)
+P_total = sp.Symbol("P_total", **_pos)  # all params of the text decoder (embedding included)
+P_exp = sp.Symbol("P_exp", **_nonneg)  # params of one routed expert
+E = sp.Symbol("E", **_pos)  # routed experts per MoE layer
+k_top = sp.Symbol("k", **_pos)  # routed experts per token
+L_moe = sp.Symbol("L_moe", **_nonneg)  # MoE layers
+r = sp.Symbol("r", **_pos)  # KV compression ratio (FP16 bytes / quantized bytes)
+f = sp.Symbol("f", **_nonneg)  # KV fraction of step bytes
+C0 = sp.Symbol("C_0", **_nonneg)  # prompt length
+Gen = sp.Symbol("G_en", **_pos)  # tokens generated
+i = sp.Symbol("i", integer=True, nonnegative=True)  # summation index
+M_cap = sp.Symbol("M_cap", **_pos)  # device memory capacity, bytes
+M_ws = sp.Symbol("M_ws", **_nonneg)  # workspace reserve (activations, allocator), bytes
+phi = sp.Symbol("phi", **_nonneg)  # fragmentation fraction of capacity lost
+k_draft = sp.Symbol("k_d", **_nonneg)  # speculative draft length
+alpha = sp.Symbol("alpha", **_pos)  # per-token acceptance probability (0 < alpha < 1)
+t_step = sp.Symbol("t_step", **_pos)  # target step time, seconds
+BW_link = sp.Symbol("BW_link", **_pos)  # tier link bandwidth, bytes/s
+N_tp = sp.Symbol("N", **_pos)  # tensor-parallel degree
+lat_ar = sp.Symbol("lambda_ar", **_nonneg)  # per all-reduce latency, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formula registry
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Formula:
+    name: str
+    expr: sp.Expr
+    unit: str
+    doc: str
+
+    @property
+    def symbols(self) -> list[sp.Symbol]:
+        return sorted(self.expr.free_symbols, key=lambda s: s.name)
+
+
+FORMULAS: dict[str, Formula] = {}
+
+
+def _def(name: str, expr, unit: str, doc: str) -> sp.Expr:
+    FORMULAS[name] = Formula(name, sp.sympify(expr), unit, doc)
+    return FORMULAS[name].expr
+
+
+# KV cache ------------------------------------------------------------------------------------------------------
+kv_bytes_per_token_layer = _def(
+    "kv_bytes_per_token_layer",
+    Hkv * (d * bk + dv * bv) / 8 + Hkv * (sp.ceiling(d / g) * mk + sp.ceiling(dv / g) * mv),
+    "bytes",
+    "KV bytes one token adds to one layer: packed K and V plus per-group metadata (m = 0 for 16-bit).",
+)
+kv_bytes_per_token = _def(
+    "kv_bytes_per_token", L * kv_bytes_per_token_layer, "bytes", "KV bytes one token adds, all layers."
+)
+kv_metadata_bytes_per_token = _def(
+    "kv_metadata_bytes_per_token",
+    L * Hkv * (sp.ceiling(d / g) * mk + sp.ceiling(dv / g) * mv),
+    "bytes",
+    "Scale/zero bytes per token, all layers (part of kv_bytes_per_token).",
+)
+kv_fp16_bytes_per_token_layer = _def(
+    "kv_fp16_bytes_per_token_layer",
+    kv_bytes_per_token_layer.subs({bk: 16, bv: 16, mk: 0, mv: 0}),
+    "bytes",
+    "The same token at FP16 (the uncompressed reference).",
+)
+cached_token_layers = _def(
+    "cached_token_layers",
+    (L - L_s) * T + L_s * sp.Min(T, W),
+    "token-layers",
+    "Tokens attended per sequence summed over layers: sliding-window layers see at most W tokens.",
+)
+kv_read_bytes = _def(
+    "kv_read_bytes",
+    B * kv_bytes_per_token_layer * cached_token_layers,
+    "bytes",
+    "KV bytes read per decode step (every cached token of every sequence, every layer).",
+)
+kv_write_bytes = _def(
+    "kv_write_bytes", B * kv_bytes_per_token, "bytes", "KV bytes written per step (the new token)."
+)
+
+# Weights ---------------------------------------------------------------------------------------------------------
+experts_touched = _def(
+    "experts_touched",
+    E * (1 - (1 - k_top / E) ** B),
+    "experts",
+    "Expected distinct routed experts per MoE layer touched by B tokens each drawing k of E (uniform routing).",
+)
+weight_bytes_streamed = _def(
+    "weight_bytes_streamed",
+    bw * (P_always + P_lm + B * h + L_moe * P_exp * experts_touched),
+    "bytes",
+    "Weights read per step: every always-active matrix once, the LM head once, B embedding rows gathered, and "
+    "the routed experts some token picked. The embedding table itself is not streamed (unless tied, as LM head).",
+)
+weight_bytes_paper = _def(
+    "weight_bytes_paper",
+    bw * P_total,
+    "bytes",
+    "The study's convention: parameters x bytes, embedding table and all experts included.",
+)
+activation_bytes = _def(
+    "activation_bytes",
+    ba * B * (V + 4 * h * L),
+    "bytes",
+    "Activations crossing HBM per step (logits, residual in/out per layer); small, kept for completeness.",
+)
+
+step_bytes = _def(
+    "step_bytes",
+    weight_bytes_streamed + kv_read_bytes + kv_write_bytes + activation_bytes,
+    "bytes",
+    "All bytes a decode step must move with a fused attention kernel (P5/P0).",
+)
+kv_fraction = _def(
+    "kv_fraction",
+    kv_read_bytes / step_bytes,
+    "1",
+    "f: share of step bytes that is KV reads.",
+)
+ideal_speedup = _def(
+    "ideal_speedup",
+    1 / (f / r + 1 - f),
+    "1",
+    "Amdahl: step speedup when the KV fraction f shrinks by compression ratio r and nothing else changes.",
+)
+
+# Attention pipelines, per layer and step ---------------------------------------------------------------------
+_kv16_layer = B * T * Hkv * (d + dv) * 2
+_kvq_layer = B * T * kv_bytes_per_token_layer
+_kv_expanded = B * T * Hq * (d + dv) * 2
+_qo = 2 * B * Hq * dq * ba
+attn_P0 = _def("attn_bytes_P0", _kv16_layer + _qo, "bytes",
+               "P0: FP16 KV read once by a GQA-aware kernel (SDPA enable_gqa), plus q read and output write.")
+attn_P0_expand = _def(
+    "attn_bytes_P0_expand", _kv16_layer + 2 * _kv_expanded + _qo, "bytes",
+    "P0-expand (the study's baseline): FP16 KV read, repeated to every query head (write), re-read by SDPA.")
+attn_P1 = _def(
+    "attn_bytes_P1", _kvq_layer + 2 * _kv16_layer + _qo, "bytes",
+    "P1 (non-fused): quantized KV read, FP16 buffer written, buffer read by SDPA.")
+attn_P1_expand = _def(
+    "attn_bytes_P1_expand", _kvq_layer + 2 * _kv16_layer + 2 * _kv_expanded + _qo, "bytes",
+    "The study's P1: dequantize to FP16, then expand to every query head, then SDPA.")
+attn_P5 = _def("attn_bytes_P5", _kvq_layer + _qo, "bytes",
+               "P5 (fused): quantized KV and metadata read once, dequantized in registers.")
+compression_ratio = _def(
+    "compression_ratio", kv_fp16_bytes_per_token_layer / kv_bytes_per_token_layer, "1",
+    "r: FP16 KV bytes over quantized KV bytes (metadata included).")
+
+# FLOPs and intensity ---------------------------------------------------------------------------------------------
+step_flops = _def(
+    "step_flops",
+    2 * B * (P_always + P_lm + L_moe * P_exp * k_top) + 2 * B * Hq * (d + sp.Max(dv, dq)) * cached_token_layers,
+    "FLOP",
+    "Matmul FLOPs per step: 2 per weight per token (routed experts: k per token) plus QK^T and PV.",
+)
+arithmetic_intensity = _def(
+    "arithmetic_intensity", step_flops / step_bytes, "FLOP/byte", "Step FLOPs over step bytes (roofline x).")
+
+# Generation totals ------------------------------------------------------------------------------------------------
+reread_sum = _def(
+    "reread_sum",
+    Gen * C0 + Gen * (Gen - 1) / 2,
+    "token-reads",
+    "Cached tokens read over a generation of G_en tokens from a prompt of C_0, per layer and KV head "
+    "(closed form of sum_{i=0}^{G_en-1} (C_0 + i)).",
+)
+reread_sum_explicit = sp.Sum(C0 + i, (i, 0, Gen - 1))
+
+# Memory footprint and capacity -----------------------------------------------------------------------------------
+weight_bytes_resident = _def(
+    "weight_bytes_resident", bw * P_total, "bytes", "Weights resident in device memory (all parameters).")
+kv_cache_bytes = _def(
+    "kv_cache_bytes", B * kv_bytes_per_token_layer * cached_token_layers, "bytes",
+    "KV cache held for B sequences at context T (sliding-window layers keep W tokens).")
+usable_memory = _def(
+    "usable_memory", M_cap * (1 - phi) - M_ws, "bytes",
+    "Capacity less fragmentation and workspace reserve.")
+footprint = _def(
+    "footprint", weight_bytes_resident + kv_cache_bytes + M_ws, "bytes",
+    "Device memory needed: weights + KV cache + workspace.")
+_kv_budget = M_cap * (1 - phi) - M_ws - weight_bytes_resident
+max_batch = _def(
+    "max_batch", sp.floor(_kv_budget / (kv_bytes_per_token_layer * cached_token_layers)), "sequences",
+    "Largest batch whose KV cache fits at context T.")
+max_context = _def(
+    "max_context",
+    sp.floor(sp.Piecewise(
+        ((_kv_budget / (B * kv_bytes_per_token_layer) - L_s * W) / (L - L_s),
+         _kv_budget / (B * kv_bytes_per_token_layer) >= L * W),
+        (_kv_budget / (B * kv_bytes_per_token_layer * L), True),
+    )),
+    "tokens",
+    "Longest context whose KV cache fits at batch B (global layers grow with T, window layers stop at W). "
+    "With every layer windowed (L_s = L) and the budget past L*W, context is unbounded (division by zero -> inf).",
+)
+
+# Speculative decoding ---------------------------------------------------------------------------------------------
+expected_tokens_per_verify = _def(
+    "expected_tokens_per_verify", (1 - alpha ** (k_draft + 1)) / (1 - alpha), "tokens",
+    "Expected tokens emitted per verification of k drafted tokens with i.i.d. acceptance alpha.")
+
+# Tiering ------------------------------------------------------------------------------------------------------------
+tier_required_bw = _def(
+    "tier_required_bw", sp.Symbol("X_tier", **_nonneg) / t_step, "bytes/s",
+    "Bandwidth a tier must supply: tier bytes per step over the target step time.")
+tier_shortfall = _def(
+    "tier_shortfall", tier_required_bw / BW_link, "1",
+    "Required over available link bandwidth (>1: the link is that many times too slow).")
+
+# Tensor parallelism -------------------------------------------------------------------------------------------------
+kv_heads_per_gpu = _def(
+    "kv_heads_per_gpu", sp.ceiling(Hkv / N_tp), "heads",
+    "KV heads each GPU holds under TP (replicated when H_kv < N).")
+allreduce_time = _def(
+    "allreduce_time",
+    2 * L * (lat_ar + 2 * (N_tp - 1) / N_tp * B * h * ba / BW_link),
+    "s",
+    "Two ring all-reduces per layer of B x h activations: per call latency + 2(N-1)/N of the message over the "
+    "link.",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+PIPELINE_FORMULAS = {
+    "P0": "attn_bytes_P0",
+    "P0-expand": "attn_bytes_P0_expand",
+    "P1": "attn_bytes_P1",
+    "P1-expand": "attn_bytes_P1_expand",
+    "P5": "attn_bytes_P5",
+}
+
+
+def formula(name: str) -> Formula:
+    try:
+        return FORMULAS[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(FORMULAS), n=5, cutoff=0.3)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise KeyError(f"no formula {name!r}{hint}") from None
+
+
+def reread_closed_form_matches_sum() -> bool:
+    """True when sympy proves the reread closed form equals the explicit summation."""
+    return sp.simplify(reread_sum_explicit.doit() - reread_sum) == 0

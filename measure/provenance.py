@@ -1,0 +1,115 @@
+"""Provenance of a measurement: which GPU, driver, CUDA, library versions, clocks, date and command.
+
+Collected once per results file and written beside it as ``<stem>.provenance.json``. Works without torch
+(the GPU fields are then empty) and never records the host name. Everything that can fail (nvidia-smi missing,
+torch without CUDA) fails soft: the field is left empty and the reason goes to ``notes``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from typing import Any, Optional
+
+_NVSMI_FIELDS = (
+    "name",
+    "driver_version",
+    "memory.total",
+    "clocks.sm",
+    "clocks.mem",
+    "clocks.max.sm",
+    "clocks.max.mem",
+    "power.limit",
+    "temperature.gpu",
+    "pstate",
+)
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - absent or broken: not our problem here
+        return ""
+    return str(getattr(mod, "__version__", ""))
+
+
+def nvidia_smi_query(fields=_NVSMI_FIELDS, timeout_s: float = 10.0) -> dict[str, str]:
+    """``nvidia-smi --query-gpu`` for the first GPU, as a dict; empty if nvidia-smi is absent or fails."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return {}
+    try:
+        out = subprocess.run(
+            [exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=timeout_s, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if out.returncode != 0 or not out.stdout.strip():
+        return {}
+    values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
+    return {f: v for f, v in zip(fields, values)}
+
+
+def torch_info() -> dict[str, Any]:
+    """torch/CUDA facts; torch is imported here, lazily, and its absence is reported, not raised."""
+    info: dict[str, Any] = {"torch": "", "cuda": "", "cuda_available": False}
+    try:
+        import torch  # noqa: PLC0415 - lazy on purpose
+    except Exception as e:  # noqa: BLE001
+        info["torch_error"] = f"{type(e).__name__}: {e}"
+        return info
+    info["torch"] = str(torch.__version__)
+    info["cuda"] = str(getattr(torch.version, "cuda", "") or "")
+    try:
+        ok = bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        ok = False
+    info["cuda_available"] = ok
+    if ok:
+        try:
+            p = torch.cuda.get_device_properties(0)
+            info["device_name"] = p.name
+            info["sm_count"] = int(p.multi_processor_count)
+            info["memory_bytes"] = int(p.total_memory)
+            info["compute_capability"] = f"{p.major}.{p.minor}"
+            l2 = getattr(p, "L2_cache_size", None)
+            if l2:
+                info["l2_bytes"] = int(l2)
+        except Exception as e:  # noqa: BLE001
+            info["device_error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def collect_provenance(command: Optional[list[str] | str] = None, extra: Optional[dict] = None,
+                       with_torch: bool = True) -> dict[str, Any]:
+    """Everything worth recording about where and how a measurement ran (no host name)."""
+    if command is None:
+        command = sys.argv
+    cmd = command if isinstance(command, str) else shlex.join(str(c) for c in command)
+    prov: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": cmd,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+    }
+    if with_torch:
+        prov.update(torch_info())
+    else:
+        prov.update({"torch": "", "cuda": "", "cuda_available": False})
+    prov["triton"] = _version("triton") if with_torch else ""
+    prov["transformers"] = _version("transformers") if with_torch else ""
+    prov["numpy"] = _version("numpy")
+    prov["kvmodel"] = _version("kvmodel")
+    smi = nvidia_smi_query()
+    prov["gpu_name"] = smi.get("name") or prov.get("device_name", "")
+    prov["driver"] = smi.get("driver_version", "")
+    prov["nvidia_smi"] = smi
+    if extra:
+        prov.update(extra)
+    return prov

@@ -113,3 +113,51 @@ def param_breakdown(m: ModelSpec) -> ParamBreakdown:
         num_moe_layers=moe_layers,
         extra=m.extra_params,
     )
+
+
+@dataclass(frozen=True)
+class WeightCall:
+    """One weight matrix product per layer in decode (a GEMV/GEMM launch): its parameters and how many layers."""
+
+    name: str
+    params: int
+    layers: int
+
+
+def weight_calls(m: ModelSpec) -> list[WeightCall]:
+    """The always-active matrix products of one decode step, per layer type (routed experts excluded).
+
+    Used by the timing model to charge one saturating-bandwidth call per matrix; bytes = params x bytes/param.
+    """
+    h, L = m.hidden_size, m.num_layers
+    calls: list[WeightCall] = []
+    if m.mla:
+        a = m.mla
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        if a.q_lora_rank:
+            calls += [WeightCall("q_a", h * a.q_lora_rank, L), WeightCall("q_b", a.q_lora_rank * m.num_heads * qk, L)]
+        else:
+            calls.append(WeightCall("q", h * m.num_heads * qk, L))
+        calls += [
+            WeightCall("kv_a", h * (a.kv_lora_rank + a.qk_rope_head_dim), L),
+            WeightCall("kv_b", a.kv_lora_rank * m.num_heads * (a.qk_nope_head_dim + a.v_head_dim), L),
+            WeightCall("o", m.num_heads * a.v_head_dim * h, L),
+        ]
+    else:
+        qd, kvd = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+        calls += [WeightCall("q", h * qd, L), WeightCall("k", h * kvd, L), WeightCall("v", h * kvd, L),
+                  WeightCall("o", qd * h, L)]
+    gated = m.mlp == "gated"
+    mlp_names = ("gate", "up", "down") if gated else ("up", "down")
+    if m.moe:
+        e = m.moe
+        if e.first_dense_layers:
+            calls += [WeightCall(f"dense_{n}", h * m.intermediate_size, e.first_dense_layers) for n in mlp_names]
+        moe_layers = L - e.first_dense_layers
+        calls.append(WeightCall("router", h * e.num_experts, moe_layers))
+        if e.num_shared_experts:
+            sw = (e.shared_intermediate_size or e.expert_intermediate_size) * e.num_shared_experts
+            calls += [WeightCall(f"shared_{n}", h * sw, moe_layers) for n in mlp_names]
+    else:
+        calls += [WeightCall(n, h * m.intermediate_size, L) for n in mlp_names]
+    return calls

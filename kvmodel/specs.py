@@ -99,6 +99,9 @@ class Calibration(_Strict):
     read_bw_GBps: float = Field(gt=0, description="measured streaming-read ceiling, GB/s")
     copy_bw_GBps: Optional[float] = Field(default=None, description="measured copy bandwidth (read+write), GB/s")
     step_overhead_s: float = Field(ge=0, default=0.0, description="per decode step fixed overhead, seconds")
+    layer_overhead_s: Optional[float] = Field(
+        default=None, ge=0, description="per layer cost of the small kernels (norms, RoPE, KV append), seconds"
+    )
     ops: dict[str, BandwidthCurve] = Field(default_factory=dict, description="curves per operation class")
     notes: str = ""
 

@@ -164,6 +164,13 @@ kv_fraction = _def(
     "1",
     "f: share of step bytes that is KV reads.",
 )
+crossover_context = _def(
+    "crossover_context",
+    (weight_bytes_streamed / (B * kv_bytes_per_token_layer) - L_s * W) / (L - L_s),
+    "tokens",
+    "Context T* where KV reads equal streamed weights (weight-bound below, KV-bound above); solves "
+    "kv_read_bytes = weight_bytes_streamed for T >= W (windowed layers saturate at W).",
+)
 ideal_speedup = _def(
     "ideal_speedup",
     1 / (f / r + 1 - f),
@@ -220,8 +227,8 @@ kv_cache_bytes = _def(
     "kv_cache_bytes", B * kv_bytes_per_token_layer * cached_token_layers, "bytes",
     "KV cache held for B sequences at context T (sliding-window layers keep W tokens).")
 usable_memory = _def(
-    "usable_memory", M_cap * (1 - phi) - M_ws, "bytes",
-    "Capacity less fragmentation and workspace reserve.")
+    "usable_memory", M_cap * (1 - phi), "bytes",
+    "Capacity less the fraction lost to fragmentation; a config fits when footprint <= usable_memory.")
 footprint = _def(
     "footprint", weight_bytes_resident + kv_cache_bytes + M_ws, "bytes",
     "Device memory needed: weights + KV cache + workspace.")

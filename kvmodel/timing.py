@@ -25,6 +25,9 @@ DEFAULT_KERNEL_T0_S = 4e-6
 DEFAULT_KNEE_BYTES_PER_SM = 64 * 1024
 #: Per decode-step fixed overhead (sampling, graph launch, host sync), seconds.
 DEFAULT_STEP_OVERHEAD_S = 30e-6
+#: Per layer cost of the small kernels of a decode layer (2 norms, RoPE, KV append, 2 residual adds, activation)
+#: when graph-captured: ~6 kernels x ~2 us.
+DEFAULT_LAYER_OVERHEAD_S = 12e-6
 #: Fraction of the dense FP16 tensor rate decode GEMMs reach when compute-bound.
 DEFAULT_FLOP_EFFICIENCY = 0.7
 
@@ -58,3 +61,41 @@ def default_curves(gpu: GPUSpec) -> dict[str, BandwidthCurve]:
     knee = gpu.sm_count * DEFAULT_KNEE_BYTES_PER_SM
     curve = BandwidthCurve(t0_s=DEFAULT_KERNEL_T0_S, bw_GBps=bw, knee_bytes=knee, sharpness=2.0)
     return {op: curve for op in OP_CLASSES}
+
+
+def _curve(curves: dict[str, BandwidthCurve], op: str) -> BandwidthCurve:
+    if op in curves:
+        return curves[op]
+    if op.startswith("attention:") and "attention:P0" in curves:
+        return curves["attention:P0"]
+    return curves["weights"]
+
+
+class TimeModel:
+    """Turns per-call bytes into seconds for one GPU, from a calibration or the documented defaults."""
+
+    def __init__(self, gpu: GPUSpec, calibration=None):
+        self.gpu = gpu
+        self.calibration = calibration
+        curves = default_curves(gpu)
+        if calibration is not None:
+            curves.update(calibration.ops)
+        self.curves = curves
+        self.calibrated = calibration is not None
+        self.step_overhead_s = calibration.step_overhead_s if calibration is not None else DEFAULT_STEP_OVERHEAD_S
+        lo = calibration.layer_overhead_s if calibration is not None else None
+        self.layer_overhead_s = DEFAULT_LAYER_OVERHEAD_S if lo is None else lo
+        self.peak_flops = gpu.fp16_dense_TFLOPS * 1e12 * DEFAULT_FLOP_EFFICIENCY
+
+    @property
+    def label(self) -> str:
+        if self.calibration is None:
+            return (f"uncalibrated: datasheet {self.gpu.memory_bandwidth_GBps:g} GB/s x {DEFAULT_BW_EFFICIENCY}, "
+                    f"{DEFAULT_KERNEL_T0_S * 1e6:g} us per kernel")
+        c = self.calibration
+        return f"calibrated: {c.gpu} / {c.runtime} ({c.date}, {c.device_name or 'device'})"
+
+    def op_time(self, op: str, nbytes, flops=0.0):
+        """Seconds for one call of ``op`` moving ``nbytes`` and doing ``flops`` (roofline: the larger wins)."""
+        t_mem = op_time_s(_curve(self.curves, op), nbytes)
+        return np.maximum(t_mem, np.asarray(flops, dtype=float) / self.peak_flops)

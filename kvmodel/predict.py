@@ -1,0 +1,306 @@
+"""The public API: predict(gpu, model, workload) -> Prediction, and the vectorized grid it is built on.
+
+Bytes come from :mod:`kvmodel.traffic` (the symbolic model), seconds from :mod:`kvmodel.timing`. One decode step
+is charged: a fixed per-step overhead, per-layer small-kernel overhead, one saturating-bandwidth call per weight
+matrix (roofline-checked), routed experts touched, one attention call per layer for the chosen pipeline, and the
+LM head.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvmodel import traffic
+from kvmodel.architecture import param_breakdown, weight_calls
+from kvmodel.specs import GiB, GPUSpec, KVFormat, ModelSpec, Workload
+from kvmodel.symbolic import PIPELINE_FORMULAS
+from kvmodel.timing import TimeModel
+
+#: Memory reserved beside weights and KV (CUDA context, activations, allocator slack), bytes.
+DEFAULT_WORKSPACE_BYTES = 2 * GiB
+#: Fraction of capacity lost to fragmentation / allocator granularity.
+DEFAULT_FRAGMENTATION = 0.05
+
+FP16 = KVFormat(k_bits=16, v_bits=16)
+
+
+def _values(model: ModelSpec, kv: KVFormat, weight_bytes_per_param: float, **extra) -> dict:
+    v = traffic.model_symbols(model)
+    v.update(traffic.kv_symbols(kv))
+    v["b_w"] = weight_bytes_per_param
+    v["M_ws"] = DEFAULT_WORKSPACE_BYTES
+    v["phi"] = DEFAULT_FRAGMENTATION
+    v.update(extra)
+    return v
+
+
+def weights_time_s(tm: TimeModel, model: ModelSpec, B, weight_bytes_per_param: float = 2.0):
+    """Seconds to stream the step's weights at batch B (vectorized over B): one call per matrix per layer,
+    routed experts as one grouped call per MoE layer, plus the LM head."""
+    B = np.asarray(B, dtype=float)
+    t = np.zeros_like(B)
+    for c in weight_calls(model):
+        t = t + c.layers * tm.op_time("weights", c.params * weight_bytes_per_param, 2.0 * B * c.params)
+    pb = param_breakdown(model)
+    if pb.num_moe_layers:
+        vals = _values(model, FP16, weight_bytes_per_param, B=B)
+        touched = traffic.evaluate("experts_touched", vals)
+        nbytes = touched * pb.expert_each * weight_bytes_per_param
+        flops = 2.0 * B * model.moe.top_k * pb.expert_each
+        t = t + pb.num_moe_layers * tm.op_time("weights", nbytes, flops)
+    lm = pb.lm_head or pb.embedding
+    t = t + tm.op_time("lm_head", lm * weight_bytes_per_param, 2.0 * B * lm)
+    return t
+
+
+def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: str):
+    """Seconds for one step's attention over all layers (windowed layers read min(T, W) tokens)."""
+    if pipeline not in PIPELINE_FORMULAS:
+        raise ValueError(f"unknown pipeline {pipeline!r}; one of {', '.join(PIPELINE_FORMULAS)}")
+    fmt = FP16 if pipeline.startswith("P0") else kv
+    B = np.asarray(B, dtype=float)
+    T = np.asarray(T, dtype=float)
+    vals = _values(model, fmt, 2.0, B=B)
+    name = PIPELINE_FORMULAS[pipeline]
+    op = f"attention:{pipeline}"
+    L, L_s, W = vals["L"], vals["L_s"], vals["W"]
+    flops_per_tok = 2.0 * B * vals["H_q"] * (vals["d"] + max(vals["d_v"], vals["d_q"]))
+    t = (L - L_s) * tm.op_time(op, traffic.evaluate(name, {**vals, "T": T}), flops_per_tok * T)
+    if L_s:
+        Tw = np.minimum(T, W)
+        t = t + L_s * tm.op_time(op, traffic.evaluate(name, {**vals, "T": Tw}), flops_per_tok * Tw)
+    return t
+
+
+def step_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: str = "P5",
+                weight_bytes_per_param: float = 2.0):
+    """Predicted seconds per decode step (vectorized over B and T; they broadcast)."""
+    overhead = tm.step_overhead_s + model.num_layers * tm.layer_overhead_s
+    return (overhead + weights_time_s(tm, model, B, weight_bytes_per_param)
+            + attention_time_s(tm, model, kv, B, T, pipeline))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StepBytes(_Out):
+    weights_streamed: float = Field(description="weights read per step (embedding rows not gathered excluded)")
+    weights_paper_convention: float = Field(description="params x bytes incl. embedding (the study's count)")
+    kv_read: float
+    kv_write: float
+    kv_metadata_read: float = Field(description="scale/zero bytes inside kv_read")
+    activations: float
+    total: float
+
+
+class PipelineResult(_Out):
+    pipeline: str
+    kv_format: str
+    step_time_s: float
+    tokens_per_s: float = Field(description="aggregate over the batch")
+    tokens_per_s_per_sequence: float
+    attention_bytes_per_step: float
+    speedup_vs_fp16: float
+
+
+class Memory(_Out):
+    weights_bytes: float
+    kv_cache_bytes: float = Field(description="at context + generated tokens")
+    workspace_bytes: float
+    footprint_bytes: float
+    capacity_bytes: float
+    usable_bytes: float
+    fits: bool
+    max_context_tokens: Optional[float] = Field(description="at this batch; None when unbounded")
+    max_batch: float = Field(description="at this context")
+
+
+class Prediction(_Out):
+    gpu: str
+    model: str
+    batch: int
+    context_tokens: int
+    gen_tokens: int
+    kv_format: str
+    weight_bytes_per_param: float
+    timing: str = Field(description="which calibration was used, or 'uncalibrated: ...'")
+    bytes: StepBytes
+    kv_fraction: float
+    regime: str = Field(description="weight-bound or KV-bound (which traffic dominates)")
+    crossover_context_tokens: Optional[float] = Field(description="context where KV reads equal weights")
+    compression_ratio: float
+    ideal_speedup: float = Field(description="Amdahl bound from the KV fraction and compression ratio")
+    fp16: PipelineResult
+    fused: PipelineResult
+    non_fused: PipelineResult
+    memory: Memory
+    flops_per_step: float
+    arithmetic_intensity_flop_per_byte: float
+    ridge_point_flop_per_byte: float
+    reread_token_reads: float = Field(description="cached-token reads per layer and KV head over the generation")
+    kv_bytes_over_generation: float
+    notes: list[str] = Field(default_factory=list)
+
+
+def _pipeline_result(tm, model, kv, w: Workload, pipeline: str, t_fp16: Optional[float]) -> PipelineResult:
+    t = float(step_time_s(tm, model, kv, w.batch, w.context_tokens, pipeline, w.weight_bytes_per_param))
+    vals = _values(model, FP16 if pipeline.startswith("P0") else kv, w.weight_bytes_per_param,
+                   B=w.batch, T=w.context_tokens)
+    att = float(traffic.evaluate(PIPELINE_FORMULAS[pipeline], vals)) * model.num_layers
+    return PipelineResult(
+        pipeline=pipeline,
+        kv_format="fp16" if pipeline.startswith("P0") else kv.label,
+        step_time_s=t,
+        tokens_per_s=w.batch / t,
+        tokens_per_s_per_sequence=1.0 / t,
+        attention_bytes_per_step=att,
+        speedup_vs_fp16=(t_fp16 / t) if t_fp16 else 1.0,
+    )
+
+
+def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None) -> Prediction:
+    """Predict one decode operating point: bytes, regime, times for FP16 / fused / non-fused, memory, capacity."""
+    kv = workload.kv
+    if kv.k_bits < 16 and model.k_dim_cached % kv.group_size or kv.v_bits < 16 and model.v_dim_cached % kv.group_size:
+        raise ValueError(f"group size {kv.group_size} does not divide head_dim {model.k_dim_cached} of {model.name}")
+    tm = TimeModel(gpu, calibration)
+    B, T, G = workload.batch, workload.context_tokens, workload.gen_tokens
+    v = _values(model, kv, workload.weight_bytes_per_param, B=B, T=T, M_cap=gpu.memory_capacity_bytes,
+                C_0=T, G_en=G)
+    ev = lambda name, **kw: float(traffic.evaluate(name, {**v, **kw}))  # noqa: E731
+    weights = ev("weight_bytes_streamed")
+    kv_read = ev("kv_read_bytes")
+    meta = ev("kv_metadata_bytes_per_token") / v["L"] * ev("cached_token_layers") * B
+    step_bytes = StepBytes(
+        weights_streamed=weights,
+        weights_paper_convention=ev("weight_bytes_paper"),
+        kv_read=kv_read,
+        kv_write=ev("kv_write_bytes"),
+        kv_metadata_read=meta,
+        activations=ev("activation_bytes"),
+        total=ev("step_bytes"),
+    )
+    f = ev("kv_fraction")
+    # The ideal speedup compares with FP16: its f and r come from the FP16 traffic.
+    v16 = _values(model, FP16, workload.weight_bytes_per_param, B=B, T=T)
+    f16 = float(traffic.evaluate("kv_fraction", v16))
+    r = ev("compression_ratio")
+    ideal = float(traffic.evaluate("ideal_speedup", {"f": f16, "r": r}))
+    cross = ev("crossover_context")
+    cross = cross if np.isfinite(cross) and cross > 0 else None
+
+    fp16 = _pipeline_result(tm, model, kv, workload, "P0", None)
+    fused = _pipeline_result(tm, model, kv, workload, "P5", fp16.step_time_s)
+    nonfused = _pipeline_result(tm, model, kv, workload, "P1", fp16.step_time_s)
+
+    kv_cache = ev("kv_cache_bytes", T=T + G)
+    footprint = ev("footprint", T=T + G)
+    usable = ev("usable_memory")
+    max_ctx = ev("max_context")
+    max_batch = ev("max_batch", T=T + G)
+    flops = ev("step_flops")
+    notes = []
+    if not tm.calibrated:
+        notes.append("uncalibrated: times use datasheet bandwidth x efficiency; run `kvmodel calibrate` on this GPU")
+    if model.synthetic:
+        notes.append(f"{model.name} is a synthetic stand-in shape, not a released checkpoint")
+    if footprint > usable:
+        notes.append(
+            f"does not fit: needs {footprint / GiB:.1f} GiB (weights {ev('weight_bytes_resident') / GiB:.1f} + "
+            f"KV {kv_cache / GiB:.1f} + workspace {DEFAULT_WORKSPACE_BYTES / GiB:.1f}) of "
+            f"{gpu.memory_capacity_GiB:g} GiB ({usable / GiB:.1f} GiB usable)"
+        )
+    if T + G > model.max_context_tokens:
+        notes.append(f"context {T + G} exceeds {model.name}'s trained maximum {model.max_context_tokens}")
+    return Prediction(
+        gpu=gpu.name,
+        model=model.name,
+        batch=B,
+        context_tokens=T,
+        gen_tokens=G,
+        kv_format=kv.label,
+        weight_bytes_per_param=workload.weight_bytes_per_param,
+        timing=tm.label,
+        bytes=step_bytes,
+        kv_fraction=f,
+        regime="KV-bound" if kv_read > weights else "weight-bound",
+        crossover_context_tokens=cross,
+        compression_ratio=r,
+        ideal_speedup=ideal,
+        fp16=fp16,
+        fused=fused,
+        non_fused=nonfused,
+        memory=Memory(
+            weights_bytes=ev("weight_bytes_resident"),
+            kv_cache_bytes=kv_cache,
+            workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+            footprint_bytes=footprint,
+            capacity_bytes=gpu.memory_capacity_bytes,
+            usable_bytes=usable,
+            fits=bool(footprint <= usable),
+            max_context_tokens=max_ctx if np.isfinite(max_ctx) else None,
+            max_batch=max(max_batch, 0.0),
+        ),
+        flops_per_step=flops,
+        arithmetic_intensity_flop_per_byte=ev("arithmetic_intensity"),
+        ridge_point_flop_per_byte=gpu.ridge_flop_per_byte,
+        reread_token_reads=ev("reread_sum"),
+        kv_bytes_over_generation=ev("kv_bytes_per_token_layer") * B * v["L"] * ev("reread_sum"),
+        notes=notes,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vectorized grid
+# ----------------------------------------------------------------------------------------------------------------
+
+GRID_FIELDS = ("step_time_s", "tokens_per_s", "fp16_step_time_s", "speedup_vs_fp16", "weights_bytes",
+               "kv_read_bytes", "kv_fraction", "footprint_bytes", "fits")
+
+
+def predict_grid(gpus, models, formats, batches, contexts, pipeline: str = "P5",
+                 weight_bytes_per_param: float = 2.0, calibrations=None) -> dict[str, np.ndarray]:
+    """Predictions over the product gpus x models x formats x batches x contexts.
+
+    Returns arrays of shape (len(gpus), len(models), len(formats), len(batches), len(contexts)) for each of
+    GRID_FIELDS. Loops over gpu x model x format; batch x context is one vectorized numpy evaluation.
+    ``calibrations``: optional dict gpu name -> Calibration.
+    """
+    batches = np.asarray(batches, dtype=float)[:, None]
+    contexts = np.asarray(contexts, dtype=float)[None, :]
+    shape = (len(gpus), len(models), len(formats), batches.shape[0], contexts.shape[1])
+    out = {k: np.empty(shape, dtype=bool if k == "fits" else float) for k in GRID_FIELDS}
+    for gi, gpu in enumerate(gpus):
+        tm = TimeModel(gpu, (calibrations or {}).get(gpu.name))
+        for mi, model in enumerate(models):
+            overhead = tm.step_overhead_s + model.num_layers * tm.layer_overhead_s
+            t_w = overhead + weights_time_s(tm, model, batches, weight_bytes_per_param)
+            t16 = t_w + attention_time_s(tm, model, FP16, batches, contexts, "P0")
+            for fi, kv in enumerate(formats):
+                t = t16 if (pipeline.startswith("P0") or kv == FP16 and pipeline == "P5") else (
+                    t_w + attention_time_s(tm, model, kv, batches, contexts, pipeline))
+                v = _values(model, kv, weight_bytes_per_param, B=batches, T=contexts,
+                            M_cap=gpu.memory_capacity_bytes)
+                kv_read = traffic.evaluate("kv_read_bytes", v)
+                w = traffic.evaluate("weight_bytes_streamed", v)
+                fp = traffic.evaluate("footprint", v)
+                idx = (gi, mi, fi)
+                out["step_time_s"][idx] = t
+                out["tokens_per_s"][idx] = batches / t
+                out["fp16_step_time_s"][idx] = t16
+                out["speedup_vs_fp16"][idx] = t16 / t
+                out["weights_bytes"][idx] = w
+                out["kv_read_bytes"][idx] = kv_read
+                out["kv_fraction"][idx] = kv_read / (kv_read + w)
+                out["footprint_bytes"][idx] = fp
+                out["fits"][idx] = fp <= traffic.evaluate("usable_memory", v)
+    return out

@@ -353,3 +353,6 @@ def main(argv=None):
 _OPTIONAL: list = []
 for _cmd in _OPTIONAL:
     cli.add_command(_cmd)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

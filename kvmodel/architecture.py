@@ -25,6 +25,8 @@ class ParamBreakdown:
     num_experts: int  # routed experts per MoE layer (0 for dense models)
     num_moe_layers: int
     extra: int  # outside the text decoder (vision tower, audio, ...); never streamed in decode
+    # Gemma-3n per-layer embedding table (V_pl x L*d_pl); like `embedding`, only B rows gathered per step
+    per_layer_embedding: int = 0
 
     @property
     def routed_experts(self) -> int:
@@ -34,7 +36,7 @@ class ParamBreakdown:
     def total(self) -> int:
         return (
             self.embedding + self.lm_head + self.attention + self.dense_mlp + self.norms
-            + self.routed_experts + self.extra
+            + self.routed_experts + self.extra + self.per_layer_embedding
         )
 
     @property
@@ -73,16 +75,15 @@ def param_breakdown(m: ModelSpec) -> ParamBreakdown:
         kv += a.kv_lora_rank * m.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
         o = m.num_heads * a.v_head_dim * h
         attn_layer = q + kv + o
+        attention = L * attn_layer
     else:
+        # q/o in every layer; k/v (and their bias and norm) only in layers with their own KV cache
+        # (Gemma-3n's KV-shared layers reuse an earlier layer's K/V)
         qd, kvd = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-        attn_layer = h * qd + 2 * h * kvd + qd * h
-        if m.qkv_bias:
-            attn_layer += qd + 2 * kvd
-        if m.o_bias:
-            attn_layer += h
-        if m.qk_norm:
-            attn_layer += 2 * m.head_dim * norm_w
-    attention = L * attn_layer
+        q_o = h * qd + qd * h + (qd if m.qkv_bias else 0) + (h if m.o_bias else 0)
+        q_o += m.head_dim * norm_w if m.qk_norm else 0
+        k_v = 2 * h * kvd + (2 * kvd if m.qkv_bias else 0) + (m.head_dim * norm_w if m.qk_norm else 0)
+        attention = L * q_o + m.kv_cache_layers * k_v
 
     # MLPs
     expert_each = num_experts = moe_layers = 0
@@ -100,6 +101,24 @@ def param_breakdown(m: ModelSpec) -> ParamBreakdown:
         dense = L * _mlp_params(h, m.intermediate_size, gated, m.mlp_bias)
 
     norms = (L * m.norms_per_layer + 1) * h * norm_w
+
+    # Gemma-3n: per-layer embeddings (PLE), AltUp, LAuReL -- always-streamed matrices go to dense_mlp, vectors
+    # to norms, the PLE table (gathered, never streamed) to per_layer_embedding
+    per_layer_embedding = 0
+    if m.per_layer_input_dim:
+        d = m.per_layer_input_dim
+        per_layer_embedding = (m.per_layer_vocab_size or m.vocab_size) * L * d
+        dense += h * L * d  # per_layer_model_projection
+        dense += L * 2 * h * d  # per_layer_input_gate + per_layer_projection
+        norms += d + L * h  # per_layer_projection_norm + post_per_layer_input_norm
+    if m.laurel_rank:
+        dense += L * 2 * h * m.laurel_rank  # linear_left + linear_right
+        norms += L * h  # post_laurel_norm
+    if m.altup_num_inputs > 1:
+        n = m.altup_num_inputs
+        dense += 2 * (n - 1) * h * h  # altup_projections + altup_unembed_projections
+        dense += L * (n * n + n * n * n + h * n)  # correction_coefs, prediction_coefs, modality_router
+        norms += L * 2 * h  # router_norm + correct_output_scale
     embedding = m.vocab_size * h
     lm_head = 0 if m.tie_embeddings else m.vocab_size * h
     return ParamBreakdown(
@@ -112,6 +131,7 @@ def param_breakdown(m: ModelSpec) -> ParamBreakdown:
         num_experts=num_experts,
         num_moe_layers=moe_layers,
         extra=m.extra_params,
+        per_layer_embedding=per_layer_embedding,
     )
 
 
@@ -145,7 +165,8 @@ def weight_calls(m: ModelSpec) -> list[WeightCall]:
         ]
     else:
         qd, kvd = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-        calls += [WeightCall("q", h * qd, L), WeightCall("k", h * kvd, L), WeightCall("v", h * kvd, L),
+        Lkv = m.kv_cache_layers
+        calls += [WeightCall("q", h * qd, L), WeightCall("k", h * kvd, Lkv), WeightCall("v", h * kvd, Lkv),
                   WeightCall("o", qd * h, L)]
     gated = m.mlp == "gated"
     mlp_names = ("gate", "up", "down") if gated else ("up", "down")
@@ -160,4 +181,14 @@ def weight_calls(m: ModelSpec) -> list[WeightCall]:
             calls += [WeightCall(f"shared_{n}", h * sw, moe_layers) for n in mlp_names]
     else:
         calls += [WeightCall(n, h * m.intermediate_size, L) for n in mlp_names]
+    if m.per_layer_input_dim:  # Gemma-3n
+        d = m.per_layer_input_dim
+        calls += [WeightCall("ple_model_projection", h * L * d, 1), WeightCall("ple_gate", h * d, L),
+                  WeightCall("ple_projection", d * h, L)]
+    if m.laurel_rank:
+        r = m.laurel_rank
+        calls += [WeightCall("laurel_left", h * r, L), WeightCall("laurel_right", r * h, L)]
+    if m.altup_num_inputs > 1:
+        n = m.altup_num_inputs
+        calls += [WeightCall("altup_router", h * n, L), WeightCall("altup_projections", 2 * (n - 1) * h * h, 1)]
     return calls

@@ -204,6 +204,20 @@ class ModelSpec(_Strict):
     mla: Optional[MLASpec] = None
     sliding_window: Optional[SlidingWindow] = None
     max_context_tokens: int = Field(gt=0, default=131072)
+    # Gemma-3n extensions (defaults: absent). See kvmodel.architecture.param_breakdown for how they are counted.
+    per_layer_input_dim: int = Field(
+        default=0, ge=0, description="per-layer embedding width (Gemma-3n hidden_size_per_layer_input); 0: none"
+    )
+    per_layer_vocab_size: Optional[int] = Field(
+        default=None, gt=0, description="rows of the per-layer embedding table (default: vocab_size)"
+    )
+    altup_num_inputs: int = Field(default=1, ge=1, description="AltUp residual streams (Gemma-3n: 4); 1: none")
+    laurel_rank: int = Field(default=0, ge=0, description="LAuReL low-rank residual rank (Gemma-3n: 64); 0: none")
+    num_kv_shared_layers: int = Field(
+        default=0,
+        ge=0,
+        description="last layers reusing an earlier layer's K/V: no KV cache, no k/v projections of their own",
+    )
     extra_params: int = Field(default=0, ge=0, description="parameters outside the text decoder (vision tower...)")
     extra_params_note: str = ""
     published_params: int = Field(gt=0, description="parameter count the publisher reports")
@@ -217,11 +231,18 @@ class ModelSpec(_Strict):
             raise ValueError("sliding_window.num_sliding_layers exceeds num_layers")
         if self.moe and self.moe.first_dense_layers > self.num_layers:
             raise ValueError("moe.first_dense_layers exceeds num_layers")
+        if self.num_kv_shared_layers >= self.num_layers:
+            raise ValueError("num_kv_shared_layers must be smaller than num_layers")
         return self
 
     @property
     def gqa_ratio(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_cache_layers(self) -> int:
+        """Layers that keep their own KV cache (all, except Gemma-3n's KV-shared layers)."""
+        return self.num_layers - self.num_kv_shared_layers
 
     @property
     def kv_heads_cached(self) -> int:
@@ -425,7 +446,7 @@ def _resolve(kind: str, query: str, items: dict, extra_keys=None) -> object:
     if q in table:
         return items[table[q]]
     if extra_keys:
-        hits = extra_keys(q)
+        hits = extra_keys(re.sub(r"\s+", "", query.lower()))  # raw, not normalized: keep the "." of "0.5b"
         if len(hits) == 1:
             return items[hits[0]]
         if len(hits) > 1:
@@ -457,7 +478,8 @@ def _size_shorthand_hits(q: str) -> list[str]:
     want = float(m.group(1))
     hits = []
     for name, spec in catalog().models.items():
-        sizes = {float(x) for x in re.findall(r"(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", name)}
+        # "(?<![\d.xX])": the 7 of "8x7B" is an expert size, not the model's size
+        sizes = {float(x) for x in re.findall(r"(?<![\d.xX])(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", name)}
         if want in sizes:
             hits.append(name)
     return hits

@@ -29,6 +29,7 @@ Hq = sp.Symbol("H_q", **_pos)  # query heads
 Hkv = sp.Symbol("H_kv", **_pos)  # KV heads cached per layer (1 latent head for MLA)
 d = sp.Symbol("d", **_pos)  # key channels per cached head
 dv = sp.Symbol("d_v", **_nonneg)  # value channels per cached head (0 for MLA: values come from the latent)
+s_kv = sp.Symbol("s_kv", **_pos)  # fraction of layers that own a KV cache (Gemma-3n shares KV across layers)
 dq = sp.Symbol("d_q", **_pos)  # query/output channels per query head
 bk = sp.Symbol("b_k", **_pos)  # key bits
 bv = sp.Symbol("b_v", **_pos)  # value bits
@@ -122,7 +123,8 @@ kv_read_bytes = _def(
     "KV bytes read per decode step (every cached token of every sequence, every layer).",
 )
 kv_write_bytes = _def(
-    "kv_write_bytes", B * kv_bytes_per_token, "bytes", "KV bytes written per step (the new token)."
+    "kv_write_bytes", s_kv * B * kv_bytes_per_token, "bytes",
+    "KV bytes written per step (the new token), only in layers that own a cache (s_kv of them)."
 )
 
 # Weights ---------------------------------------------------------------------------------------------------------
@@ -224,8 +226,9 @@ reread_sum_explicit = sp.Sum(C0 + i, (i, 0, Gen - 1))
 weight_bytes_resident = _def(
     "weight_bytes_resident", bw * P_total, "bytes", "Weights resident in device memory (all parameters).")
 kv_cache_bytes = _def(
-    "kv_cache_bytes", B * kv_bytes_per_token_layer * cached_token_layers, "bytes",
-    "KV cache held for B sequences at context T (sliding-window layers keep W tokens).")
+    "kv_cache_bytes", s_kv * B * kv_bytes_per_token_layer * cached_token_layers, "bytes",
+    "KV cache held for B sequences at context T (sliding-window layers keep W tokens; layers that reuse "
+    "another layer's cache hold none: s_kv).")
 usable_memory = _def(
     "usable_memory", M_cap * (1 - phi), "bytes",
     "Capacity less the fraction lost to fragmentation; a config fits when footprint <= usable_memory.")
@@ -234,14 +237,14 @@ footprint = _def(
     "Device memory needed: weights + KV cache + workspace.")
 _kv_budget = M_cap * (1 - phi) - M_ws - weight_bytes_resident
 max_batch = _def(
-    "max_batch", sp.floor(_kv_budget / (kv_bytes_per_token_layer * cached_token_layers)), "sequences",
+    "max_batch", sp.floor(_kv_budget / (s_kv * kv_bytes_per_token_layer * cached_token_layers)), "sequences",
     "Largest batch whose KV cache fits at context T.")
 max_context = _def(
     "max_context",
     sp.floor(sp.Piecewise(
-        ((_kv_budget / (B * kv_bytes_per_token_layer) - L_s * W) / (L - L_s),
-         _kv_budget / (B * kv_bytes_per_token_layer) >= L * W),
-        (_kv_budget / (B * kv_bytes_per_token_layer * L), True),
+        ((_kv_budget / (s_kv * B * kv_bytes_per_token_layer) - L_s * W) / (L - L_s),
+         _kv_budget / (s_kv * B * kv_bytes_per_token_layer) >= L * W),
+        (_kv_budget / (s_kv * B * kv_bytes_per_token_layer * L), True),
     )),
     "tokens",
     "Longest context whose KV cache fits at batch B (global layers grow with T, window layers stop at W). "
@@ -271,6 +274,208 @@ allreduce_time = _def(
     "s",
     "Two ring all-reduces per layer of B x h activations: per call latency + 2(N-1)/N of the message over the "
     "link.",
+)
+
+
+# ================================================================================================================
+# What-if studies (issue 6) and tensor parallelism (issue 8): added formulas. Nothing above is changed.
+# ================================================================================================================
+
+# Symbols of the studies ------------------------------------------------------------------------------------------
+L_hp = sp.Symbol("L_hp", **_nonneg)  # layers kept at the higher-precision (policy) format
+bk_hp = sp.Symbol("b_k_hp", **_pos)  # key bits of the high-precision layers
+bv_hp = sp.Symbol("b_v_hp", **_pos)  # value bits of the high-precision layers
+mk_hp = sp.Symbol("m_k_hp", **_nonneg)  # metadata bytes per key group, high-precision layers
+mv_hp = sp.Symbol("m_v_hp", **_nonneg)  # metadata bytes per value group, high-precision layers
+n_q = sp.Symbol("n_q", **_pos)  # query tokens per sequence in one forward (1 decode; k+1 or tree nodes+1 verify)
+eta = sp.Symbol("eta", **_nonneg)  # KV re-read fraction per extra query (0: tile shared by all queries, 1: per query)
+b_tree = sp.Symbol("b_tree", **_pos)  # tree speculation: branches per node (uniform tree)
+alpha_q = sp.Symbol("alpha_q", **_pos)  # acceptance in the quantized-KV arm
+t_base = sp.Symbol("t_base", **_pos)  # step time, no speculation, FP16 KV
+t_quant = sp.Symbol("t_quant", **_pos)  # step time, no speculation, quantized KV
+t_ver = sp.Symbol("t_ver", **_pos)  # verification time, FP16 KV
+t_ver_q = sp.Symbol("t_ver_q", **_pos)  # verification time, quantized KV
+t_draft = sp.Symbol("t_draft", **_nonneg)  # drafting time per verification (0 for n-gram / prompt lookup)
+E_tok = sp.Symbol("E_tok", **_pos)  # expected tokens per verification (FP16 arm)
+E_tok_q = sp.Symbol("E_tok_q", **_pos)  # expected tokens per verification (quantized arm)
+X_kv = sp.Symbol("X_kv", **_nonneg)  # KV bytes read per step by the chosen access pattern
+f_tier = sp.Symbol("f_tier", **_nonneg)  # fraction of the KV (layers) placed in the tier
+t_hbm = sp.Symbol("t_hbm", **_nonneg)  # time of the step's HBM-resident work, seconds
+lat_link = sp.Symbol("lambda_link", **_nonneg)  # tier link latency per step's transfer, seconds
+W_sp = sp.Symbol("W_sp", **_pos)  # sparse access: attention window (tokens)
+n_blk = sp.Symbol("n_blk", **_pos)  # sparse access: top-k blocks selected (MoBA)
+b_blk = sp.Symbol("b_blk", **_pos)  # sparse access: tokens per block (MoBA)
+f_layers_L = sp.Symbol("L_t", **_nonneg)  # layers whose KV lives in the tier
+
+# Per-layer K/V precision (a policy: L_hp layers at (b_k_hp, b_v_hp), the rest at (b_k, b_v)) -------------------
+_kv_layer_hp = kv_bytes_per_token_layer.subs({bk: bk_hp, bv: bv_hp, mk: mk_hp, mv: mv_hp}, simultaneous=True)
+kv_bytes_per_token_layer_hp = _def(
+    "kv_bytes_per_token_layer_hp", _kv_layer_hp, "bytes",
+    "KV bytes one token adds to one high-precision layer of a per-layer policy (its own bits and metadata).")
+kv_bytes_per_token_mixed = _def(
+    "kv_bytes_per_token_mixed",
+    (L - L_hp) * kv_bytes_per_token_layer + L_hp * _kv_layer_hp,
+    "bytes",
+    "KV bytes per token, all layers, under a two-class per-layer policy: L_hp layers keep (b_k_hp, b_v_hp), the "
+    "others use (b_k, b_v). Equals kv_bytes_per_token when L_hp = 0.",
+)
+kv_read_bytes_mixed = _def(
+    "kv_read_bytes_mixed",
+    B * T * kv_bytes_per_token_mixed,
+    "bytes",
+    "KV read per step under a two-class per-layer policy (global-attention layers; windowed layers are handled "
+    "per layer group by kvmodel.policies).",
+)
+
+# MoE: weight traffic against batch ---------------------------------------------------------------------------
+moe_expert_bytes = _def(
+    "moe_expert_bytes",
+    bw * L_moe * P_exp * experts_touched,
+    "bytes",
+    "Routed-expert weights read per step: the distinct experts some token of the batch picked, every MoE layer.",
+)
+
+# Tensor parallelism ----------------------------------------------------------------------------------------------
+weight_bytes_per_gpu = _def(
+    "weight_bytes_per_gpu", weight_bytes_streamed / N_tp, "bytes",
+    "Weights each GPU streams per step under N-way tensor parallelism (every matrix split N ways; the few "
+    "replicated norm vectors are neglected).")
+kv_bytes_per_token_layer_per_gpu = _def(
+    "kv_bytes_per_token_layer_per_gpu",
+    kv_bytes_per_token_layer.subs(Hkv, sp.ceiling(Hkv / N_tp)),
+    "bytes",
+    "KV bytes one token adds to one layer on one GPU: ceil(H_kv / N) heads (a head is replicated when H_kv < N; "
+    "MLA's single latent is replicated on every GPU).",
+)
+kv_read_bytes_per_gpu = _def(
+    "kv_read_bytes_per_gpu",
+    B * kv_bytes_per_token_layer_per_gpu * cached_token_layers,
+    "bytes",
+    "KV bytes each GPU reads per step under tensor parallelism.",
+)
+kv_cache_bytes_per_gpu = _def(
+    "kv_cache_bytes_per_gpu",
+    B * kv_bytes_per_token_layer_per_gpu * cached_token_layers,
+    "bytes",
+    "KV cache each GPU holds under tensor parallelism (replicated heads counted on every GPU).",
+)
+footprint_per_gpu = _def(
+    "footprint_per_gpu", weight_bytes_resident / N_tp + kv_cache_bytes_per_gpu + M_ws, "bytes",
+    "Device memory each GPU needs under N-way tensor parallelism: its weight shard + its KV heads + workspace.")
+allreduce_bytes = _def(
+    "allreduce_bytes", 2 * L * B * h * ba, "bytes",
+    "Activation bytes all-reduced per step: two all-reduces per layer (after attention and after the MLP) of "
+    "B x h activations.")
+
+# Speculative decoding -----------------------------------------------------------------------------------------------
+expected_tokens_per_verify_q = _def(
+    "expected_tokens_per_verify_q", (1 - alpha_q ** (k_draft + 1)) / (1 - alpha_q), "tokens",
+    "Expected tokens per verification in the quantized-KV arm (its own acceptance alpha_q).")
+_p_level = 1 - (1 - alpha) ** b_tree
+tree_accept_per_level = _def(
+    "tree_accept_per_level", _p_level, "1",
+    "Uniform tree speculation: probability that some of the b_tree i.i.d. candidates at a depth is accepted.")
+expected_tokens_per_verify_tree = _def(
+    "expected_tokens_per_verify_tree", (1 - _p_level ** (k_draft + 1)) / (1 - _p_level), "tokens",
+    "Expected tokens per verification of a uniform draft tree of depth k, b_tree branches per node (b_tree = 1 is "
+    "linear speculation).")
+tree_nodes = _def(
+    "tree_nodes", sp.Sum(b_tree ** i, (i, 1, k_draft)).doit(), "tokens",
+    "Draft tokens in a uniform tree of depth k with b_tree branches per node (k for a linear chain).")
+verify_kv_read_bytes = _def(
+    "verify_kv_read_bytes",
+    kv_read_bytes * (1 + eta * (n_q - 1)),
+    "bytes",
+    "KV read by one verification of n_q query tokens per sequence: once when every KV tile serves all n_q "
+    "queries (eta = 0), n_q times when the kernel re-reads the cache per query (eta = 1).",
+)
+verify_step_bytes = _def(
+    "verify_step_bytes",
+    bw * (P_always + P_lm + n_q * B * h + L_moe * P_exp * experts_touched.subs(B, n_q * B))
+    + verify_kv_read_bytes + n_q * kv_write_bytes + n_q * activation_bytes,
+    "bytes",
+    "Bytes of one verification forward of n_q tokens per sequence: weights once (experts touched by n_q*B tokens), "
+    "KV per verify_kv_read_bytes, n_q new tokens written, n_q times the activations. n_q = 1, eta = 0 is step_bytes.",
+)
+verify_step_flops = _def(
+    "verify_step_flops",
+    n_q * step_flops,
+    "FLOP",
+    "Matmul FLOPs of a verification: n_q query tokens per sequence, each as a decode token (QK^T and PV over the "
+    "cached context included).",
+)
+spec_speedup = _def(
+    "spec_speedup", E_tok * t_base / (t_ver + t_draft), "1",
+    "Speculation speedup over plain decode: tokens per verification x (plain step time / (verification + draft)).")
+spec_quant_speedup = _def(
+    "spec_quant_speedup", E_tok_q * t_base / (t_ver_q + t_draft), "1",
+    "Speedup of speculation on a quantized-KV cache over plain FP16 decode.")
+quant_speedup = _def(
+    "quant_speedup", t_base / t_quant, "1", "Speedup of the quantized KV cache alone (no speculation).")
+composition_ratio = _def(
+    "composition_ratio",
+    (E_tok_q * t_base / (t_ver_q + t_draft)) / ((t_base / t_quant) * (E_tok * t_base / (t_ver + t_draft))),
+    "1",
+    "rho = S_combined / (S_quant x S_spec). Simplifies to (E_q/E) x (t_quant/t_base) x (t_ver+t_d)/(t_ver_q+t_d): "
+    "exactly 1 when acceptance is the same in both arms and quantization shortens verification and plain steps "
+    "by the same factor.",
+)
+composition_ratio_bound = _def(
+    "composition_ratio_bound", r * t_quant / t_base, "1",
+    "Largest rho a bytes-only model allows with equal acceptance: verification can shrink at most by the "
+    "compression ratio r (every byte KV), so rho <= r / S_quant.",
+)
+
+# Tiering --------------------------------------------------------------------------------------------------------------
+kv_read_bytes_window = _def(
+    "kv_read_bytes_window",
+    B * kv_bytes_per_token_layer * ((L - L_s) * sp.Min(T, W_sp) + L_s * sp.Min(T, W, W_sp)),
+    "bytes",
+    "KV read per step when attention reads only the last W_sp tokens (sliding-window sparse access).",
+)
+kv_read_bytes_topk = _def(
+    "kv_read_bytes_topk",
+    sp.Min(
+        kv_read_bytes,
+        B * kv_bytes_per_token_layer * ((L - L_s) * sp.Min(T, n_blk * b_blk) + L_s * sp.Min(T, W, n_blk * b_blk))
+        + B * (L - L_s) * Hkv * d * 2 * sp.ceiling(T / b_blk),
+    ),
+    "bytes",
+    "KV read per step with top-k block selection (MoBA): n_blk blocks of b_blk tokens per layer and KV head, plus "
+    "one FP16 mean key per block for the gate; never more than dense (a runtime falls back to dense).",
+)
+kv_budget_bytes = _def(
+    "kv_budget_bytes", M_cap * (1 - phi) - M_ws - weight_bytes_resident, "bytes",
+    "Device memory left for the KV cache: usable capacity less weights and workspace.")
+kv_overflow_bytes = _def(
+    "kv_overflow_bytes", sp.Max(0, kv_cache_bytes - kv_budget_bytes), "bytes",
+    "KV cache bytes that do not fit in HBM and must live in the next tier.")
+kv_overflow_fraction = _def(
+    "kv_overflow_fraction", sp.Max(0, 1 - kv_budget_bytes / kv_cache_bytes), "1",
+    "Share of the KV cache that overflows HBM (0 when it fits).")
+tier_bytes_per_step = _def(
+    "tier_bytes_per_step", f_tier * X_kv, "bytes",
+    "KV bytes a tier supplies per step when a fraction f_tier of the cache (tokens or layers) lives there and "
+    "access is spread over it evenly: f_tier = 1 is the study's framing (whole cache in the tier), "
+    "f_tier = kv_overflow_fraction is 'only what exceeds HBM'.")
+tier_bytes_window_overflow = _def(
+    "tier_bytes_window_overflow",
+    B * kv_bytes_per_token_layer * L * sp.Max(0, sp.Min(T, W_sp) - T * (1 - f_tier)),
+    "bytes",
+    "Windowed access when the oldest f_tier of each sequence's tokens live in the tier: only window tokens older "
+    "than the HBM-resident part cross the link.",
+)
+tier_step_time_overlapped = _def(
+    "tier_step_time_overlapped",
+    sp.Max(t_hbm, lat_link + sp.Symbol("X_tier", **_nonneg) / BW_link),
+    "s",
+    "Step time with the tier transfer prefetched under the HBM work (perfect overlap).",
+)
+tier_step_time_serial = _def(
+    "tier_step_time_serial",
+    t_hbm + lat_link + sp.Symbol("X_tier", **_nonneg) / BW_link,
+    "s",
+    "Step time when the tier transfer is not overlapped.",
 )
 
 

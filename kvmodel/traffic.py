@@ -80,6 +80,7 @@ def model_symbols(m: ModelSpec) -> dict:
         "k": m.moe.top_k if m.moe else 1,
         "L_moe": pb.num_moe_layers,
         "b_a": 2,
+        "s_kv": m.kv_cache_layers / m.num_layers,
     }
 
 

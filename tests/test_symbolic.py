@@ -18,7 +18,7 @@ HEAD_DIM = st.sampled_from([64, 128, 256])
 def _vals(**kw):
     base = dict(B=1, T=1024, L=32, L_s=0, W=1, H_q=32, H_kv=8, d=128, d_v=128, d_q=128, b_k=16, b_v=16, g=32,
                 m_k=0, m_v=0, b_w=2, b_a=2, h=4096, V=128256, P_always=6_979_588_096, P_lm=525_336_576,
-                P_total=8_030_261_248, P_exp=0, E=1, k=1, L_moe=0, M_cap=141 * 2**30, M_ws=2 * 2**30, phi=0.05)
+                P_total=8_030_261_248, P_exp=0, E=1, k=1, L_moe=0, M_cap=141 * 2**30, M_ws=2 * 2**30, phi=0.05, s_kv=1)
     base.update(kw)
     return base
 

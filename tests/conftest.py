@@ -1,0 +1,24 @@
+"""Shared pytest setup: tests marked ``gpu`` are skipped unless torch sees a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except Exception:  # noqa: BLE001
+        return False
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if any("gpu" in item.keywords for item in items) and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false or torch is absent)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

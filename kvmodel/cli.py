@@ -182,6 +182,11 @@ def render_prediction(p) -> str:
     if p.gen_tokens > 1:
         w(f"Over {p.gen_tokens} generated tokens: {p.reread_token_reads:,.0f} cached-token reads per layer and "
           f"KV head, {_fmt_bytes(p.kv_bytes_over_generation)} of KV read\n")
+    tpr = getattr(p, "tensor_parallel", None)
+    if tpr is not None:
+        w(f"Tensor parallel x{tpr.degree} over {tpr.link} ({tpr.link_bandwidth_GBps:g} GB/s per direction): per GPU "
+          f"{_fmt_bytes(tpr.weights_streamed_per_gpu)} weights + {_fmt_bytes(tpr.kv_read_per_gpu)} KV "
+          f"({tpr.kv_heads_per_gpu} KV heads) per step; all-reduces {_fmt_time(tpr.allreduce_time_s)} per step\n")
     for n in p.notes:
         w(f"note: {n}\n")
     return out.getvalue()
@@ -229,10 +234,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
               help="which runtime's calibration to use (kvmodel-graph, hf-eager, hf-static-graph).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), default=None,
               help="JSON from `kvmodel classify --out` (for --kv recommended).")
+@click.option("--tp", default=1, show_default=True, type=POSITIVE_INT,
+              help="tensor-parallel degree N (GPUs joined by the GPU's catalog gpu_link; memory then per GPU).")
 @click.option("--json", "as_json", is_flag=True, help="print the full prediction as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="print one flattened CSV row with a header.")
 def predict(gpu, model_name, ctx, batch, kv, k_bits, v_bits, group, asym, weights_dtype, gen,
-            calibration_file, runtime, sensitivity, as_json, as_csv):
+            calibration_file, runtime, sensitivity, tp, as_json, as_csv):
     """Predict decode throughput, traffic and memory for one GPU x model x context x batch x KV format.
 
     Example: kvmodel predict --gpu b200 --model 24b --ctx 128k --batch 8 --kv int4
@@ -247,7 +254,7 @@ def predict(gpu, model_name, ctx, batch, kv, k_bits, v_bits, group, asym, weight
                   gen_tokens=gen)
     cal = _calibration_for(g, calibration_file, runtime)
     try:
-        p = run_predict(g, m, wl, calibration=cal)
+        p = run_predict(g, m, wl, calibration=cal) if tp == 1 else run_predict(g, m, wl, calibration=cal, tp=tp)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if as_json:

@@ -37,33 +37,43 @@ def _values(model: ModelSpec, kv: KVFormat, weight_bytes_per_param: float, **ext
     return v
 
 
-def weights_time_s(tm: TimeModel, model: ModelSpec, B, weight_bytes_per_param: float = 2.0):
+def weights_time_s(tm: TimeModel, model: ModelSpec, B, weight_bytes_per_param: float = 2.0, tp: int = 1):
     """Seconds to stream the step's weights at batch B (vectorized over B): one call per matrix per layer,
-    routed experts as one grouped call per MoE layer, plus the LM head."""
+    routed experts as one grouped call per MoE layer, plus the LM head.
+
+    ``tp``: tensor-parallel degree; each GPU streams 1/tp of every matrix (and does 1/tp of its FLOPs).
+    ``tp = 1`` is the single-GPU model, unchanged."""
     B = np.asarray(B, dtype=float)
+    shard = (lambda x: x) if tp == 1 else (lambda x: x / tp)  # noqa: E731
     t = np.zeros_like(B)
     for c in weight_calls(model):
-        t = t + c.layers * tm.op_time("weights", c.params * weight_bytes_per_param, 2.0 * B * c.params)
+        t = t + c.layers * tm.op_time("weights", shard(c.params * weight_bytes_per_param),
+                                      shard(2.0 * B * c.params))
     pb = param_breakdown(model)
     if pb.num_moe_layers:
         vals = _values(model, FP16, weight_bytes_per_param, B=B)
         touched = traffic.evaluate("experts_touched", vals)
         nbytes = touched * pb.expert_each * weight_bytes_per_param
         flops = 2.0 * B * model.moe.top_k * pb.expert_each
-        t = t + pb.num_moe_layers * tm.op_time("weights", nbytes, flops)
+        t = t + pb.num_moe_layers * tm.op_time("weights", shard(nbytes), shard(flops))
     lm = pb.lm_head or pb.embedding
-    t = t + tm.op_time("lm_head", lm * weight_bytes_per_param, 2.0 * B * lm)
+    t = t + tm.op_time("lm_head", shard(lm * weight_bytes_per_param), shard(2.0 * B * lm))
     return t
 
 
-def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: str):
-    """Seconds for one step's attention over all layers (windowed layers read min(T, W) tokens)."""
+def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: str, tp: int = 1):
+    """Seconds for one step's attention over all layers (windowed layers read min(T, W) tokens).
+
+    ``tp``: tensor-parallel degree; each GPU holds ceil(H_kv / tp) KV heads (replicated when H_kv < tp) and
+    ceil(H_q / tp) query heads. ``tp = 1`` is the single-GPU model, unchanged."""
     if pipeline not in PIPELINE_FORMULAS:
         raise ValueError(f"unknown pipeline {pipeline!r}; one of {', '.join(PIPELINE_FORMULAS)}")
     fmt = FP16 if pipeline.startswith("P0") else kv
     B = np.asarray(B, dtype=float)
     T = np.asarray(T, dtype=float)
     vals = _values(model, fmt, 2.0, B=B)
+    if tp != 1:
+        vals.update(tp_head_values(vals, tp))
     name = PIPELINE_FORMULAS[pipeline]
     op = f"attention:{pipeline}"
     L, L_s, W = vals["L"], vals["L_s"], vals["W"]
@@ -76,11 +86,67 @@ def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeli
 
 
 def step_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: str = "P5",
-                weight_bytes_per_param: float = 2.0):
-    """Predicted seconds per decode step (vectorized over B and T; they broadcast)."""
+                weight_bytes_per_param: float = 2.0, tp: int = 1, allreduce_latency_s: Optional[float] = None):
+    """Predicted seconds per decode step (vectorized over B and T; they broadcast).
+
+    ``tp`` > 1: N-way tensor parallelism over the GPU's catalog ``gpu_link``: per-GPU weight and attention time
+    plus two all-reduces per layer (:func:`allreduce_time_s`). ``tp = 1`` gives exactly the single-GPU time."""
     overhead = tm.step_overhead_s + model.num_layers * tm.layer_overhead_s
-    return (overhead + weights_time_s(tm, model, B, weight_bytes_per_param)
-            + attention_time_s(tm, model, kv, B, T, pipeline))
+    if tp == 1:
+        return (overhead + weights_time_s(tm, model, B, weight_bytes_per_param)
+                + attention_time_s(tm, model, kv, B, T, pipeline))
+    link = tp_link(tm.gpu, tp)
+    return (overhead + weights_time_s(tm, model, B, weight_bytes_per_param, tp=tp)
+            + attention_time_s(tm, model, kv, B, T, pipeline, tp=tp)
+            + allreduce_time_s(model, B, tp, link, allreduce_latency_s))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor parallelism (issue 8, analytic half)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Fixed cost of one all-reduce call beside the link hops (NCCL kernel launch + sync), seconds.
+DEFAULT_ALLREDUCE_LAUNCH_S = 5e-6
+
+
+def tp_head_values(vals: dict, tp: int) -> dict:
+    """Per-GPU head counts under ``tp``-way tensor parallelism: ceil(H_kv / N) KV heads (replicated when
+    H_kv < N; MLA's single latent is on every GPU) and ceil(H_q / N) query heads."""
+    return {"H_kv": traffic.evaluate("kv_heads_per_gpu", {"H_kv": vals["H_kv"], "N": tp}),
+            "H_q": float(np.ceil(vals["H_q"] / tp))}
+
+
+def tp_link(gpu: GPUSpec, tp: int):
+    """The GPU-GPU link of ``gpu`` from the interconnect catalog (None for tp = 1).
+
+    Raises ValueError for tp > 1 when the GPU has no ``gpu_link`` (e.g. a PCIe-only consumer card)."""
+    if tp < 1 or int(tp) != tp:
+        raise ValueError(f"tensor-parallel degree must be a positive integer, got {tp!r}")
+    if tp == 1:
+        return None
+    if not gpu.gpu_link:
+        raise ValueError(f"{gpu.name} has no GPU-GPU link in the catalog (gpu_link); tensor parallelism "
+                         f"--tp {tp} needs one")
+    from kvmodel.specs import get_interconnect
+
+    return get_interconnect(gpu.gpu_link)
+
+
+def allreduce_latency_default_s(link, tp: int) -> float:
+    """Per all-reduce latency: a launch cost plus 2(N-1) ring hops of the link's one-way latency."""
+    return DEFAULT_ALLREDUCE_LAUNCH_S + 2 * (tp - 1) * link.latency_s
+
+
+def allreduce_time_s(model: ModelSpec, B, tp: int, link, latency_s: Optional[float] = None):
+    """Seconds per step of the two all-reduces per layer of B x hidden activations over ``link``
+    (formula ``allreduce_time``); 0 for tp = 1. Vectorized over B."""
+    B = np.asarray(B, dtype=float)
+    if tp == 1:
+        return np.zeros_like(B)
+    lat = allreduce_latency_default_s(link, tp) if latency_s is None else latency_s
+    return traffic.evaluate("allreduce_time", {
+        "L": model.num_layers, "lambda_ar": lat, "N": tp, "B": B, "h": model.hidden_size, "b_a": 2,
+        "BW_link": link.bandwidth_per_direction_GBps * 1e9})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,8 +217,35 @@ class Prediction(_Out):
     notes: list[str] = Field(default_factory=list)
 
 
-def _pipeline_result(tm, model, kv, w: Workload, pipeline: str, t_fp16: Optional[float]) -> PipelineResult:
-    t = float(step_time_s(tm, model, kv, w.batch, w.context_tokens, pipeline, w.weight_bytes_per_param))
+class TPReport(_Out):
+    """Tensor-parallel terms of a prediction (per GPU unless said otherwise)."""
+
+    degree: int
+    link: str = Field(description="GPU-GPU interconnect (the GPU spec's gpu_link)")
+    link_bandwidth_GBps: float
+    allreduce_latency_s: float = Field(description="per all-reduce call")
+    kv_heads_per_gpu: int = Field(description="ceil(H_kv / N): replicated when H_kv < N")
+    weights_streamed_per_gpu: float
+    kv_read_per_gpu: float
+    allreduce_bytes_per_step: float = Field(description="2 all-reduces per layer of B x hidden activations")
+    allreduce_time_s: float
+    footprint_per_gpu_bytes: float
+    fits_per_gpu: bool
+
+
+class TPPrediction(Prediction):
+    """A Prediction under N-way tensor parallelism: times include the all-reduces, ``memory`` is per GPU."""
+
+    tensor_parallel: TPReport
+
+
+def _pipeline_result(tm, model, kv, w: Workload, pipeline: str, t_fp16: Optional[float], tp: int = 1,
+                     allreduce_latency_s: Optional[float] = None) -> PipelineResult:
+    if tp == 1:
+        t = float(step_time_s(tm, model, kv, w.batch, w.context_tokens, pipeline, w.weight_bytes_per_param))
+    else:
+        t = float(step_time_s(tm, model, kv, w.batch, w.context_tokens, pipeline, w.weight_bytes_per_param,
+                              tp=tp, allreduce_latency_s=allreduce_latency_s))
     vals = _values(model, FP16 if pipeline.startswith("P0") else kv, w.weight_bytes_per_param,
                    B=w.batch, T=w.context_tokens)
     att = float(traffic.evaluate(PIPELINE_FORMULAS[pipeline], vals)) * model.num_layers
@@ -167,16 +260,26 @@ def _pipeline_result(tm, model, kv, w: Workload, pipeline: str, t_fp16: Optional
     )
 
 
-def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None) -> Prediction:
-    """Predict one decode operating point: bytes, regime, times for FP16 / fused / non-fused, memory, capacity."""
+def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None, tp: int = 1,
+            allreduce_latency_s: Optional[float] = None) -> Prediction:
+    """Predict one decode operating point: bytes, regime, times for FP16 / fused / non-fused, memory, capacity.
+
+    ``tp`` > 1: N-way tensor parallelism over the GPU's ``gpu_link`` (ValueError when it has none). Step times
+    then include two all-reduces per layer, ``memory`` is per GPU, ``bytes`` stay the whole model's, and the
+    result is a :class:`TPPrediction` with the per-GPU terms. ``tp = 1`` returns exactly the single-GPU
+    prediction."""
     kv = workload.kv
     if kv.k_bits < 16 and model.k_dim_cached % kv.group_size or kv.v_bits < 16 and model.v_dim_cached % kv.group_size:
         raise ValueError(f"group size {kv.group_size} does not divide head_dim {model.k_dim_cached} of {model.name}")
+    link = tp_link(gpu, tp)
     tm = TimeModel(gpu, calibration)
     B, T, G = workload.batch, workload.context_tokens, workload.gen_tokens
     v = _values(model, kv, workload.weight_bytes_per_param, B=B, T=T, M_cap=gpu.memory_capacity_bytes,
                 C_0=T, G_en=G)
     ev = lambda name, **kw: float(traffic.evaluate(name, {**v, **kw}))  # noqa: E731
+    # memory terms: per GPU under TP (weight shard, ceil(H_kv / N) heads); the single-GPU values for tp = 1
+    vm = v if tp == 1 else {**v, "P_total": v["P_total"] / tp, **tp_head_values(v, tp)}
+    evm = lambda name, **kw: float(traffic.evaluate(name, {**vm, **kw}))  # noqa: E731
     weights = ev("weight_bytes_streamed")
     kv_read = ev("kv_read_bytes")
     meta = ev("kv_metadata_bytes_per_token") / v["L"] * ev("cached_token_layers") * B
@@ -198,15 +301,15 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
     cross = ev("crossover_context")
     cross = cross if np.isfinite(cross) and cross > 0 else None
 
-    fp16 = _pipeline_result(tm, model, kv, workload, "P0", None)
-    fused = _pipeline_result(tm, model, kv, workload, "P5", fp16.step_time_s)
-    nonfused = _pipeline_result(tm, model, kv, workload, "P1", fp16.step_time_s)
+    fp16 = _pipeline_result(tm, model, kv, workload, "P0", None, tp, allreduce_latency_s)
+    fused = _pipeline_result(tm, model, kv, workload, "P5", fp16.step_time_s, tp, allreduce_latency_s)
+    nonfused = _pipeline_result(tm, model, kv, workload, "P1", fp16.step_time_s, tp, allreduce_latency_s)
 
-    kv_cache = ev("kv_cache_bytes", T=T + G)
-    footprint = ev("footprint", T=T + G)
+    kv_cache = evm("kv_cache_bytes", T=T + G)
+    footprint = evm("footprint", T=T + G)
     usable = ev("usable_memory")
-    max_ctx = ev("max_context")
-    max_batch = ev("max_batch", T=T + G)
+    max_ctx = evm("max_context")
+    max_batch = evm("max_batch", T=T + G)
     flops = ev("step_flops")
     notes = []
     if not tm.calibrated:
@@ -215,13 +318,14 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
         notes.append(f"{model.name} is a synthetic stand-in shape, not a released checkpoint")
     if footprint > usable:
         notes.append(
-            f"does not fit: needs {footprint / GiB:.1f} GiB (weights {ev('weight_bytes_resident') / GiB:.1f} + "
+            f"does not fit{'' if tp == 1 else f' (per GPU, tp {tp})'}: needs {footprint / GiB:.1f} GiB "
+            f"(weights {evm('weight_bytes_resident') / GiB:.1f} + "
             f"KV {kv_cache / GiB:.1f} + workspace {DEFAULT_WORKSPACE_BYTES / GiB:.1f}) of "
             f"{gpu.memory_capacity_GiB:g} GiB ({usable / GiB:.1f} GiB usable)"
         )
     if T + G > model.max_context_tokens:
         notes.append(f"context {T + G} exceeds {model.name}'s trained maximum {model.max_context_tokens}")
-    return Prediction(
+    out = dict(
         gpu=gpu.name,
         model=model.name,
         batch=B,
@@ -240,7 +344,7 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
         fused=fused,
         non_fused=nonfused,
         memory=Memory(
-            weights_bytes=ev("weight_bytes_resident"),
+            weights_bytes=evm("weight_bytes_resident"),
             kv_cache_bytes=kv_cache,
             workspace_bytes=DEFAULT_WORKSPACE_BYTES,
             footprint_bytes=footprint,
@@ -257,6 +361,23 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
         kv_bytes_over_generation=ev("kv_bytes_per_token_layer") * B * v["L"] * ev("reread_sum"),
         notes=notes,
     )
+    if tp == 1:
+        return Prediction(**out)
+    lat = allreduce_latency_default_s(link, tp) if allreduce_latency_s is None else allreduce_latency_s
+    notes.append(f"tensor parallel x{tp} over {link.name}: memory is per GPU; bytes are the whole model's")
+    return TPPrediction(**out, tensor_parallel=TPReport(
+        degree=tp,
+        link=link.name,
+        link_bandwidth_GBps=link.bandwidth_per_direction_GBps,
+        allreduce_latency_s=lat,
+        kv_heads_per_gpu=int(vm["H_kv"]),
+        weights_streamed_per_gpu=ev("weight_bytes_per_gpu", N=tp),
+        kv_read_per_gpu=ev("kv_read_bytes_per_gpu", N=tp),
+        allreduce_bytes_per_step=ev("allreduce_bytes"),
+        allreduce_time_s=float(allreduce_time_s(model, B, tp, link, allreduce_latency_s)),
+        footprint_per_gpu_bytes=ev("footprint_per_gpu", N=tp, T=T + G),
+        fits_per_gpu=bool(ev("footprint_per_gpu", N=tp, T=T + G) <= usable),
+    ))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -22,3 +24,9 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# Triton kernels (tests/test_kernels*.py) run under the Triton interpreter on machines without a CUDA GPU. The
+# variable must be set before any @triton.jit function is defined, i.e. before the kernels are imported.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,447 @@
+"""Fused quantized-KV decode attention (split-K / flash-decoding) in Triton.
+
+``decode_attention(q, cache)``: ``q [B, Hq, d]`` fp16 (one new token per sequence), ``cache`` a
+:class:`~kvmodel.kernels.quant.QuantizedKVCache` with ``cache.length = T`` valid tokens; returns ``[B, Hq, d]``
+fp16, ``softmax(q K^T / sqrt(d)) V`` over the T cached tokens of each sequence.
+
+Kernel 1 (``_attn_split_kernel``), grid ``(num_splits, Hkv, B)`` (or ``(num_splits, Hq, B)`` without GQA
+sharing): each program streams one contiguous token range of one (sequence, KV head) once, in BLOCK_N tiles, and
+serves all G = Hq/Hkv query heads of that KV head: their G rows of q, padded to 16, are the M side of ``tl.dot``.
+Each tile is dequantized in registers (4- and 8-bit codes become fp16 by OR-ing them into the mantissa of 1024.0,
+no int-to-float conversion; then one subtract and one multiply by the group scale), scores go through an online
+softmax in fp32 (exp2, the 1/sqrt(d)·log2(e) factor folded into one multiply), and ``P·V`` accumulates in fp32.
+
+The head dimension is handled as two halves A/B, so that 4-bit data is used straight from its packed bytes: for
+4-bit K the halves are the even channels (low nibbles) and odd channels (high nibbles), and ``q·k`` is
+``q_even·k_lo + q_odd·k_hi``; for 8- and 16-bit data they are channels [0, d/2) and [d/2, d). Same for V and the
+output accumulators.
+
+Kernel 2 (``_merge_kernel``) merges the splits' normalized partial outputs by their log-sum-exp. With one split
+kernel 1 writes the output directly (the study's no-split design).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from . import _interpreter_compat
+from .quant import QuantizedKVCache
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+DEFAULT_SMS = 132  # H200; the launcher reads the real count from the device when there is one
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_f16(c, MAGIC: tl.constexpr):
+        """Integer codes c (uint8 tensor, values < 256) → fp16 ``1024 + c`` (MAGIC) or fp16 ``c``."""
+        if MAGIC:
+            return (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        else:
+            return c.to(tl.float16)
+
+    @triton.jit
+    def _nibbles_f16(b, MAGIC: tl.constexpr, ASM: tl.constexpr):
+        """Packed bytes b (uint8) → (1024 + low nibble, 1024 + high nibble) as fp16 (MAGIC), or the plain
+        nibble values. ASM: 7 PTX instructions per 4 bytes (2 LOP3, 1 SHF, 4 PRMT) instead of ~2.5 per element."""
+        if ASM:
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 a, b;
+                and.b32 a, $4, 0x0F0F0F0F;
+                shr.b32 b, $4, 4;
+                and.b32 b, b, 0x0F0F0F0F;
+                prmt.b32 $0, a, 0x64646464, 0x4140;
+                prmt.b32 $1, a, 0x64646464, 0x4342;
+                prmt.b32 $2, b, 0x64646464, 0x4140;
+                prmt.b32 $3, b, 0x64646464, 0x4342;
+                }""",
+                constraints="=r,=r,=r,=r,r",
+                args=[b],
+                dtype=(tl.float16, tl.float16),
+                is_pure=True,
+                pack=4,
+            )
+            return lo, hi
+        else:
+            return _to_f16(b & 0xF, MAGIC), _to_f16(b >> 4, MAGIC)
+
+    @triton.jit
+    def _bytes_f16(b, MAGIC: tl.constexpr, ASM: tl.constexpr):
+        """Bytes b (uint8) → fp16 1024 + b (MAGIC) or b."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                prmt.b32 $0, $2, 0x64646464, 0x4140;
+                prmt.b32 $1, $2, 0x64646464, 0x4342;
+                }""",
+                constraints="=r,=r,r",
+                args=[b],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            return _to_f16(b, MAGIC)
+
+    @triton.jit
+    def _dequant(x, s, z, BITS: tl.constexpr, ASYM: tl.constexpr, MAGIC: tl.constexpr):
+        """x: fp16 codes (+1024 when MAGIC) → fp16 values, with group scale s (and zero z)."""
+        bias: tl.constexpr = 1024.0 if MAGIC else 0.0
+        if ASYM:
+            return (x - bias) * s + z
+        else:
+            return (x - (bias + 2.0 ** (BITS - 1))) * s
+
+    @triton.jit
+    def _load_tile(base, s_base, z_base, offs_n, mask_n, stride_t, stride_st,
+                   D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+        """Load and dequantize one tile of BLOCK_N tokens: returns the two halves (A, B), fp16 [BLOCK_N, D/2]."""
+        HALF_D: tl.constexpr = D // 2
+        if BITS == 16:
+            j = tl.arange(0, HALF_D)[None, :]
+            p = base + offs_n[:, None] * stride_t + j
+            m = mask_n[:, None]
+            xa = tl.load(p, mask=m, other=0.0)
+            xb = tl.load(p + HALF_D, mask=m, other=0.0)
+            return xa, xb
+        elif BITS == 4:
+            # packed byte i of a token holds channels 2i (low nibble) and 2i+1 (high nibble); group = i // (G/2)
+            W: tl.constexpr = GROUP // 2
+            NG: tl.constexpr = D // GROUP
+            n3 = offs_n[:, None, None]
+            m3 = mask_n[:, None, None]
+            gh = tl.arange(0, NG)[None, :, None]
+            w = tl.arange(0, W)[None, None, :]
+            b = tl.load(base + n3 * stride_t + gh * W + w, mask=m3, other=0)
+            s = tl.load(s_base + n3 * stride_st + gh, mask=m3, other=0.0)
+            if ASYM:
+                z = tl.load(z_base + n3 * stride_st + gh, mask=m3, other=0.0)
+            else:
+                z = s
+            ca, cb = _nibbles_f16(b, MAGIC, ASM)
+            xa = _dequant(ca, s, z, BITS, ASYM, MAGIC)
+            xb = _dequant(cb, s, z, BITS, ASYM, MAGIC)
+            return tl.reshape(xa, (BLOCK_N, HALF_D)), tl.reshape(xb, (BLOCK_N, HALF_D))
+        else:
+            # 8 bits: halves are channels [0, D/2) and [D/2, D); W channels per (sub)group in a half
+            W: tl.constexpr = GROUP if GROUP < HALF_D else HALF_D
+            NGH: tl.constexpr = HALF_D // W
+            n3 = offs_n[:, None, None]
+            m3 = mask_n[:, None, None]
+            gh = tl.arange(0, NGH)[None, :, None]
+            w = tl.arange(0, W)[None, None, :]
+            pa = base + n3 * stride_t + gh * W + w
+            ba = tl.load(pa, mask=m3, other=0)
+            bb = tl.load(pa + HALF_D, mask=m3, other=0)
+            ga = (gh * W) // GROUP
+            gb = (HALF_D + gh * W) // GROUP
+            sa = tl.load(s_base + n3 * stride_st + ga, mask=m3, other=0.0)
+            sb = tl.load(s_base + n3 * stride_st + gb, mask=m3, other=0.0)
+            if ASYM:
+                za = tl.load(z_base + n3 * stride_st + ga, mask=m3, other=0.0)
+                zb = tl.load(z_base + n3 * stride_st + gb, mask=m3, other=0.0)
+            else:
+                za = sa
+                zb = sb
+            xa = _dequant(_bytes_f16(ba, MAGIC, ASM), sa, za, BITS, ASYM, MAGIC)
+            xb = _dequant(_bytes_f16(bb, MAGIC, ASM), sb, zb, BITS, ASYM, MAGIC)
+            return tl.reshape(xa, (BLOCK_N, HALF_D)), tl.reshape(xb, (BLOCK_N, HALF_D))
+
+    @triton.jit
+    def _attn_split_kernel(
+        Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL,
+        T, tokens_per_split, qk_scale,
+        stride_qb, stride_qh,
+        skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
+        svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
+        stride_ob, stride_oh,
+        stride_pb, stride_ph, stride_ps,
+        G: tl.constexpr, HPP: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+        K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+        BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
+    ):
+        pid_s = tl.program_id(0)
+        pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
+        pid_b = tl.program_id(2).to(tl.int64)
+        HALF_D: tl.constexpr = D // 2
+        kvh = (pid_h // (G // HPP)).to(tl.int64)
+
+        rows = tl.arange(0, M_PAD)
+        row_ok = rows < HPP
+        head = pid_h * HPP + rows  # query head of each row
+        j = tl.arange(0, HALF_D)
+        # channel of element j of half A / B, for K (q side) and for V (output side)
+        if K_BITS == 4:
+            qa_ch = 2 * j
+            qb_ch = 2 * j + 1
+        else:
+            qa_ch = j
+            qb_ch = j + HALF_D
+        if V_BITS == 4:
+            oa_ch = 2 * j
+            ob_ch = 2 * j + 1
+        else:
+            oa_ch = j
+            ob_ch = j + HALF_D
+
+        q_ptr = Q + pid_b * stride_qb + head[:, None].to(tl.int64) * stride_qh
+        qa = tl.load(q_ptr + qa_ch[None, :], mask=row_ok[:, None], other=0.0)
+        qb = tl.load(q_ptr + qb_ch[None, :], mask=row_ok[:, None], other=0.0)
+
+        kd = KD + pid_b * skd_b + kvh * skd_h
+        ks = KS + pid_b * sks_b + kvh * sks_h
+        kz = KZ + pid_b * sks_b + kvh * sks_h
+        vd = VD + pid_b * svd_b + kvh * svd_h
+        vs = VS + pid_b * svs_b + kvh * svs_h
+        vz = VZ + pid_b * svs_b + kvh * svs_h
+
+        start = pid_s * tokens_per_split
+        end = start + tokens_per_split
+        if end > T:
+            end = T
+
+        m_i = tl.full([M_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([M_PAD], tl.float32)
+        acc_a = tl.zeros([M_PAD, HALF_D], tl.float32)
+        acc_b = tl.zeros([M_PAD, HALF_D], tl.float32)
+
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
+            s = tl.dot(qa, tl.trans(ka))
+            s = tl.dot(qb, tl.trans(kb), s)
+            s = s * qk_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
+            p16 = p.to(tl.float16)
+            acc_a = tl.dot(p16, va, acc_a * alpha[:, None])
+            acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
+
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        acc_a = acc_a / l_safe[:, None]
+        acc_b = acc_b / l_safe[:, None]
+        if SPLIT:
+            po = PartO + pid_b * stride_pb + head[:, None].to(tl.int64) * stride_ph + pid_s * stride_ps
+            tl.store(po + oa_ch[None, :], acc_a, mask=row_ok[:, None])
+            tl.store(po + ob_ch[None, :], acc_b, mask=row_ok[:, None])
+            lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+            pl = PartL + (pid_b * stride_pb + head.to(tl.int64) * stride_ph + pid_s * stride_ps) // D
+            tl.store(pl, lse, mask=row_ok)
+        else:
+            o = Out + pid_b * stride_ob + head[:, None].to(tl.int64) * stride_oh
+            tl.store(o + oa_ch[None, :], acc_a.to(tl.float16), mask=row_ok[:, None])
+            tl.store(o + ob_ch[None, :], acc_b.to(tl.float16), mask=row_ok[:, None])
+
+    @triton.jit
+    def _merge_kernel(PartO, PartL, Out, num_splits, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
+                      Hq, D: tl.constexpr, S_PAD: tl.constexpr):
+        pid = tl.program_id(0)
+        b = (pid // Hq).to(tl.int64)
+        h = (pid % Hq).to(tl.int64)
+        sp = tl.arange(0, S_PAD)
+        ok = sp < num_splits
+        base = b * stride_pb + h * stride_ph
+        lse = tl.load(PartL + (base + sp * stride_ps) // D, mask=ok, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.math.exp2(lse - m)
+        w = tl.where(ok, w, 0.0)
+        w = w / tl.sum(w, 0)
+        c = tl.arange(0, D)
+        o = tl.load(PartO + base + sp[:, None] * stride_ps + c[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], 0)
+        tl.store(Out + b * stride_ob + h * stride_oh + c, out.to(tl.float16))
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 on an H200; DEFAULT_SMS off a GPU)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_SMS
+
+
+def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DEFAULT_SMS,
+                      programs_per_sm: int = 4, min_tiles_per_split: int = 4, max_splits: int = 128) -> int:
+    """Split count that fills the SMs: minimizes (waves of programs) × (tiles per program + overhead).
+
+    ``programs_per_sm`` is how many programs one SM runs at once; a program costs about one extra tile of
+    overhead (q load, epilogue, partial write); splits below ``min_tiles_per_split`` tiles are not worth it.
+    """
+    n = B * Hkv
+    tiles = max(1, -(-T // block_n))
+    slots = max(1, sms * programs_per_sm)
+    s_max = max(1, min(max_splits, tiles // min_tiles_per_split))
+    best, best_cost = 1, None
+    for s in range(1, s_max + 1):
+        per = -(-tiles // s)
+        s_eff = -(-tiles // per)  # no empty splits
+        waves = -(-(n * s_eff) // slots)
+        cost = waves * (per + 1.0) + (0.5 if s_eff > 1 else 0.0)  # the merge launch
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = s_eff, cost
+    return best
+
+
+def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
+    if not isinstance(q, torch.Tensor):
+        raise ValueError("q must be a torch.Tensor")
+    if not isinstance(cache, QuantizedKVCache):
+        raise ValueError("cache must be a QuantizedKVCache")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, d], got shape {tuple(q.shape)}")
+    if q.dtype != torch.float16:
+        raise ValueError(f"q must be float16, got {q.dtype}")
+    B, Hq, d = q.shape
+    if B != cache.batch:
+        raise ValueError(f"q batch {B} != cache batch {cache.batch}")
+    if d != cache.head_dim:
+        raise ValueError(f"q head_dim {d} != cache head_dim {cache.head_dim}")
+    if d not in (64, 128, 256):
+        raise ValueError(f"head_dim must be 64, 128 or 256, got {d}")
+    Hkv = cache.kv_heads
+    if Hq % Hkv != 0:
+        raise ValueError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if Hq // Hkv > 16:
+        raise ValueError(f"GQA ratio {Hq // Hkv} > 16 is not supported")
+    if not 1 <= cache.length <= cache.max_tokens:
+        raise ValueError(f"cache.length must be in [1, {cache.max_tokens}], got {cache.length}")
+    if q.device != cache.device:
+        raise ValueError(f"q is on {q.device}, the cache on {cache.device}")
+    if cache.k.bits not in (4, 8, 16) or cache.v.bits not in (4, 8, 16):
+        raise ValueError("bits must be 4, 8 or 16")
+    if cache.k.group != cache.v.group or cache.k.asym != cache.v.asym:
+        raise ValueError("K and V must share group and asym")
+    if cache.group not in (32, 64, 128) and (cache.k_bits != 16 or cache.v_bits != 16):
+        raise ValueError(f"group must be 32, 64 or 128, got {cache.group}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError("decode_attention needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
+    for name, qt in (("k", cache.k), ("v", cache.v)):
+        if qt.data.stride(-1) != 1:
+            raise ValueError(f"cache.{name}.data must be contiguous in its last dimension")
+        if qt.scales is not None and qt.scales.stride(-1) != 1:
+            raise ValueError(f"cache.{name}.scales must be contiguous in its last dimension")
+        if qt.zeros is not None and qt.zeros.stride() != qt.scales.stride():
+            raise ValueError(f"cache.{name}.zeros must have the strides of its scales")
+
+
+def _meta(qt):
+    dummy = qt.data
+    s = qt.scales if qt.scales is not None else dummy
+    z = qt.zeros if qt.zeros is not None else s
+    st = tuple(qt.scales.stride()[:3]) if qt.scales is not None else (0, 0, 0)
+    return s, z, st
+
+
+def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: int | None = None,
+                     gqa_shared: bool = True, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, magic: bool | None = None,
+                     sm_scale: float | None = None, out: torch.Tensor | None = None,
+                     workspace: dict | None = None) -> torch.Tensor:
+    """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
+
+    ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
+    ``gqa_shared=False``: one program per query head (each re-reads its KV head; the ablation).
+    ``workspace``: optional dict reused across calls for the split partials (avoids allocation).
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _interpreter_compat.apply()
+    _check_inputs(q, cache)
+    B, Hq, d = q.shape
+    Hkv = cache.kv_heads
+    G = Hq // Hkv
+    T = cache.length
+    if block_n is None:
+        block_n = 64
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 3
+    if magic is None:
+        magic = True
+    asm = bool(magic) and q.device.type == "cuda" and not _interpreting()
+    hpp = G if gqa_shared else 1
+    prog_heads = Hkv if gqa_shared else Hq
+    m_pad = max(16, triton.next_power_of_2(hpp))
+    if num_splits is None:
+        num_splits = choose_num_splits(B, prog_heads, T, block_n, num_sms(q.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    tiles = -(-T // block_n)
+    per = -(-tiles // min(num_splits, tiles))
+    tokens_per_split = per * block_n
+    num_splits = -(-T // tokens_per_split)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(B, Hq, d, dtype=torch.float16, device=q.device)
+    elif out.shape != (B, Hq, d) or out.dtype != torch.float16 or out.stride(-1) != 1:
+        raise ValueError("out must be a [B, Hq, d] fp16 tensor contiguous in d")
+    split = num_splits > 1
+    if split:
+        key = (B, Hq, num_splits, d, q.device)
+        ws = None if workspace is None else workspace.get(key)
+        if ws is None:
+            part_o = torch.empty(B, Hq, num_splits, d, dtype=torch.float32, device=q.device)
+            part_l = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+            ws = (part_o, part_l)
+            if workspace is not None:
+                workspace[key] = ws
+        part_o, part_l = ws
+        assert part_o.stride() == (Hq * num_splits * d, num_splits * d, d, 1)
+    else:
+        part_o = part_l = out  # unused
+    k, v = cache.k, cache.v
+    ks, kz, kst = _meta(k)
+    vs, vz, vst = _meta(v)
+    grid = (num_splits, prog_heads, B)
+    _attn_split_kernel[grid](
+        q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l,
+        T, tokens_per_split, sm_scale * LOG2E,
+        q.stride(0), q.stride(1),
+        *k.data.stride()[:3], *kst,
+        *v.data.stride()[:3], *vst,
+        out.stride(0), out.stride(1),
+        Hq * num_splits * d, num_splits * d, d,
+        G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
+        BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _merge_kernel[(B * Hq,)](
+            part_o, part_l, out, num_splits, Hq * num_splits * d, num_splits * d, d,
+            out.stride(0), out.stride(1), Hq, D=d, S_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4 if d >= 128 else 2,
+        )
+    return out

@@ -1,0 +1,386 @@
+"""Quantized KV-cache format: quantize / dequantize (torch references) and the Triton append kernel.
+
+Format (one tensor, K or V, each with its own bit width):
+
+* 16 bits: ``data`` is fp16 ``[B, Hkv, T_max, d]``; no metadata.
+* 8 bits: ``data`` is uint8 ``[B, Hkv, T_max, d]``.
+* 4 bits: ``data`` is uint8 ``[B, Hkv, T_max, d/2]``, two values per byte along head_dim, the even channel in
+  the low nibble.
+* For 4 and 8 bits, ``scales`` (and, when asymmetric, ``zeros``) are fp16 ``[B, Hkv, T_max, d/group]``: one per
+  group of ``group`` consecutive channels per token per KV head.
+
+Symmetric (the default, the study's format): ``scale = absmax / (2^(b-1) - 1)``,
+``q = clamp(round(x / scale), -(2^(b-1)-1), 2^(b-1)-1)`` stored offset-binary as ``q + 2^(b-1)``
+(INT4 stored +8 in a nibble, INT8 stored +128); ``x ≈ (stored - 2^(b-1)) * scale``.
+Asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = min``, ``q = clamp(round((x - zero) / scale), 0, 2^b-1)``;
+``x ≈ q * scale + zero``.
+
+Rounding is round-half-up (``floor(y + 0.5)``), the quotient an IEEE float32 division by the stored (fp16)
+scale, so the torch reference and the Triton append kernel give the same codes.
+
+Layout ``[B, Hkv, T_max, packed_d]`` contiguous: one decode program (batch, KV head) streams one contiguous
+range of ``T * packed_d`` bytes, and its scales from another contiguous range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+try:  # Triton is optional: the torch references work without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+SUPPORTED_BITS = (4, 8, 16)
+SUPPORTED_GROUPS = (32, 64, 128)
+
+
+def _check_bits_group(bits: int, group: int, d: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if bits != 16:
+        if group not in SUPPORTED_GROUPS:
+            raise ValueError(f"group must be one of {SUPPORTED_GROUPS}, got {group}")
+        if d % group != 0:
+            raise ValueError(f"head_dim {d} is not a multiple of group {group}")
+
+
+def packed_dim(d: int, bits: int) -> int:
+    """Last-dimension size of the stored data for head_dim ``d``."""
+    return d // 2 if bits == 4 else d
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized tensor ``[..., T_max, d]`` (K or V of a cache)."""
+
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    zeros: torch.Tensor | None
+    bits: int
+    group: int
+    asym: bool
+    head_dim: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[:-1]) + (self.head_dim,)
+
+    def bytes_per_token(self) -> int:
+        """Stored bytes per token and head (data + metadata)."""
+        d = self.head_dim
+        if self.bits == 16:
+            return 2 * d
+        meta = (d // self.group) * 2 * (2 if self.asym else 1)
+        return d * self.bits // 8 + meta
+
+
+@dataclass
+class QuantizedKVCache:
+    """A preallocated KV cache of ``max_tokens`` slots, of which the first ``length`` are valid."""
+
+    k: QuantizedTensor
+    v: QuantizedTensor
+    length: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.k.data.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.data.shape[1]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.k.data.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.head_dim
+
+    @property
+    def k_bits(self) -> int:
+        return self.k.bits
+
+    @property
+    def v_bits(self) -> int:
+        return self.v.bits
+
+    @property
+    def group(self) -> int:
+        return self.k.group
+
+    @property
+    def asym(self) -> bool:
+        return self.k.asym
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.data.device
+
+    def bytes_per_token_head(self) -> int:
+        return self.k.bytes_per_token() + self.v.bytes_per_token()
+
+
+# ----------------------------------------------------------------------------------------------- torch reference
+def _round_half_up(y: torch.Tensor) -> torch.Tensor:
+    return torch.floor(y + 0.5)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int = 32, asym: bool = False) -> QuantizedTensor:
+    """Quantize ``x [..., d]`` (any float dtype) into the cache format. Torch reference."""
+    if not torch.is_floating_point(x):
+        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+    d = x.shape[-1]
+    _check_bits_group(bits, group, d)
+    if bits == 4 and d % 2:
+        raise ValueError("head_dim must be even for 4-bit packing")
+    if bits == 16:
+        return QuantizedTensor(x.to(torch.float16).contiguous(), None, None, 16, group, asym, d)
+    xf = x.to(torch.float16).float()  # the cache quantizes fp16 activations
+    xg = xf.reshape(*x.shape[:-1], d // group, group)
+    if asym:
+        qmax = 2**bits - 1
+        mn = xg.amin(-1)
+        mx = xg.amax(-1)
+        scale16 = ((mx - mn) / qmax).to(torch.float16)
+        zero16 = mn.to(torch.float16)
+        s = scale16.float().unsqueeze(-1)
+        y = torch.where(s > 0, (xg - zero16.float().unsqueeze(-1)) / torch.where(s > 0, s, 1.0), 0.0)
+        q = _round_half_up(y).clamp(0, qmax)
+        zeros = zero16
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        absmax = xg.abs().amax(-1)
+        scale16 = (absmax / qmax).to(torch.float16)
+        s = scale16.float().unsqueeze(-1)
+        y = torch.where(s > 0, xg / torch.where(s > 0, s, 1.0), 0.0)
+        q = _round_half_up(y).clamp(-qmax, qmax) + 2 ** (bits - 1)
+        zeros = None
+    q = q.reshape(*x.shape[:-1], d).to(torch.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return QuantizedTensor(q.contiguous(), scale16.contiguous(), zeros, bits, group, asym, d)
+
+
+def unpack_codes(qt: QuantizedTensor) -> torch.Tensor:
+    """The stored integer codes as int32 ``[..., d]`` (4 and 8 bits)."""
+    if qt.bits == 16:
+        raise ValueError("16-bit data has no codes")
+    q = qt.data.to(torch.int32)
+    if qt.bits == 4:
+        q = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(*q.shape[:-1], qt.head_dim)
+    return q
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float16, length: int | None = None) -> torch.Tensor:
+    """Dequantize ``qt`` (optionally only its first ``length`` tokens along dim -2). Torch reference."""
+    if qt.bits == 16:
+        out = qt.data if length is None else qt.data[..., :length, :]
+        return out.to(dtype)
+    data = qt.data if length is None else qt.data[..., :length, :]
+    scales = qt.scales if length is None else qt.scales[..., :length, :]
+    sub = QuantizedTensor(data, scales, None, qt.bits, qt.group, qt.asym, qt.head_dim)
+    q = unpack_codes(sub).float()
+    d = qt.head_dim
+    qg = q.reshape(*q.shape[:-1], d // qt.group, qt.group)
+    s = scales.float().unsqueeze(-1)
+    if qt.asym:
+        zeros = qt.zeros if length is None else qt.zeros[..., :length, :]
+        x = qg * s + zeros.float().unsqueeze(-1)
+    else:
+        x = (qg - 2 ** (qt.bits - 1)) * s
+    return x.reshape(*q.shape[:-1], d).to(dtype)
+
+
+def empty_quantized(shape_prefix: tuple[int, ...], d: int, bits: int, group: int, asym: bool,
+                    device: torch.device | str = "cpu") -> QuantizedTensor:
+    """Allocate (uninitialized) storage for ``[*shape_prefix, d]`` in the cache format."""
+    _check_bits_group(bits, group, d)
+    if bits == 16:
+        return QuantizedTensor(torch.empty(*shape_prefix, d, dtype=torch.float16, device=device), None, None,
+                               16, group, asym, d)
+    data = torch.empty(*shape_prefix, packed_dim(d, bits), dtype=torch.uint8, device=device)
+    scales = torch.empty(*shape_prefix, d // group, dtype=torch.float16, device=device)
+    zeros = torch.empty_like(scales) if asym else None
+    return QuantizedTensor(data, scales, zeros, bits, group, asym, d)
+
+
+def empty_cache(B: int, Hkv: int, max_tokens: int, d: int, k_bits: int, v_bits: int, group: int = 32,
+                asym: bool = False, device: torch.device | str = "cpu") -> QuantizedKVCache:
+    """A preallocated, empty (length 0) cache of ``max_tokens`` slots."""
+    k = empty_quantized((B, Hkv, max_tokens), d, k_bits, group, asym, device)
+    v = empty_quantized((B, Hkv, max_tokens), d, v_bits, group, asym, device)
+    return QuantizedKVCache(k, v, 0)
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_bits: int, v_bits: int, group: int = 32, asym: bool = False,
+                max_tokens: int | None = None) -> QuantizedKVCache:
+    """Build a cache holding ``k, v [B, Hkv, T, d]`` (T valid tokens, optionally ``max_tokens`` slots)."""
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"k and v must both be [B, Hkv, T, d], got {tuple(k.shape)} and {tuple(v.shape)}")
+    T = k.shape[2]
+    if max_tokens is not None and max_tokens > T:
+        pad = (0, 0, 0, max_tokens - T)
+        k = torch.nn.functional.pad(k, pad)
+        v = torch.nn.functional.pad(v, pad)
+    return QuantizedKVCache(quantize(k, k_bits, group, asym), quantize(v, v_bits, group, asym), T)
+
+
+def dequantize_kv(cache: QuantizedKVCache, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid part of the cache as ``(k, v)`` ``[B, Hkv, T, d]`` in ``dtype``. Torch reference."""
+    return (dequantize(cache.k, dtype, cache.length), dequantize(cache.v, dtype, cache.length))
+
+
+def _positions(pos, B: int, device) -> torch.Tensor:
+    if isinstance(pos, int):
+        return torch.full((B,), pos, dtype=torch.int32, device=device)
+    if not isinstance(pos, torch.Tensor) or pos.shape != (B,):
+        raise ValueError(f"pos must be an int or a [B]={B} tensor")
+    return pos.to(device=device, dtype=torch.int32)
+
+
+def _check_append(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: torch.Tensor, pos) -> torch.Tensor:
+    B, Hkv, d = cache.batch, cache.kv_heads, cache.head_dim
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor")
+        if x.shape != (B, Hkv, d):
+            raise ValueError(f"{name} must be [B, Hkv, d] = {(B, Hkv, d)}, got {tuple(x.shape)}")
+        if x.dtype != torch.float16:
+            raise ValueError(f"{name} must be float16, got {x.dtype}")
+        if x.device != cache.device:
+            raise ValueError(f"{name} is on {x.device}, the cache on {cache.device}")
+    p = _positions(pos, B, cache.device)
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= cache.max_tokens):
+        raise ValueError(f"positions must lie in [0, {cache.max_tokens})")
+    return p
+
+
+def append_kv_reference(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: torch.Tensor, pos) -> None:
+    """Quantize ``k_new, v_new [B, Hkv, d]`` into slot ``pos`` (int or [B] tensor) in place. Torch reference."""
+    p = _check_append(cache, k_new, v_new, pos)
+    for qt, x in ((cache.k, k_new), (cache.v, v_new)):
+        new = quantize(x, qt.bits, qt.group, qt.asym)
+        for b in range(cache.batch):
+            t = int(p[b])
+            qt.data[b, :, t] = new.data[b]
+            if qt.scales is not None:
+                qt.scales[b, :, t] = new.scales[b]
+            if qt.zeros is not None:
+                qt.zeros[b, :, t] = new.zeros[b]
+
+
+# ----------------------------------------------------------------------------------------------- Triton append
+if triton is not None:
+
+    @triton.jit
+    def _quant_group_codes(x, s, z, BITS: tl.constexpr, ASYM: tl.constexpr):
+        """Codes (float, already offset) of x [NG, W] with per-row scale s [NG] (and zero z)."""
+        sb = s[:, None]
+        safe = tl.where(sb > 0, sb, 1.0)
+        if ASYM:
+            y = tl.math.div_rn(x - z[:, None], safe)
+            q = tl.floor(y + 0.5)
+            q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1.0)
+        else:
+            y = tl.math.div_rn(x, safe)
+            q = tl.floor(y + 0.5)
+            qmax = 2.0 ** (BITS - 1) - 1.0
+            q = tl.minimum(tl.maximum(q, -qmax), qmax) + 2.0 ** (BITS - 1)
+        return tl.where(sb > 0, q, 0.0 if ASYM else 2.0 ** (BITS - 1))
+
+    @triton.jit
+    def _append_one(x_ptr, d_ptr, s_ptr, z_ptr, d_off, s_off,
+                    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr):
+        if BITS == 16:
+            offs = tl.arange(0, D)
+            tl.store(d_ptr + d_off + offs, tl.load(x_ptr + offs))
+        else:
+            NG: tl.constexpr = D // GROUP
+            HALF: tl.constexpr = GROUP // 2
+            g = tl.arange(0, NG)[:, None]
+            j = tl.arange(0, HALF)[None, :]
+            # even and odd channels of each group, [NG, GROUP/2] each
+            xe = tl.load(x_ptr + g * GROUP + 2 * j).to(tl.float32)
+            xo = tl.load(x_ptr + g * GROUP + 2 * j + 1).to(tl.float32)
+            if ASYM:
+                mn = tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1))
+                mx = tl.maximum(tl.max(xe, axis=1), tl.max(xo, axis=1))
+                s16 = tl.math.div_rn(mx - mn, 2.0**BITS - 1.0).to(tl.float16)
+                z16 = mn.to(tl.float16)
+                z = z16.to(tl.float32)
+                tl.store(z_ptr + s_off + tl.arange(0, NG), z16)
+            else:
+                amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+                s16 = tl.math.div_rn(amax, 2.0 ** (BITS - 1) - 1.0).to(tl.float16)
+                z = amax  # unused
+            tl.store(s_ptr + s_off + tl.arange(0, NG), s16)
+            s = s16.to(tl.float32)
+            qe = _quant_group_codes(xe, s, z, BITS, ASYM).to(tl.uint8)
+            qo = _quant_group_codes(xo, s, z, BITS, ASYM).to(tl.uint8)
+            if BITS == 4:
+                tl.store(d_ptr + d_off + g * HALF + j, qe | (qo << 4))
+            else:
+                tl.store(d_ptr + d_off + g * GROUP + 2 * j, qe)
+                tl.store(d_ptr + d_off + g * GROUP + 2 * j + 1, qo)
+
+    @triton.jit
+    def _append_kernel(K_new, V_new, Pos,
+                       KD, KS, KZ, VD, VS, VZ,
+                       stride_nb, stride_nh,
+                       skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
+                       svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
+                       D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+                       GROUP: tl.constexpr, ASYM: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        t = tl.load(Pos + b).to(tl.int64)
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        src = b64 * stride_nb + h64 * stride_nh
+        _append_one(K_new + src, KD, KS, KZ, b64 * skd_b + h64 * skd_h + t * skd_t,
+                    b64 * sks_b + h64 * sks_h + t * sks_t, D, K_BITS, GROUP, ASYM)
+        _append_one(V_new + src, VD, VS, VZ, b64 * svd_b + h64 * svd_h + t * svd_t,
+                    b64 * svs_b + h64 * svs_h + t * svs_t, D, V_BITS, GROUP, ASYM)
+
+
+def _meta_strides(qt: QuantizedTensor) -> tuple[int, int, int]:
+    if qt.scales is None:
+        return (0, 0, 0)
+    return tuple(qt.scales.stride()[:3])
+
+
+def append_kv(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: torch.Tensor, pos) -> None:
+    """Quantize ``k_new, v_new [B, Hkv, d]`` fp16 into slot ``pos`` (int or [B] tensor) in place (Triton).
+
+    Does not change ``cache.length``: the caller advances it (``cache.length = max(pos) + 1``).
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    p = _check_append(cache, k_new, v_new, pos)
+    for qt in (cache.k, cache.v):
+        if not qt.data.is_contiguous() or (qt.scales is not None and not qt.scales.is_contiguous()):
+            raise ValueError("cache tensors must be contiguous")
+    k_new = k_new.contiguous()
+    v_new = v_new.contiguous()
+    if v_new.stride() != k_new.stride():
+        raise ValueError("k_new and v_new must have the same strides")
+    k, v = cache.k, cache.v
+    dummy = k.data  # any pointer for absent metadata
+    _append_kernel[(cache.batch, cache.kv_heads)](
+        k_new, v_new, p,
+        k.data, k.scales if k.scales is not None else dummy, k.zeros if k.zeros is not None else dummy,
+        v.data, v.scales if v.scales is not None else dummy, v.zeros if v.zeros is not None else dummy,
+        k_new.stride(0), k_new.stride(1),
+        *k.data.stride()[:3], *_meta_strides(k),
+        *v.data.stride()[:3], *_meta_strides(v),
+        D=cache.head_dim, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
+        num_warps=1,
+    )

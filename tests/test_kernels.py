@@ -1,0 +1,349 @@
+"""Correctness of the quantized-KV kernels against float32 torch references.
+
+On a machine without a CUDA GPU the Triton kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py) on a
+stratified subset of the shape × format cross product; the full cross product is marked ``gpu``.
+
+Pass rule for attention: max |kernel − ref| ≤ 2 × max |P1 − ref| + floor, where ref is float32 attention over
+the dequantized cache and P1 is torch dequantize + SDPA on the same quantized cache; no NaN (outputs are
+NaN-poisoned before each run and every element must be written).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from kvmodel.kernels import (  # noqa: E402
+    PIPELINES,
+    append_kv,
+    append_kv_reference,
+    choose_num_splits,
+    decode_attention,
+    decode_attention_reference,
+    dequantize,
+    dequantize_kv,
+    empty_cache,
+    quantize,
+    quantize_kv,
+    run_pipeline,
+    run_pipeline_reference,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+BIT_PAIRS = [(kb, vb) for kb in (4, 8, 16) for vb in (4, 8, 16)]
+T_VALUES = (1, 7, 63, 64, 65, 1000, 4097)
+G_VALUES = (1, 2, 4, 7, 8)
+D_VALUES = (64, 128, 256)
+B_VALUES = (1, 3)
+ABS_FLOOR = 2e-3
+
+
+def _make_cache(B, Hkv, T, d, kb, vb, group, asym, seed, slack=5):
+    """Random K/V (fresh per seed; scaled, with an outlier channel) quantized into a cache with ``slack``
+    poisoned slots past T (NaN for fp16 data, random bytes otherwise): the kernel must never read them."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, Hkv, T, d, generator=g) * (0.5 + torch.rand(1, generator=g).item())
+    v = torch.randn(B, Hkv, T, d, generator=g)
+    k[..., seed % d] *= 4.0  # an outlier channel, as real keys have
+    cache = quantize_kv(k.half(), v.half(), kb, vb, group, asym, max_tokens=T + slack)
+    for qt in (cache.k, cache.v):
+        tail = qt.data[:, :, T:]
+        if qt.bits == 16:
+            tail.fill_(float("nan"))
+        else:
+            tail.copy_(torch.randint(0, 256, tail.shape, generator=g, dtype=torch.uint8))
+            qt.scales[:, :, T:] = float("nan")
+            if qt.zeros is not None:
+                qt.zeros[:, :, T:] = float("nan")
+    return _to(cache, DEV), g
+
+
+def _to(cache, device):
+    for qt in (cache.k, cache.v):
+        qt.data = qt.data.to(device)
+        if qt.scales is not None:
+            qt.scales = qt.scales.to(device)
+        if qt.zeros is not None:
+            qt.zeros = qt.zeros.to(device)
+    return cache
+
+
+def _p1_reference_error(q, cache, ref):
+    """Error of torch dequantize + SDPA on the same quantized cache (fp16 compute), vs the float32 reference."""
+    k, v = dequantize_kv(cache, torch.float16)
+    if k.device.type == "cpu":  # CPU SDPA in fp16 is slow or absent: compute in fp16-rounded float32 steps
+        G = q.shape[1] // k.shape[1]
+        kf = k.float().repeat_interleave(G, 1)
+        vf = v.float().repeat_interleave(G, 1)
+        s = torch.einsum("bhd,bhtd->bht", q.float(), kf) / math.sqrt(q.shape[-1])
+        p = torch.softmax(s, -1).half().float()
+        o = torch.einsum("bht,bhtd->bhd", p, vf).half().float()
+    else:
+        o = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
+    return (o.float() - ref).abs().max().item()
+
+
+def check_attention(B, G, Hkv, d, T, kb, vb, group=32, asym=False, seed=0, **opts):
+    cache, g = _make_cache(B, Hkv, T, d, kb, vb, group, asym, seed)
+    Hq = G * Hkv
+    q = (torch.randn(B, Hq, d, generator=g) * 1.5).half().to(DEV)
+    ref = decode_attention_reference(q, cache)
+    out = torch.full((B, Hq, d), float("nan"), dtype=torch.float16, device=DEV)
+    res = decode_attention(q, cache, out=out, **opts)
+    assert res is out
+    assert not torch.isnan(out).any(), "unwritten or NaN output"
+    err = (out.float() - ref).abs().max().item()
+    base = _p1_reference_error(q, cache, ref)
+    tol = 2.0 * base + ABS_FLOOR
+    assert err <= tol, f"err {err:.3e} > tol {tol:.3e} (P1 err {base:.3e})"
+    return err, base
+
+
+def _cpu_cases():
+    """Stratified subset: every value of every axis and every K/V bit pair at least once, small enough for
+    the interpreter (T·d·B stays small at large T)."""
+    cases = []
+    # every T with a rotating (G, d, B, bits)
+    for i, T in enumerate(T_VALUES):
+        G = G_VALUES[i % len(G_VALUES)]
+        d = D_VALUES[i % len(D_VALUES)] if T < 1000 else 64
+        B = B_VALUES[i % 2] if T < 4000 else 1
+        kb, vb = BIT_PAIRS[(3 * i) % len(BIT_PAIRS)]
+        cases.append((B, G, 1, d, T, kb, vb, 32, False))
+    # every bit pair, with rotating G / d / group / asym at moderate T
+    for i, (kb, vb) in enumerate(BIT_PAIRS):
+        G = G_VALUES[(i + 2) % len(G_VALUES)]
+        d = D_VALUES[i % len(D_VALUES)]
+        group = (32, 64, 128)[i % 3] if d >= 128 else (32, 64)[i % 2]
+        asym = i % 4 == 3
+        B = B_VALUES[(i + 1) % 2]
+        T = (65, 63, 130, 7)[i % 4]
+        cases.append((B, G, 2 if i % 3 == 0 else 1, d, T, kb, vb, group, asym))
+    # G = 16, and the study's 4/4 at a long context
+    cases.append((1, 16, 1, 64, 100, 4, 4, 32, False))
+    cases.append((1, 4, 2, 128, 1000, 4, 4, 32, False))
+    return cases
+
+
+@pytest.mark.parametrize("B,G,Hkv,d,T,kb,vb,group,asym", _cpu_cases())
+def test_decode_attention_subset(B, G, Hkv, d, T, kb, vb, group, asym):
+    seed = hash((B, G, Hkv, d, T, kb, vb, group, asym)) % 10_000
+    check_attention(B, G, Hkv, d, T, kb, vb, group, asym, seed=seed)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, None])
+@pytest.mark.parametrize("gqa_shared", [True, False])
+def test_decode_attention_options(num_splits, gqa_shared):
+    check_attention(2, 4, 2, 64, 200, 4, 4, seed=17 + (num_splits or 0), num_splits=num_splits,
+                    gqa_shared=gqa_shared, block_n=32)
+
+
+def test_decode_attention_no_magic():
+    check_attention(1, 2, 1, 64, 70, 4, 8, seed=3, magic=False)
+    check_attention(1, 2, 1, 64, 70, 8, 4, group=64, asym=True, seed=4, magic=False)
+
+
+def test_split_heuristic():
+    assert choose_num_splits(1, 8, 4096, 64, 132) > 1  # B=1 must split to fill the SMs
+    assert choose_num_splits(128, 8, 32768, 64, 132) <= 2  # 1024 programs already fill 132 SMs
+    assert choose_num_splits(1, 8, 1, 64, 132) == 1
+    for B, Hkv, T in [(1, 1, 4097), (4, 8, 1000), (64, 2, 131072)]:
+        s = choose_num_splits(B, Hkv, T, 64, 132)
+        per = -(-(-(-T // 64)) // s)
+        assert -(-(-(-T // 64)) // per) == s  # no empty split
+
+
+def test_pipelines_agree():
+    cache, g = _make_cache(2, 2, 77, 64, 16, 16, 32, False, seed=11)
+    q = torch.randn(2, 8, 64, generator=g).half().to(DEV)
+    ref = run_pipeline_reference("P5", q, cache)
+    for name in PIPELINES:
+        if name != "P5" and DEV == "cpu":
+            # CPU SDPA in fp16: allowed where torch supports it; compare loosely
+            pass
+        out = run_pipeline(name, q, cache)
+        assert out.shape == (2, 8, 64) and out.dtype == torch.float16
+        assert (out.float() - ref).abs().max().item() < 5e-3, name
+    qc, g = _make_cache(1, 2, 50, 64, 4, 8, 32, False, seed=12)
+    q = torch.randn(1, 4, 64, generator=g).half().to(DEV)
+    ref = run_pipeline_reference("P1", q, qc)
+    for name in ("P1", "P5"):
+        assert (run_pipeline(name, q, qc).float() - ref).abs().max().item() < 5e-3
+    with pytest.raises(ValueError):
+        run_pipeline("P0", q, qc)  # P0 needs an FP16 cache
+    with pytest.raises(ValueError):
+        run_pipeline("P9", q, qc)
+
+
+def test_launcher_validation():
+    cache, g = _make_cache(1, 2, 10, 64, 4, 4, 32, False, seed=1)
+    q = torch.randn(1, 4, 64, generator=g).half().to(DEV)
+    with pytest.raises(ValueError, match="float16"):
+        decode_attention(q.float(), cache)
+    with pytest.raises(ValueError, match=r"\[B, Hq, d\]"):
+        decode_attention(q[0], cache)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(q[..., :32].contiguous(), cache)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(torch.randn(1, 3, 64, generator=g).half().to(DEV), cache)
+    with pytest.raises(ValueError, match="batch"):
+        decode_attention(torch.randn(2, 4, 64, generator=g).half().to(DEV), cache)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(q, cache, num_splits=0)
+    cache.length = 0
+    with pytest.raises(ValueError, match="length"):
+        decode_attention(q, cache)
+    with pytest.raises(ValueError):
+        quantize(torch.randn(2, 64), bits=3)
+    with pytest.raises(ValueError):
+        quantize(torch.randn(2, 48), bits=4, group=32)
+
+
+# ------------------------------------------------------------------------------------------- quantization
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_quantize_layout_and_codes(bits, asym, group):
+    g = torch.Generator().manual_seed(bits * 100 + group + asym)
+    x = torch.randn(2, 3, 5, 128, generator=g).half()
+    qt = quantize(x, bits, group, asym)
+    if bits == 16:
+        assert qt.data.dtype == torch.float16 and torch.equal(qt.data, x)
+        return
+    assert qt.data.dtype == torch.uint8
+    assert qt.data.shape == (2, 3, 5, 64 if bits == 4 else 128)
+    assert qt.scales.shape == (2, 3, 5, 128 // group) and qt.scales.dtype == torch.float16
+    assert (qt.zeros is not None) == asym
+    if bits == 4:  # even channel in the low nibble
+        lo = (qt.data & 0xF).int()
+        hi = (qt.data >> 4).int()
+        xr = dequantize(qt, torch.float32)
+        s = qt.scales.float().repeat_interleave(group, -1)
+        if not asym:
+            assert torch.allclose(xr[..., 0::2], (lo - 8) * s[..., 0::2])
+            assert torch.allclose(xr[..., 1::2], (hi - 8) * s[..., 1::2])
+    if not asym:  # symmetric: absmax maps to ±(2^(b-1)-1), stored offset-binary
+        qmax = 2 ** (bits - 1) - 1
+        ref_scale = (x.float().reshape(2, 3, 5, 128 // group, group).abs().amax(-1) / qmax).half()
+        assert torch.equal(qt.scales, ref_scale)
+
+
+hyp = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([32, 64, 128]), asym=st.booleans(),
+       seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-6, 4), tokens=st.integers(1, 4))
+def test_roundtrip_error_bound(bits, group, asym, seed, log_scale, tokens):
+    """Every dequantized element is within half a quantization step of its input (plus fp16 subnormal slack)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(tokens, 128, generator=g) * (2.0**log_scale)).half()
+    qt = quantize(x, bits, group, asym)
+    xr = dequantize(qt, torch.float32)
+    s = qt.scales.float().repeat_interleave(group, -1)
+    err = (xr - x.float()).abs()
+    assert torch.all(err <= s / 2 * (1 + 1e-3) + 1e-6), (err - s / 2).max()
+    codes = torch.stack([qt.data & 0xF, qt.data >> 4], -1).flatten(-2) if bits == 4 else qt.data
+    if not asym:  # symmetric codes never use the most negative value
+        assert int(codes.min()) >= 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([32, 64]), asym=st.booleans(),
+       c=st.floats(-100, 100).filter(lambda v: abs(v) > 1e-3))
+def test_roundtrip_constant_groups(bits, group, asym, c):
+    """A constant group dequantizes (almost) exactly; a zero group exactly."""
+    x = torch.full((2, 64), c).half()
+    x[1] = 0
+    xr = dequantize(quantize(x, bits, group, asym), torch.float32)
+    assert torch.all(xr[1] == 0)
+    assert torch.allclose(xr[0], x[0].float(), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kb,vb,group,asym", [(4, 4, 32, False), (8, 4, 64, True), (16, 8, 32, False),
+                                              (4, 16, 128, True), (8, 8, 32, False)])
+def test_append_matches_reference(kb, vb, group, asym):
+    g = torch.Generator().manual_seed(kb * 10 + vb + group)
+    B, Hkv, d, Tm = 3, 2, 128, 9
+    c1 = empty_cache(B, Hkv, Tm, d, kb, vb, group, asym, device=DEV)
+    c2 = empty_cache(B, Hkv, Tm, d, kb, vb, group, asym, device=DEV)
+    for c in (c1, c2):
+        for qt in (c.k, c.v):
+            qt.data.zero_()
+            if qt.scales is not None:
+                qt.scales.zero_()
+            if qt.zeros is not None:
+                qt.zeros.zero_()
+    for step in range(3):
+        k = (torch.randn(B, Hkv, d, generator=g) * 2).half().to(DEV)
+        v = torch.randn(B, Hkv, d, generator=g).half().to(DEV)
+        pos = torch.tensor([step, step + 2, 8 - step])
+        append_kv(c1, k, v, pos)
+        append_kv_reference(c2, k, v, pos)
+    for a, b in ((c1.k, c2.k), (c1.v, c2.v)):
+        assert torch.equal(a.data, b.data)
+        if a.scales is not None:
+            assert torch.equal(a.scales, b.scales)
+        if a.zeros is not None:
+            assert torch.equal(a.zeros, b.zeros)
+    # the appended token dequantizes to its input within the quantization error
+    c1.length = Tm
+    kk, _ = dequantize_kv(c1, torch.float32)
+    last_scale = c1.k.scales[0, :, 2].float().repeat_interleave(group, -1) if kb != 16 else torch.zeros(1)
+    assert torch.all((kk[0, :, 2] - k[0].float()).abs().cpu() <= last_scale.cpu() / 2 * 1.001 + 1e-6)
+
+
+def test_append_then_attend():
+    """Prefill by quantize_kv, decode steps by append_kv: equals quantizing the whole sequence at once."""
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, d, T0, steps = 2, 2, 64, 20, 3
+    k = torch.randn(B, Hkv, T0 + steps, d, generator=g).half()
+    v = torch.randn(B, Hkv, T0 + steps, d, generator=g).half()
+    full = _to(quantize_kv(k, v, 4, 8, 32, False), DEV)
+    inc = _to(quantize_kv(k[:, :, :T0], v[:, :, :T0], 4, 8, 32, False, max_tokens=T0 + steps), DEV)
+    for t in range(T0, T0 + steps):
+        append_kv(inc, k[:, :, t].contiguous().to(DEV), v[:, :, t].contiguous().to(DEV), t)
+        inc.length = t + 1
+    assert torch.equal(inc.k.data, full.k.data) and torch.equal(inc.v.scales, full.v.scales)
+    q = torch.randn(B, 4, d, generator=g).half().to(DEV)
+    assert torch.allclose(decode_attention(q, inc).float(), decode_attention(q, full).float(), atol=1e-3)
+
+
+def test_append_validation():
+    c = empty_cache(1, 2, 4, 64, 4, 4, device=DEV)
+    k = torch.randn(1, 2, 64).half().to(DEV)
+    with pytest.raises(ValueError):
+        append_kv(c, k.float(), k, 0)
+    with pytest.raises(ValueError):
+        append_kv(c, k, k, 4)
+    with pytest.raises(ValueError):
+        append_kv(c, k[:, :1], k, 0)
+
+
+# ------------------------------------------------------------------------------------------- GPU: everything
+def _gpu_cases():
+    for T, G, d, B, (kb, vb) in itertools.product(T_VALUES, G_VALUES, D_VALUES, B_VALUES, BIT_PAIRS):
+        yield pytest.param(B, G, 2, d, T, kb, vb, id=f"B{B}-G{G}-d{d}-T{T}-k{kb}v{vb}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,G,Hkv,d,T,kb,vb", list(_gpu_cases()))
+def test_decode_attention_full_gpu(B, G, Hkv, d, T, kb, vb):
+    check_attention(B, G, Hkv, d, T, kb, vb, seed=T * 7 + G * 3 + d + B + kb * 5 + vb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [1, 4, 16])
+@pytest.mark.parametrize("group,asym", [(32, True), (64, False), (128, True)])
+@pytest.mark.parametrize("num_splits,gqa_shared", [(1, True), (None, False), (3, True)])
+def test_decode_attention_options_gpu(G, group, asym, num_splits, gqa_shared):
+    check_attention(3, G, 2, 128, 1000, 4, 8, group, asym, seed=G + group, num_splits=num_splits,
+                    gqa_shared=gqa_shared)

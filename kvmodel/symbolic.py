@@ -404,6 +404,21 @@ verify_step_flops = _def(
     "Matmul FLOPs of a verification: n_q query tokens per sequence, each as a decode token (QK^T and PV over the "
     "cached context included).",
 )
+_verify_rr = 1 + eta * (n_q - 1)
+attn_verify_P0 = _def(
+    "attn_bytes_verify_P0", _kv16_layer * _verify_rr + n_q * _qo, "bytes",
+    "Verification attention, FP16 KV (per layer): the cache read once (eta = 0) up to n_q times (eta = 1), n_q "
+    "queries in and outputs out.")
+attn_verify_P5 = _def(
+    "attn_bytes_verify_P5", _kvq_layer * _verify_rr + n_q * _qo, "bytes",
+    "Verification attention, fused quantized KV (per layer): quantized bytes and metadata read once up to n_q times.")
+attn_verify_P1 = _def(
+    "attn_bytes_verify_P1", _kvq_layer + _kv16_layer + _kv16_layer * _verify_rr + n_q * _qo, "bytes",
+    "Verification attention, non-fused (per layer): quantized KV read and dequantized into an FP16 buffer once, "
+    "the buffer read once up to n_q times.")
+dequant_ops = _def(
+    "dequant_ops", B * cached_token_layers * Hkv * (d + dv) * _verify_rr * sp.Symbol("c_dq", **_nonneg), "ops",
+    "Scalar operations to dequantize the KV a verification reads (c_dq operations per element, per read).")
 spec_speedup = _def(
     "spec_speedup", E_tok * t_base / (t_ver + t_draft), "1",
     "Speculation speedup over plain decode: tokens per verification x (plain step time / (verification + draft)).")
@@ -476,6 +491,56 @@ tier_step_time_serial = _def(
     t_hbm + lat_link + sp.Symbol("X_tier", **_nonneg) / BW_link,
     "s",
     "Step time when the tier transfer is not overlapped.",
+)
+
+
+# ================================================================================================================
+# Validation (issue 5): occupancy of fused decode-attention kernels. Added formulas; nothing above is changed.
+# ================================================================================================================
+n_split = sp.Symbol("n_split", **_pos)  # programs per (sequence, KV head) along the context (split-K); 1: none
+P_prog = sp.Symbol("P_prog", **_pos)  # programs (thread blocks) a kernel launches
+N_SM = sp.Symbol("N_SM", **_pos)  # streaming multiprocessors
+c_res = sp.Symbol("c_res", **_pos)  # programs resident per SM at once (register / shared-memory limit)
+r_1 = sp.Symbol("r_1", **_pos)  # bytes/s one program streams when it is alone on its SM (latency-bound loop)
+r_c = sp.Symbol("r_c", **_pos)  # bytes/s per program when c_res programs share an SM (r_c <= r_1)
+W_prog = sp.Symbol("W_prog", **_nonneg)  # bytes one program loads
+t_k0 = sp.Symbol("t_k0", **_nonneg)  # per-call fixed cost (launch, prologue), seconds
+
+fused_programs_nosplit = _def(
+    "fused_programs_nosplit", B * Hq, "programs",
+    "The study's fused kernel (no split-K): one program per (sequence, query head), each streaming the whole "
+    "context of its KV head.")
+fused_programs_splitk = _def(
+    "fused_programs_splitk", B * Hkv * n_split, "programs",
+    "A split-K (flash-decoding) fused kernel: one program per (sequence, KV head, split), serving all G query heads "
+    "of its KV head; n_split is chosen so that the programs fill the SMs.")
+attn_P5_nosplit_loads = _def(
+    "attn_bytes_P5_nosplit_loads", B * T * Hq * kv_bytes_per_token_layer / Hkv + _qo, "bytes",
+    "Bytes the study's no-split fused kernel loads: each of the G programs of a KV head loads that head's quantized "
+    "tiles itself (L2 may serve the repeats, but each program's latency-bound loop still walks them), plus q and "
+    "the output.")
+_slots = c_res * N_SM
+_waves_full = sp.floor(P_prog / _slots)
+_tail = P_prog - _slots * _waves_full  # programs of the last, partial wave
+_k_tail = sp.ceiling(_tail / N_SM)  # programs per SM on the busiest SM of the partial wave
+fused_waves_full = _def(
+    "fused_waves_full", _waves_full, "waves",
+    "Full waves of programs: every SM holds c_res programs (P_prog // (c_res * N_SM)).")
+fused_wave_time = _def(
+    "fused_wave_time",
+    t_k0 + W_prog * (_waves_full / r_c + sp.ceiling(_tail / _slots) / sp.Min(r_1, c_res * r_c / _k_tail)),
+    "s",
+    "Time of a fused decode-attention kernel whose P_prog programs each load W_prog bytes: full waves run c_res "
+    "programs per SM at r_c each; the partial wave's busiest SM runs k = ceil(tail / N_SM) programs, each at "
+    "min(r_1, c_res*r_c/k) (an SM's throughput c_res*r_c is shared, a lone program is capped at r_1).",
+)
+fused_occupancy = _def(
+    "fused_occupancy",
+    P_prog * W_prog / (N_SM * c_res * r_c) / (fused_wave_time - t_k0),
+    "1",
+    "Achieved over plateau bandwidth (N_SM*c_res*r_c) of a fused kernel. Below one wave of one program per SM "
+    "(P_prog <= N_SM) it is P_prog*r_1/(N_SM*c_res*r_c) = P_prog/(c*N_SM) with c = c_res*r_c/r_1: "
+    "BW_eff = BW*min(1, programs/(c*SMs)); partial last waves lower it further (tail effect).",
 )
 
 

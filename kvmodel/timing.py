@@ -99,3 +99,79 @@ class TimeModel:
         """Seconds for one call of ``op`` moving ``nbytes`` and doing ``flops`` (roofline: the larger wins)."""
         t_mem = op_time_s(_curve(self.curves, op), nbytes)
         return np.maximum(t_mem, np.asarray(flops, dtype=float) / self.peak_flops)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Occupancy of fused decode-attention kernels (issue 5; optional, nothing above uses it by default)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class OccupancyCurve:
+    """A fused kernel whose programs stream their bytes in a latency-bound loop (symbolic ``fused_wave_time``).
+
+    ``c_res`` programs fit on an SM at once; a program alone on its SM streams ``r1_GBps``, programs sharing an
+    SM ``rc_GBps`` each (plateau ``sm_count * c_res * rc_GBps``). Launch cost ``t0_s``. ``head_dim_exponent``:
+    per-program rate x (d / 128)^e (wider tiles give the loop more bytes per iteration); 0 ignores d.
+    """
+
+    def __init__(self, t0_s: float, r1_GBps: float, rc_GBps: float, c_res: int = 2, head_dim_exponent: float = 0.0):
+        self.t0_s = float(t0_s)
+        self.r1_GBps = float(r1_GBps)
+        self.rc_GBps = float(rc_GBps)
+        self.c_res = int(c_res)
+        self.head_dim_exponent = float(head_dim_exponent)
+
+    def as_dict(self) -> dict:
+        return dict(t0_s=self.t0_s, r1_GBps=self.r1_GBps, rc_GBps=self.rc_GBps, c_res=self.c_res,
+                    head_dim_exponent=self.head_dim_exponent)
+
+    def plateau_GBps(self, sm_count: int) -> float:
+        return sm_count * self.c_res * self.rc_GBps
+
+    def time_s(self, programs, nbytes, sm_count: int, head_dim=128):
+        """Seconds for one call of ``programs`` programs loading ``nbytes`` in total (vectorized)."""
+        return fused_kernel_time_s(programs, nbytes, sm_count, self.c_res, self.r1_GBps, self.rc_GBps, self.t0_s,
+                                   head_dim=head_dim, head_dim_exponent=self.head_dim_exponent)
+
+    def occupancy(self, programs, sm_count: int):
+        """Achieved / plateau bandwidth at this many programs (symbolic ``fused_occupancy``)."""
+        from kvmodel import traffic
+
+        return traffic.evaluate("fused_occupancy", dict(
+            P_prog=np.asarray(programs, dtype=float), N_SM=sm_count, c_res=self.c_res, r_1=self.r1_GBps * 1e9,
+            r_c=self.rc_GBps * 1e9, W_prog=1.0, t_k0=0.0))
+
+
+def fused_kernel_time_s(programs, nbytes, sm_count, c_res, r1_GBps, rc_GBps, t0_s=0.0, head_dim=128,
+                        head_dim_exponent=0.0):
+    """Seconds of a fused kernel: ``programs`` programs share ``nbytes`` equally, run in waves of c_res per SM
+    (symbolic ``fused_wave_time``). Vectorized over programs / nbytes / head_dim."""
+    from kvmodel import traffic
+
+    programs = np.maximum(np.asarray(programs, dtype=float), 1.0)
+    scale = (np.asarray(head_dim, dtype=float) / 128.0) ** head_dim_exponent
+    return traffic.evaluate("fused_wave_time", dict(
+        P_prog=programs, N_SM=float(sm_count), c_res=float(c_res), r_1=r1_GBps * 1e9 * scale,
+        r_c=rc_GBps * 1e9 * scale, W_prog=np.asarray(nbytes, dtype=float) / programs, t_k0=t0_s))
+
+
+def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64, programs_per_sm: int = 4,
+                min_tiles_per_split: int = 4, max_splits: int = 128):
+    """Splits along the context that fill the SMs: the rule of kernels.decode_attention.choose_num_splits (minimize
+    waves x (tiles per program + 1) + 0.5 for the merge launch), ported without torch. Vectorized (element-wise)."""
+
+    def one(n, T):
+        n = max(int(n), 1)
+        tiles = max(1, -(-int(T) // block_n))
+        slots = max(1, sm_count * programs_per_sm)
+        s_max = max(1, min(max_splits, tiles // min_tiles_per_split))
+        best, best_cost = 1, None
+        for s in range(1, s_max + 1):
+            per = -(-tiles // s)
+            s_eff = -(-tiles // per)
+            cost = -(-(n * s_eff) // slots) * (per + 1.0) + (0.5 if s_eff > 1 else 0.0)
+            if best_cost is None or cost < best_cost - 1e-9:
+                best, best_cost = s_eff, cost
+        return float(best)
+
+    return np.vectorize(one, otypes=[float])(batch_kv_heads, context_tokens)

@@ -357,7 +357,7 @@ def main(argv=None):
 
 
 # Commands defined in their own modules (each imports heavy dependencies lazily, inside the command).
-_OPTIONAL: list = [*__import__("kvmodel.validation_cli", fromlist=["COMMANDS"]).COMMANDS]
+_OPTIONAL: list = [*__import__("kvmodel.validation_cli", fromlist=["COMMANDS"]).COMMANDS, *__import__("kvmodel.cli_studies", fromlist=["COMMANDS"]).COMMANDS]
 for _cmd in _OPTIONAL:
     cli.add_command(_cmd)
 

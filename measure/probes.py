@@ -137,7 +137,7 @@ def time_graph(calls: Sequence[Callable[[], object]], min_time_s: float = 0.05, 
     return Timing(statistics.median(per), _quantile(per, 0.1), _quantile(per, 0.9), reps, use_graph)
 
 
-def n_rotating(nbytes: float, rotate_bytes: float = ROTATE_BYTES, lo: int = 2, hi: int = 1024) -> int:
+def n_rotating(nbytes: float, rotate_bytes: float = ROTATE_BYTES, lo: int = 2, hi: int = 4096) -> int:
     """How many buffers of ``nbytes`` a rotating pool needs to span ``rotate_bytes``."""
     return int(min(hi, max(lo, math.ceil(rotate_bytes / max(nbytes, 1)))))
 
@@ -201,7 +201,7 @@ def stream_sizes(quick: bool) -> list[int]:
     return [2**k for k in range(17, 32)] + [4 * GiB]  # 128 KiB .. 2 GiB, 4 GiB
 
 
-def probe_stream(rf: ResultsFile, quick: bool = False, resume: bool = True, log=print) -> None:
+def probe_stream(rf: ResultsFile, quick: bool = False, resume: bool = True, log=print, on_row=None) -> None:
     """Read (Triton, torch sum) and copy (torch) bandwidth against buffer size, rotating buffers below L2."""
     torch = require_cuda()
     done = rf.done_keys() if resume else set()
@@ -235,6 +235,8 @@ def probe_stream(rf: ResultsFile, quick: bool = False, resume: bool = True, log=
             moved = nbytes * (2 if op == "copy" else 1)
             row = _row(op, impl, moved, t, K=nbytes, n_buffers=nb, calls=len(calls) * max(1, reps))
             rf.append(row)
+            if on_row:
+                on_row(f"{op} {nbytes / MiB:.0f} MiB")
             log(f"  {op:5s} {impl:9s} {nbytes / MiB:9.2f} MiB  {t.median_s * 1e6:9.2f} us  "
                 f"{row['achieved_GBps']:7.0f} GB/s")
     del pool
@@ -276,7 +278,7 @@ def projection_shapes(spec) -> list[tuple[str, str, int, int]]:
 
 
 def probe_gemv(rf: ResultsFile, models: Iterable, batches: Sequence[int] = DEFAULT_BATCHES,
-               resume: bool = True, dtype: str = "float16", log=print) -> None:
+               resume: bool = True, dtype: str = "float16", log=print, on_row=None) -> None:
     """Time ``F.linear(x[B,K], W[N,K])`` for each model's projection shapes and batch sizes (cuBLAS)."""
     torch = require_cuda()
     tdt = getattr(torch, dtype)
@@ -303,6 +305,8 @@ def probe_gemv(rf: ResultsFile, models: Iterable, batches: Sequence[int] = DEFAU
                 row = _row(op, "cublas", moved, t, model=spec.name, name=name, B=b, K=k, N=n, dtype=dtype,
                            n_buffers=nb, calls=len(calls) * reps, weight_bytes=wbytes, flops=2 * b * k * n)
                 rf.append(row)
+                if on_row:
+                    on_row(f"{spec.name} {name} B={b}")
                 log(f"  {spec.name:24s} {name:8s} B={b:<4d} {k}x{n}  {t.median_s * 1e6:9.2f} us  "
                     f"{row['achieved_GBps']:6.0f} GB/s  {row['achieved_TFLOPS']:6.1f} TF/s")
             del ws
@@ -324,18 +328,25 @@ def read_ceiling_GBps(rows: Iterable[dict], min_bytes: int = 256 * MiB) -> Optio
     return best
 
 
+def count_probe_rows(models: Sequence = (), quick: bool = False,
+                     batches: Optional[Sequence[int]] = None) -> int:
+    """Rows :func:`run_probes` writes (for progress/ETA)."""
+    b = batches or (QUICK_BATCHES if quick else DEFAULT_BATCHES)
+    return 3 * len(stream_sizes(quick)) + sum(len(projection_shapes(m)) for m in models) * len(b)
+
+
 def run_probes(out_csv, models: Sequence = (), quick: bool = False, resume: bool = True, log=print,
-               batches: Optional[Sequence[int]] = None) -> ResultsFile:
+               batches: Optional[Sequence[int]] = None, on_row=None) -> ResultsFile:
     """Streaming probes then GEMV probes for ``models`` into ``out_csv`` (appending; resumable)."""
     require_cuda()
     rf = ResultsFile(out_csv, PROBE_KEYS, fieldnames=PROBE_FIELDS)
     rf.write_provenance(extra={"probe": "stream+gemv", "quick": quick})
     log("# streaming read / copy")
-    probe_stream(rf, quick=quick, resume=resume, log=log)
+    probe_stream(rf, quick=quick, resume=resume, log=log, on_row=on_row)
     if models:
         log("# GEMV/GEMM projection shapes")
         probe_gemv(rf, models, batches=batches or (QUICK_BATCHES if quick else DEFAULT_BATCHES),
-                   resume=resume, log=log)
+                   resume=resume, log=log, on_row=on_row)
     return rf
 
 

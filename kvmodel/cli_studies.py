@@ -193,12 +193,19 @@ def spec(gpu, model_name, ctx, batch, kv, k, alpha, alpha_quant, alpha_table, tr
     from kvmodel.speculation import AcceptanceTable, SpecConfig, render_spec, render_study, speculate, study_comparison
 
     if study:
+        from kvmodel.speculation import render_trend, study_trend
+
         g = get_gpu(gpu or "a100-80gb")
         rows = study_comparison(g, k=k)
+        trend = study_trend(g, batch=batch, k=k)
         if as_json:
-            click.echo(_dump([r.model_dump() for r in rows]))
+            click.echo(_dump({"composition": [r.model_dump() for r in rows],
+                              "trend": [r.model_dump() for r in trend]}))
         else:
             click.echo(render_study(rows, g.name), nl=False)
+            click.echo(f"\nContext trend at batch {batch}: acceptance fitted at each model's shortest context, then "
+                       "held fixed (plain: eta 0; reread: eta 1)\n")
+            click.echo(render_trend(trend), nl=False)
         return
     if not gpu or not model_name or not ctx:
         _usage("give --gpu, --model and --ctx (or --study spev06)")

@@ -366,6 +366,7 @@ class StudyRow(_Out):
     rho_bound_measured: float = Field(description="r / measured S_quant: most rho bytes allow at equal acceptance")
     alpha_spec: float = Field(description="acceptance that reproduces the measured S_spec (plain verification)")
     tokens_ratio_needed: float = Field(description="E_quant / E_fp16 that reproduces measured rho (plain traffic)")
+    tokens_ratio_needed_reread: float = Field(description="E_quant / E_fp16 needed on top of per-query re-reads")
     alpha_quant_needed: Optional[float] = Field(description="acceptance in the FP8 arm that would give it")
 
 
@@ -400,8 +401,80 @@ def study_comparison(gpu: GPUSpec, models: Optional[dict[str, ModelSpec]] = None
             model=m.name, context=T, batch=B, measured_speedup_quant=s_q, measured_speedup_spec=s_s,
             measured_speedup_combined=s_c, measured_rho=s_c / (s_q * s_s), model_rho=rho_m,
             model_speedup_quant=plain.speedup_quant, rho_bound_measured=r / s_q, alpha_spec=a,
-            tokens_ratio_needed=need, alpha_quant_needed=aq))
+            tokens_ratio_needed=need, tokens_ratio_needed_reread=(s_c / (s_q * s_s)) / rho_m["reread"],
+            alpha_quant_needed=aq))
     return out
+
+
+class TrendRow(_Out):
+    model: str
+    context: int
+    batch: int
+    measured_spec: float
+    measured_combined: float
+    plain_spec: float
+    plain_combined: float
+    reread_spec: float
+    reread_combined: float
+    implied_reads_fp16: Optional[float] = Field(description="KV reads per FP16 verification that match S_spec "
+                                                "(acceptance of the reread fit)")
+    implied_reads_quant: Optional[float] = Field(description="KV reads per quantized verification matching S_comb")
+
+
+def _implied_reads(tm, m, kv, B, T, nq, pipeline, t_needed, wb=2.0) -> Optional[float]:
+    """Number of times a verification must read the KV cache to take ``t_needed`` (None outside 0.2..200)."""
+    from scipy.optimize import brentq
+
+    f = lambda reads: float(verify_time_s(tm, m, kv, B, T, nq, (reads - 1) / (nq - 1), pipeline, wb)) - t_needed  # noqa
+    lo, hi = 0.2, 200.0
+    if f(lo) > 0 or f(hi) < 0:
+        return None
+    return brentq(f, lo, hi)
+
+
+def study_trend(gpu: GPUSpec, batch: int = 1, k: int = 5, kv: Optional[KVFormat] = None) -> list[TrendRow]:
+    """Hold acceptance at the value that reproduces each model's shortest-context S_spec (fitted separately under
+    plain and re-read verification), then predict S_spec and S_combined at every context of the study: does the
+    mechanism alone explain how speculation loses speed with context, and how FP8 keeps it?"""
+    from kvmodel.specs import get_model, parse_kv_format
+
+    kv = kv or parse_kv_format("fp8")
+    rows = [r for r in SPEV06["rows"] if r[2] == batch]
+    out = []
+    for name in dict.fromkeys(r[0] for r in rows):
+        m = get_model(name)
+        mine = sorted((r for r in rows if r[0] == name), key=lambda r: r[1])
+        fit = {}
+        for mech, eta in (("plain", 0.0), ("reread", 1.0)):
+            _, T0, B0, base, _, spec, _ = mine[0]
+            r0 = speculate(gpu, m, kv, B0, T0, SpecConfig(k=k, eta=eta))
+            fit[mech] = alpha_from_tokens(spec / base * r0.t_verify_s / r0.t_base_s, k)
+        for _, T, B, base, quant, spec, comb in mine:
+            res = {mech: speculate(gpu, m, kv, B, T, SpecConfig(k=k, eta=eta, alpha=fit[mech]))
+                   for mech, eta in (("plain", 0.0), ("reread", 1.0))}
+            rr = res["reread"]
+            tm = TimeModel(gpu)
+            t16 = rr.expected_tokens * rr.t_base_s / (spec / base)
+            tq = rr.expected_tokens_quant * rr.t_base_s / (comb / base)
+            out.append(TrendRow(model=m.name, context=T, batch=B, measured_spec=spec / base,
+                                measured_combined=comb / base, plain_spec=res["plain"].speedup_spec,
+                                plain_combined=res["plain"].speedup_combined, reread_spec=rr.speedup_spec,
+                                reread_combined=rr.speedup_combined,
+                                implied_reads_fp16=_implied_reads(tm, m, FP16, B, T, rr.queries_per_verify, "P0", t16),
+                                implied_reads_quant=_implied_reads(tm, m, kv, B, T, rr.queries_per_verify, "P5", tq)))
+    return out
+
+
+def render_trend(rows: list[TrendRow]) -> str:
+    lines = ["| model | T | B | S_spec meas | S_spec plain | S_spec reread | S_comb meas | S_comb plain | "
+             "S_comb reread | KV reads/verify FP16 | KV reads/verify quant |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r.model} | {r.context} | {r.batch} | {r.measured_spec:.2f} | {r.plain_spec:.2f} | "
+                     f"{r.reread_spec:.2f} | {r.measured_combined:.2f} | {r.plain_combined:.2f} | "
+                     f"{r.reread_combined:.2f} | {fmt(r.implied_reads_fp16)} | {fmt(r.implied_reads_quant)} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_study(rows: list[StudyRow], gpu_name: str) -> str:
@@ -413,8 +486,9 @@ def render_study(rows: list[StudyRow], gpu_name: str) -> str:
         "acceptance in both arms unless stated.",
         "",
         "| model | T | B | S_q meas | S_q model | S_spec meas | S_comb meas | rho meas | "
-        + " | ".join(f"rho {m}" for m in mechs) + " | bound r/S_q | alpha (spec) | E_q/E needed | alpha_q needed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(mechs) + "---:|---:|---:|---:|",
+        + " | ".join(f"rho {m}" for m in mechs)
+        + " | bound r/S_q | alpha (spec) | E_q/E needed | E_q/E needed w/ reread | alpha_q needed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(mechs) + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         aq = f"{r.alpha_quant_needed:.3f}" if r.alpha_quant_needed is not None else "none in (0,1)"
@@ -422,7 +496,8 @@ def render_study(rows: list[StudyRow], gpu_name: str) -> str:
             f"| {r.model} | {r.context} | {r.batch} | {r.measured_speedup_quant:.3f} | {r.model_speedup_quant:.3f} | "
             f"{r.measured_speedup_spec:.2f} | {r.measured_speedup_combined:.2f} | **{r.measured_rho:.3f}** | "
             + " | ".join(f"{r.model_rho[m]:.3f}" for m in mechs)
-            + f" | {r.rho_bound_measured:.3f} | {r.alpha_spec:.3f} | {r.tokens_ratio_needed:.3f} | {aq} |")
+            + f" | {r.rho_bound_measured:.3f} | {r.alpha_spec:.3f} | {r.tokens_ratio_needed:.3f} | "
+              f"{r.tokens_ratio_needed_reread:.3f} | {aq} |")
     lines.append("")
     by_model: dict[str, list[StudyRow]] = {}
     for r in rows:
@@ -444,4 +519,5 @@ def render_study(rows: list[StudyRow], gpu_name: str) -> str:
 
 __all__ = ["AcceptanceTable", "SpecConfig", "SpecResult", "speculate", "verify_time_s", "expected_tokens",
            "verify_queries", "alpha_from_tokens", "study_comparison", "render_study", "render_spec", "SPEV06",
+           "study_trend", "render_trend",
            "MECHANISMS"]

@@ -9,6 +9,7 @@ from .quant import (  # noqa: F401
     append_kv,
     append_kv_reference,
     dequantize,
+    dequantize_fp16,
     dequantize_kv,
     empty_cache,
     quantize,

@@ -259,22 +259,26 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(PartO, PartL, Out, num_splits, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-                      Hq, D: tl.constexpr, S_PAD: tl.constexpr):
+                      Hq, D: tl.constexpr):
+        """Out[b, h] = Σ_s w_s · PartO[b, h, s] with w_s ∝ 2^lse_s (online over the splits, fp32)."""
         pid = tl.program_id(0)
         b = (pid // Hq).to(tl.int64)
         h = (pid % Hq).to(tl.int64)
-        sp = tl.arange(0, S_PAD)
-        ok = sp < num_splits
         base = b * stride_pb + h * stride_ph
-        lse = tl.load(PartL + (base + sp * stride_ps) // D, mask=ok, other=float("-inf"))
-        m = tl.max(lse, 0)
-        w = tl.math.exp2(lse - m)
-        w = tl.where(ok, w, 0.0)
-        w = w / tl.sum(w, 0)
         c = tl.arange(0, D)
-        o = tl.load(PartO + base + sp[:, None] * stride_ps + c[None, :], mask=ok[:, None], other=0.0)
-        out = tl.sum(o * w[:, None], 0)
-        tl.store(Out + b * stride_ob + h * stride_oh + c, out.to(tl.float16))
+        m = float("-inf")
+        l = 0.0
+        acc = tl.zeros([D], tl.float32)
+        for sp in range(0, num_splits):
+            lse = tl.load(PartL + (base + sp * stride_ps) // D)
+            o = tl.load(PartO + base + sp * stride_ps + c)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.math.exp2(m - m_new)
+            w = tl.math.exp2(lse - m_new)
+            acc = acc * alpha + o * w
+            l = l * alpha + w
+            m = m_new
+        tl.store(Out + b * stride_ob + h * stride_oh + c, (acc / l).to(tl.float16))
 
 
 @functools.lru_cache(maxsize=16)
@@ -441,7 +445,6 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     if split:
         _merge_kernel[(B * Hq,)](
             part_o, part_l, out, num_splits, Hq * num_splits * d, num_splits * d, d,
-            out.stride(0), out.stride(1), Hq, D=d, S_PAD=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4 if d >= 128 else 2,
+            out.stride(0), out.stride(1), Hq, D=d, num_warps=1,
         )
     return out

@@ -5,7 +5,7 @@
 
 * ``P0``: torch SDPA with ``enable_gqa=True`` on the FP16 cache (needs 16/16; reads K/V once per KV head).
 * ``P0-expand``: ``repeat_interleave`` K/V to every query head, then SDPA (the study's baseline; needs 16/16).
-* ``P1``: dequantize K/V into FP16 buffers (torch), then SDPA with ``enable_gqa`` (non-fused; any format).
+* ``P1``: dequantize K/V into FP16 buffers (one Triton kernel each: codes read once, fp16 written once), then SDPA with ``enable_gqa`` (non-fused; any format).
 * ``P5``: the fused split-K Triton kernel (any format; at 16/16 it is our FP16 split-K kernel). Options are
   passed to :func:`~kvmodel.kernels.decode_attention.decode_attention` (``num_splits``, ``gqa_shared``, ...).
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .decode_attention import decode_attention
-from .quant import QuantizedKVCache, dequantize
+from .quant import QuantizedKVCache, dequantize_fp16
 
 PIPELINES = ("P0", "P0-expand", "P1", "P5")
 
@@ -63,8 +63,8 @@ def p0_expand(q: torch.Tensor, cache: QuantizedKVCache) -> torch.Tensor:
 
 def p1(q: torch.Tensor, cache: QuantizedKVCache) -> torch.Tensor:
     T = cache.length
-    k = dequantize(cache.k, torch.float16, T)
-    v = dequantize(cache.v, torch.float16, T)
+    k = dequantize_fp16(cache.k, T)
+    v = dequantize_fp16(cache.v, T)
     return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
 
 

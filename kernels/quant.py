@@ -24,6 +24,7 @@ range of ``T * packed_d`` bytes, and its scales from another contiguous range.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -384,3 +385,67 @@ def append_kv(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: torch.Tensor,
         D=cache.head_dim, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         num_warps=1,
     )
+
+
+# ----------------------------------------------------------------------------------------------- Triton dequantize
+if triton is not None:
+
+    @triton.jit
+    def _dequant_kernel(D_ptr, S_ptr, Z_ptr, Out, T, s_dh, s_dt, s_sh, s_st, s_oh, s_ot,
+                        D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
+        bh = tl.program_id(0).to(tl.int64)  # flattened (batch, head)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tm = (t < T)[:, None, None]
+        t3 = t.to(tl.int64)[:, None, None]
+        NG: tl.constexpr = D // GROUP
+        gh = tl.arange(0, NG)[None, :, None]
+        s = tl.load(S_ptr + bh * s_sh + t3 * s_st + gh, mask=tm, other=0.0).to(tl.float32)
+        if ASYM:
+            z = tl.load(Z_ptr + bh * s_sh + t3 * s_st + gh, mask=tm, other=0.0).to(tl.float32)
+        if BITS == 4:
+            W: tl.constexpr = GROUP // 2
+            w = tl.arange(0, W)[None, None, :]
+            b = tl.load(D_ptr + bh * s_dh + t3 * s_dt + gh * W + w, mask=tm, other=0)
+            lo = (b & 0xF).to(tl.float32)
+            hi = (b >> 4).to(tl.float32)
+            if ASYM:
+                lo = lo * s + z
+                hi = hi * s + z
+            else:
+                lo = (lo - 8.0) * s
+                hi = (hi - 8.0) * s
+            x = tl.reshape(tl.join(lo, hi), (BLOCK_T, NG, GROUP))
+        else:
+            w = tl.arange(0, GROUP)[None, None, :]
+            b = tl.load(D_ptr + bh * s_dh + t3 * s_dt + gh * GROUP + w, mask=tm, other=0).to(tl.float32)
+            if ASYM:
+                x = b * s + z
+            else:
+                x = (b - 128.0) * s
+        wo = tl.arange(0, GROUP)[None, None, :]
+        tl.store(Out + bh * s_oh + t3 * s_ot + gh * GROUP + wo, x.to(tl.float16), mask=tm)
+
+
+def dequantize_fp16(qt: QuantizedTensor, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize the first ``length`` tokens of a ``[B, H, T_max, *]`` cache tensor into a new (or given)
+    contiguous fp16 buffer ``[B, H, length, d]`` with one Triton kernel (reads the codes once, writes fp16 once).
+    16-bit data is returned as a view (no copy). Off a GPU it falls back to :func:`dequantize`."""
+    T = qt.data.shape[2] if length is None else length
+    if qt.bits == 16:
+        return qt.data[:, :, :T]
+    if triton is None or (qt.data.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"):
+        return dequantize(qt, torch.float16, T)
+    B, H = qt.data.shape[:2]
+    d = qt.head_dim
+    if out is None:
+        out = torch.empty(B, H, T, d, dtype=torch.float16, device=qt.data.device)
+    if not (qt.data.is_contiguous() and qt.scales.is_contiguous() and out.is_contiguous()):
+        raise ValueError("dequantize_fp16 needs contiguous tensors")
+    block_t = 64 if d <= 128 else 32
+    _dequant_kernel[(B * H, triton.cdiv(T, block_t))](
+        qt.data, qt.scales, qt.zeros if qt.zeros is not None else qt.scales, out, T,
+        qt.data.stride(1), qt.data.stride(2), qt.scales.stride(1), qt.scales.stride(2), out.stride(1), out.stride(2),
+        D=d, BITS=qt.bits, GROUP=qt.group, ASYM=qt.asym, BLOCK_T=block_t, num_warps=4,
+    )
+    return out

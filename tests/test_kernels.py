@@ -330,7 +330,8 @@ def test_append_validation():
 
 # ------------------------------------------------------------------------------------------- GPU: everything
 def _gpu_cases():
-    for T, G, d, B, (kb, vb) in itertools.product(T_VALUES, G_VALUES, D_VALUES, B_VALUES, BIT_PAIRS):
+    # (G, d, bits) outermost: consecutive tests share compiled kernels (pytest-xdist hands out runs of them)
+    for G, d, (kb, vb), T, B in itertools.product(G_VALUES, D_VALUES, BIT_PAIRS, T_VALUES, B_VALUES):
         yield pytest.param(B, G, 2, d, T, kb, vb, id=f"B{B}-G{G}-d{d}-T{T}-k{kb}v{vb}")
 
 
@@ -347,3 +348,19 @@ def test_decode_attention_full_gpu(B, G, Hkv, d, T, kb, vb):
 def test_decode_attention_options_gpu(G, group, asym, num_splits, gqa_shared):
     check_attention(3, G, 2, 128, 1000, 4, 8, group, asym, seed=G + group, num_splits=num_splits,
                     gqa_shared=gqa_shared)
+
+
+@pytest.mark.parametrize("bits,group,asym", [(4, 32, False), (8, 64, False), (4, 128, True), (8, 32, True)])
+def test_dequantize_fp16_kernel(bits, group, asym):
+    from kvmodel.kernels import dequantize_fp16
+
+    g = torch.Generator().manual_seed(bits + group)
+    x = torch.randn(2, 3, 70, 128, generator=g).half()
+    qt = quantize(x, bits, group, asym)
+    qt.data, qt.scales = qt.data.to(DEV), qt.scales.to(DEV)
+    if qt.zeros is not None:
+        qt.zeros = qt.zeros.to(DEV)
+    out = dequantize_fp16(qt, 65)
+    ref = dequantize(qt, torch.float16, 65)
+    assert out.shape == (2, 3, 65, 128) and out.dtype == torch.float16
+    assert torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-5)

@@ -1,0 +1,462 @@
+"""Decode-attention grid on one GPU: bandwidth ceilings, then every pipeline × B × T × shape × K/V format.
+
+    python -m kvmodel.measure.bench_decode_attention --out validation/data/h200/decode_attention.csv --resume
+
+1. Ceilings: a streaming-read Triton kernel (a sum) and a torch device copy (read + write counted) over 4 GiB.
+2. For each model shape (Llama-3.1-8B 32/8/128, Qwen2.5-7B 28/4/128, Gemma-3-12B 16/8/256, Qwen2.5-0.5B 14/2/64),
+   B ∈ {1,4,8,16,32,64,128}, T ∈ {1K,4K,16K,32K,128K} (skipped where the caches don't fit), and K/V formats
+   {16/16, 8/8, 4/4, 8/4, 16/4}: P0 (SDPA enable_gqa, FP16), P0-expand (the study's baseline; FP16, where its
+   G× copy fits), P1 (Triton dequantize to FP16 buffers + SDPA; quantized formats), P5 (fused split-K; every
+   format, 16/16 = FP16 split-K), and ablations on a subset: P5 with num_splits=1 (variant "nosplit") and P5
+   without GQA sharing (variant "nogqa").
+
+Timing: each call is captured ``R`` times in a CUDA graph, cycling over enough copies of the inputs that they
+span ≥ 4× the L2 (240 MB), and the graph is replayed; a sample is one replay's time / R, the row reports the
+median (and p10/p90) of the samples. Rows are appended as they are measured (``kvmodel.measure.results``);
+``--resume`` skips rows already in the file. ``bytes_moved`` is ``kvmodel.traffic.attention_layer_bytes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+MODELS = {  # name: (Hq, Hkv, d)
+    "llama-3.1-8b": (32, 8, 128),
+    "qwen2.5-7b": (28, 4, 128),
+    "gemma-3-12b": (16, 8, 256),
+    "qwen2.5-0.5b": (14, 2, 64),
+}
+BATCHES = (1, 4, 8, 16, 32, 64, 128)
+CONTEXTS = (1024, 4096, 16384, 32768, 131072)
+FORMATS = ((16, 16), (8, 8), (4, 4), (8, 4), (16, 4))
+GROUP = 32
+L2_BYTES = 60 * 2**20
+FIELDS = ["pipeline", "variant", "model", "B", "T", "Hq", "Hkv", "d", "k_bits", "v_bits", "group", "num_splits",
+          "gqa_shared", "median_s", "p10_s", "p90_s", "n_samples", "calls_per_sample", "bytes_moved",
+          "achieved_GBps", "read_ceiling_GBps", "copy_ceiling_GBps", "pct_read_ceiling", "working_sets",
+          "bytes_source"]
+KEY = ["pipeline", "variant", "model", "B", "T", "Hq", "Hkv", "d", "k_bits", "v_bits", "group"]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ ceilings
+def _sum_kernel_factory():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sum_kernel(X, Out, n_per_prog, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        base = X + pid * n_per_prog
+        acc = tl.zeros([BLOCK], tl.float32)
+        for i in range(0, n_per_prog, BLOCK):
+            acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
+        tl.store(Out + pid, tl.sum(acc, 0))
+
+    return _sum_kernel
+
+
+def measure_ceilings(nbytes: int = 4 * 2**30) -> dict:
+    import torch
+    import triton
+
+    kern = _sum_kernel_factory()
+    x = torch.randn(nbytes // 2, dtype=torch.float16, device="cuda")
+    res = {}
+    best = None
+    for progs, block, warps in ((132 * 8, 4096, 8), (132 * 16, 2048, 4), (132 * 4, 8192, 8)):
+        n_per = x.numel() // progs // block * block
+        out = torch.empty(progs, dtype=torch.float32, device="cuda")
+        fn = lambda: kern[(progs,)](x, out, n_per, BLOCK=block, num_warps=warps)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        ref = x[: progs * n_per].view(progs, n_per).float().sum(1)
+        assert torch.allclose(out, ref, rtol=1e-2, atol=1.0), "sum kernel wrong"
+        t = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+        gbps = progs * n_per * 2 / t / 1e9
+        log(f"  read probe progs={progs} block={block} warps={warps}: {gbps:.0f} GB/s")
+        if best is None or gbps > best:
+            best = gbps
+    res["read_GBps"] = best
+    y = torch.empty_like(x)
+    t = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median") * 1e-3
+    res["copy_GBps"] = 2 * nbytes / t / 1e9
+    del x, y
+    torch.cuda.empty_cache()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_cache(B, Hkv, T, d, kb, vb, device, gen_seed=0):
+    """A cache with random content at realistic magnitudes (codes uniform, scales ~ N(0,1) absmax / qmax)."""
+    import torch
+
+    from kvmodel.kernels.quant import QuantizedKVCache, QuantizedTensor, packed_dim
+
+    def one(bits):
+        if bits == 16:
+            data = torch.randn(B, Hkv, T, d, dtype=torch.float16, device=device)
+            return QuantizedTensor(data, None, None, 16, GROUP, False, d)
+        data = torch.randint(0, 256, (B, Hkv, T, packed_dim(d, bits)), dtype=torch.uint8, device=device)
+        qmax = 2 ** (bits - 1) - 1
+        scales = torch.empty(B, Hkv, T, d // GROUP, dtype=torch.float16, device=device).uniform_(2.0 / qmax,
+                                                                                                 3.0 / qmax)
+        return QuantizedTensor(data, scales, None, bits, GROUP, False, d)
+
+    return QuantizedKVCache(one(kb), one(vb), T)
+
+
+def cache_bytes(B, Hkv, T, d, kb, vb):
+    def one(bits):
+        return B * Hkv * T * (2 * d if bits == 16 else d * bits // 8 + (d // GROUP) * 2)
+
+    return one(kb) + one(vb)
+
+
+# ------------------------------------------------------------------------------------------------ bytes
+def bytes_moved(pipe, B, T, Hq, Hkv, d, kb, vb):
+    """``kvmodel.traffic.attention_layer_bytes`` (the model's count); where the analytic core cannot be imported
+    (no pydantic on the GPU machine) a stand-in with the same definition, marked 'fallback' — rerun
+    ``--fill-bytes`` where kvmodel imports to replace those values."""
+    try:
+        from kvmodel.traffic import attention_layer_bytes
+
+        return float(attention_layer_bytes(pipe, B, T, Hq, Hkv, d, kb, vb, GROUP, asymmetric=False)), "traffic"
+    except ImportError:
+        pass
+    qo = 2 * B * Hq * d * 2
+    fp16 = B * T * Hkv * d * 2 * 2
+    quant = cache_bytes(B, Hkv, T, d, kb, vb)
+    if pipe == "P0":
+        return float(qo + fp16), "fallback"
+    if pipe == "P0-expand":
+        G = Hq // Hkv
+        return float(qo + fp16 + 2 * G * fp16), "fallback"
+    if pipe == "P1":
+        return float(qo + quant + 2 * fp16), "fallback"
+    return float(qo + quant), "fallback"
+
+
+def fill_bytes(path):
+    """Recompute bytes_moved / achieved_GBps / pct_read_ceiling of every row with kvmodel.traffic."""
+    import csv
+
+    from kvmodel.measure.results import atomic_write_text
+    from kvmodel.traffic import attention_layer_bytes
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return 0
+    fields = list(rows[0].keys())
+    for r in rows:
+        if not r["pipeline"].startswith("P"):
+            continue
+        b = float(attention_layer_bytes(r["pipeline"], int(r["B"]), int(r["T"]), int(r["Hq"]), int(r["Hkv"]),
+                                        int(r["d"]), int(r["k_bits"]), int(r["v_bits"]), int(r["group"]),
+                                        asymmetric=False))
+        gbps = b / float(r["median_s"]) / 1e9
+        r["bytes_moved"] = str(int(b))
+        r["achieved_GBps"] = f"{gbps:.1f}"
+        r["pct_read_ceiling"] = f"{100 * gbps / float(r['read_ceiling_GBps']):.1f}"
+        if "bytes_source" in r:
+            r["bytes_source"] = "traffic"
+    buf = __import__("io").StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+    return len(rows)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def time_graph(fn, n_sets, target_s=0.05, min_graph_s=2e-4, max_samples=30, min_samples=3):
+    """Median/p10/p90 seconds per call of fn(i) (i = working set), from CUDA-graph replays."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(min(n_sets, 3)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    fn(0)
+    e1.record()
+    torch.cuda.synchronize()
+    est = max(e0.elapsed_time(e1) * 1e-3, 2e-6)
+    reps = max(1, math.ceil(min_graph_s / (est * n_sets)))
+    R = n_sets * reps
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for r in range(R):
+            fn(r % n_sets)
+    g.replay()
+    torch.cuda.synchronize()
+    n = int(min(max_samples, max(min_samples, math.ceil(target_s / (est * R)))))
+    samples = []
+    for _ in range(n):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        samples.append(e0.elapsed_time(e1) * 1e-3 / R)
+    del g
+    samples.sort()
+
+    def q(p):
+        return samples[min(len(samples) - 1, int(round(p * (len(samples) - 1))))]
+
+    return q(0.5), q(0.1), q(0.9), len(samples), R
+
+
+# ------------------------------------------------------------------------------------------------ precompile
+def _precompile_worker(spec):
+    import torch
+
+    from kvmodel.kernels import decode_attention
+    from kvmodel.kernels.pipelines import p1
+
+    Hq, Hkv, d, kb, vb, variant = spec
+    try:
+        c = make_cache(2, Hkv, 256, d, kb, vb, "cuda")
+        q = torch.randn(2, Hq, d, dtype=torch.float16, device="cuda")
+        if variant == "P1":
+            p1(q, c)
+        else:
+            for ns in (1, 2):
+                decode_attention(q, c, num_splits=ns, gqa_shared=(variant != "nogqa"))
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{spec}: {type(e).__name__}: {e}"
+
+
+def precompile(models, formats, procs=12):
+    import multiprocessing as mp
+
+    specs = []
+    for m in models:
+        Hq, Hkv, d = MODELS[m]
+        for kb, vb in formats:
+            specs.append((Hq, Hkv, d, kb, vb, "P5"))
+            if (kb, vb) != (16, 16):
+                specs.append((Hq, Hkv, d, kb, vb, "P1"))
+            if (kb, vb) in ((4, 4), (16, 16)):
+                specs.append((Hq, Hkv, d, kb, vb, "nogqa"))
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(min(procs, len(specs))) as pool:
+        errs = [e for e in pool.map(_precompile_worker, specs) if e]
+    log(f"precompiled {len(specs)} kernel sets in {time.time() - t0:.1f}s; errors: {errs[:3]}")
+
+
+# ------------------------------------------------------------------------------------------------ grid
+def ablation(model, B, T):
+    """The subset that gets the nosplit / nogqa rows."""
+    return model in ("llama-3.1-8b", "qwen2.5-7b") and B in (1, 8, 64) and T in (4096, 32768)
+
+
+def run_grid(args, rf, ceil):
+    import torch
+
+    from kvmodel.kernels import decode_attention
+    from kvmodel.kernels.pipelines import p0, p0_expand, p1
+    done = rf.done_keys() if args.resume else set()
+    free, total = torch.cuda.mem_get_info()
+    budget = args.mem_fraction * total
+    t_start = time.time()
+    p5_opts = {}
+    if args.p5_config:
+        bn, nw, ns = (int(x) for x in args.p5_config.split(","))
+        p5_opts = dict(block_n=bn, num_warps=nw, num_stages=ns)
+    n_rows = 0
+    for T in args.contexts:  # contexts outermost: the order given on the command line is the priority
+        for model in args.models:
+            Hq, Hkv, d = MODELS[model]
+            for B in args.batches:
+                for kb, vb in args.formats:
+                    if time.time() - t_start > args.max_seconds:
+                        log(f"time budget ({args.max_seconds}s) reached: stopping; rerun with --resume")
+                        return n_rows
+                    pipes = [("P5", "default")]
+                    if (kb, vb) == (16, 16):
+                        pipes = [("P0", "default"), ("P0-expand", "default")] + pipes
+                    else:
+                        pipes = [("P1", "default")] + pipes
+                    if ablation(model, B, T) and (kb, vb) in ((4, 4), (16, 16)):
+                        pipes += [("P5", "nosplit"), ("P5", "nogqa")]
+                    base = dict(model=model, B=B, T=T, Hq=Hq, Hkv=Hkv, d=d, k_bits=kb, v_bits=vb, group=GROUP)
+                    todo = [(p, v) for p, v in pipes if rf.key_of(dict(base, pipeline=p, variant=v)) not in done]
+                    if not todo:
+                        continue
+                    ws = cache_bytes(B, Hkv, T, d, kb, vb)
+                    fp16_ws = cache_bytes(B, Hkv, T, d, 16, 16)
+                    if ws + (fp16_ws if (kb, vb) != (16, 16) else 0) > budget:
+                        log(f"skip {model} B={B} T={T} {kb}/{vb}: {ws / 1e9:.1f} GB does not fit")
+                        continue
+                    n_sets = max(1, min(args.max_sets, math.ceil(4 * L2_BYTES / ws)))
+                    try:
+                        caches = [make_cache(B, Hkv, T, d, kb, vb, "cuda") for _ in range(n_sets)]
+                        qs = [torch.randn(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
+                    except torch.OutOfMemoryError:
+                        log(f"skip {model} B={B} T={T} {kb}/{vb}: out of memory")
+                        torch.cuda.empty_cache()
+                        continue
+                    outs = [torch.empty(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
+                    wss = [dict() for _ in range(n_sets)]
+                    for pipe, variant in todo:
+                        extra = {}
+                        if pipe == "P0":
+                            fn = lambda i: p0(qs[i], caches[i])  # noqa: E731
+                        elif pipe == "P0-expand":
+                            if ws * (Hq // Hkv + 1) > budget:
+                                log(f"skip P0-expand {model} B={B} T={T}: expanded copy does not fit")
+                                continue
+                            fn = lambda i: p0_expand(qs[i], caches[i])  # noqa: E731
+                        elif pipe == "P1":
+                            fn = lambda i: p1(qs[i], caches[i])  # noqa: E731
+                        else:
+                            opts = dict(p5_opts)
+                            if variant == "nosplit":
+                                opts["num_splits"] = 1
+                            if variant == "nogqa":
+                                opts["gqa_shared"] = False
+                            fn = lambda i, o=opts: decode_attention(qs[i], caches[i], out=outs[i],  # noqa: E731
+                                                                    workspace=wss[i], **o)
+                            from kvmodel.kernels.decode_attention import choose_num_splits, num_sms
+
+                            heads = Hkv if opts.get("gqa_shared", True) else Hq
+                            bn = opts.get("block_n", 64)
+                            extra["num_splits"] = opts.get("num_splits") or choose_num_splits(
+                                B, heads, T, bn, num_sms(torch.device("cuda")))
+                            extra["gqa_shared"] = opts.get("gqa_shared", True)
+                        try:
+                            med, p10, p90, n, R = time_graph(fn, n_sets, target_s=args.target_s)
+                        except torch.OutOfMemoryError:
+                            log(f"skip {pipe}/{variant} {model} B={B} T={T} {kb}/{vb}: out of memory")
+                            torch.cuda.empty_cache()
+                            continue
+                        nbytes, source = bytes_moved(pipe, B, T, Hq, Hkv, d, kb, vb)
+                        gbps = nbytes / med / 1e9
+                        row = dict(base, pipeline=pipe, variant=variant, median_s=med, p10_s=p10, p90_s=p90,
+                                   n_samples=n, calls_per_sample=R, bytes_moved=int(nbytes), bytes_source=source,
+                                   achieved_GBps=round(gbps, 1), read_ceiling_GBps=round(ceil["read_GBps"], 1),
+                                   copy_ceiling_GBps=round(ceil["copy_GBps"], 1),
+                                   pct_read_ceiling=round(100 * gbps / ceil["read_GBps"], 1), working_sets=n_sets,
+                                   num_splits=extra.get("num_splits", ""), gqa_shared=extra.get("gqa_shared", ""))
+                        rf.append(row)
+                        n_rows += 1
+                        log(f"{model:13s} B={B:3d} T={T:6d} {kb:2d}/{vb:2d} {pipe:9s} {variant:7s} "
+                            f"{med * 1e6:9.1f} us  {gbps:7.0f} GB/s ({row['pct_read_ceiling']:5.1f}%)"
+                            f"  [{time.time() - t_start:5.0f}s]")
+                    del caches, qs, outs, wss
+                    torch.cuda.empty_cache()
+    return n_rows
+
+
+def probe(args, ceil):
+    """Quick tuning table: P5 configs vs P0 at a few shapes (stdout only)."""
+    import torch
+
+    from kvmodel.kernels import decode_attention
+    from kvmodel.kernels.pipelines import p0, p1
+
+    shapes = [("llama-3.1-8b", 1, 4096), ("llama-3.1-8b", 16, 8192), ("llama-3.1-8b", 64, 32768),
+              ("qwen2.5-0.5b", 64, 16384), ("gemma-3-12b", 8, 16384)]
+    all_cfgs = [None, (64, 2, 3), (64, 1, 3), (128, 4, 3), (128, 2, 3), (32, 2, 4)]
+    for model, B, T in shapes:
+        Hq, Hkv, d = MODELS[model]
+        for kb, vb in ((16, 16), (4, 4), (8, 8)):
+            ws = cache_bytes(B, Hkv, T, d, kb, vb)
+            n_sets = max(1, min(16, math.ceil(4 * L2_BYTES / ws)))
+            caches = [make_cache(B, Hkv, T, d, kb, vb, "cuda") for _ in range(n_sets)]
+            qs = [torch.randn(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
+            outs = [torch.empty(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
+            wss = [dict() for _ in range(n_sets)]
+            line = []
+            if (kb, vb) == (16, 16):
+                med = time_graph(lambda i: p0(qs[i], caches[i]), n_sets, target_s=0.03)[0]
+                line.append(f"P0 {med * 1e6:.1f}us")
+            else:
+                med = time_graph(lambda i: p1(qs[i], caches[i]), n_sets, target_s=0.03)[0]
+                line.append(f"P1 {med * 1e6:.1f}us")
+            for cfg in (all_cfgs if model == "llama-3.1-8b" else all_cfgs[:1]):
+                opts = {} if cfg is None else dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+                try:
+                    med = time_graph(lambda i, o=opts: decode_attention(qs[i], caches[i], out=outs[i],
+                                                                        workspace=wss[i], **o), n_sets,
+                                     target_s=0.03)[0]
+                except Exception as e:  # noqa: BLE001
+                    line.append(f"{cfg}: ERR {type(e).__name__}")
+                    continue
+                by = bytes_moved("P5", B, T, Hq, Hkv, d, kb, vb)[0]
+                line.append(f"{cfg}: {med * 1e6:.1f}us {100 * by / med / 1e9 / ceil['read_GBps']:.0f}%")
+            log(f"PROBE {model} B={B} T={T} {kb}/{vb}: " + " | ".join(line))
+            del caches, qs, outs, wss
+            torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="validation/data/h200/decode_attention.csv")
+    ap.add_argument("--resume", action="store_true", help="skip rows already in --out")
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    ap.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
+    ap.add_argument("--formats", nargs="+", default=[f"{k}/{v}" for k, v in FORMATS])
+    ap.add_argument("--max-seconds", type=float, default=480.0, help="stop starting rows after this")
+    ap.add_argument("--target-s", type=float, default=0.04, help="timed seconds per row (approximately)")
+    ap.add_argument("--max-sets", type=int, default=32, help="most input copies rotated through")
+    ap.add_argument("--mem-fraction", type=float, default=0.8)
+    ap.add_argument("--p5-config", default=None, help="block_n,num_warps,num_stages for P5 (default: built-in)")
+    ap.add_argument("--probe", action="store_true", help="print a P5 tuning table instead of the grid")
+    ap.add_argument("--no-precompile", action="store_true")
+    ap.add_argument("--procs", type=int, default=12)
+    ap.add_argument("--fill-bytes", action="store_true",
+                    help="only recompute bytes_moved etc. of --out with kvmodel.traffic (no GPU needed)")
+    args = ap.parse_args(argv)
+    if args.fill_bytes:
+        log(f"updated {fill_bytes(args.out)} rows of {args.out}")
+        return 0
+    args.formats = [tuple(int(x) for x in f.split("/")) for f in args.formats]
+
+    import torch
+
+    from kvmodel.measure.results import ResultsFile
+
+    if not torch.cuda.is_available():
+        log("needs a CUDA GPU")
+        return 2
+    props = torch.cuda.get_device_properties(0)
+    log(f"GPU {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB")
+    t0 = time.time()
+    ceil = measure_ceilings()
+    log(f"ceilings: read {ceil['read_GBps']:.0f} GB/s, copy {ceil['copy_GBps']:.0f} GB/s "
+        f"({time.time() - t0:.1f}s)")
+    if args.probe:
+        probe(args, ceil)
+        return 0
+    rf = ResultsFile(args.out, key_fields=KEY, fieldnames=FIELDS)
+    rf.write_provenance(extra={"ceilings": ceil, "sms": props.multi_processor_count, "gpu": props.name,
+                               "benchmark": "decode_attention", "p5_config": args.p5_config or "default"},
+                        command=[sys.executable, "-m", "kvmodel.measure.bench_decode_attention"] + sys.argv[1:])
+    if not args.no_precompile:
+        precompile(args.models, args.formats, args.procs)
+    n = run_grid(args, rf, ceil)
+    log(f"wrote {n} rows to {args.out} in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

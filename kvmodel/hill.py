@@ -141,6 +141,8 @@ def load_results(path) -> "pd.DataFrame":  # noqa: F821
             raise ValueError(f"{path}: no 'median_s' or 'median_ms' column")
     if "B" not in df.columns:
         raise ValueError(f"{path}: no 'B' (batch) column")
+    if "variant" in df.columns:  # kvmodel's benchmark: "" is the default kernel, else an ablation
+        df["variant"] = df["variant"].fillna("").astype(str)
     return df
 
 
@@ -175,8 +177,8 @@ def _apply_filters(df, filters):
         s = df[col]
         try:
             df = df[np.isclose(s.astype(float), float(val))]
-        except ValueError:
-            df = df[s.astype(str) == val.strip()]
+        except (ValueError, TypeError):
+            df = df[s.fillna("").astype(str) == val.strip()]
     return df
 
 
@@ -218,6 +220,11 @@ def speedups(df, baseline: str = "P0", candidate: str = "P5", mode: Optional[str
         if "group" in cand.columns and cand["group"].nunique() > 1 and not any(
                 f.startswith("group") for f in filters or ()):
             cand = cand[cand["group"] == 32] if (cand["group"] == 32).any() else cand
+    if "variant" in df.columns:  # the default kernel unless a filter names a variant (e.g. variant=nosplit)
+        if not any(f.split("=", 1)[0].strip() == "variant" for f in filters or ()):
+            cand = cand[cand["variant"] == ""]
+        if not any(f.split("=", 1)[0].strip() == "variant" for f in baseline_filters or ()):
+            base = base[base["variant"] == ""]
     cand = _apply_filters(cand, filters)
     base = _apply_filters(base, baseline_filters)
     if cand.empty:

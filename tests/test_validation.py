@@ -1,0 +1,224 @@
+"""Validation pipeline: the study's H100 sweep, published claims, H200 held-out (synthetic data), peers, validate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from kvmodel import symbolic as S
+from kvmodel import traffic
+from kvmodel.cli import cli
+from kvmodel.timing import OccupancyCurve, fused_kernel_time_s, split_count
+from kvmodel.validation import h100_study, heldout, peers, published
+from kvmodel.validation.common import atomic_write_text, error_stats, fit_curve
+from kvmodel.validation.report import run_validation
+
+
+@pytest.fixture(scope="module")
+def study():
+    return h100_study.run()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    d = tmp_path_factory.mktemp("h200")
+    return heldout.synthetic_attention(d / "decode_attention.csv"), heldout.synthetic_e2e(d / "e2e_decode.csv")
+
+
+# ------------------------------------------------------------------------------------------------- formulas
+
+
+def test_occupancy_formulas_registered():
+    for name in ("fused_programs_nosplit", "fused_programs_splitk", "fused_wave_time", "fused_occupancy",
+                 "attn_bytes_P5_nosplit_loads"):
+        assert name in S.FORMULAS
+    r = CliRunner().invoke(cli, ["explain", "fused_occupancy"])
+    assert r.exit_code == 0 and "P_prog" in r.output
+
+
+def test_occupancy_below_one_wave_is_linear_in_programs():
+    """P <= SMs: occupancy = P / (c * SMs) with c = c_res * r_c / r_1 (the BW*min(1, P/(c*SMs)) form)."""
+    occ = OccupancyCurve(0.0, r1_GBps=3.5, rc_GBps=2.9, c_res=2)
+    P = np.array([8, 32, 64, 132])
+    c = 2 * 2.9 / 3.5
+    assert np.allclose(occ.occupancy(P, 132), P / (c * 132))
+    assert occ.occupancy([264, 528, 2640], 132) == pytest.approx([1, 1, 1])
+    # a partial last wave costs a whole wave: 265 programs take as long as 264 + one lone program
+    t = fused_kernel_time_s([264, 265], [264e6, 265e6], 132, 2, 3.5, 2.9)
+    assert t[1] > t[0] * 1.3
+
+
+def test_nosplit_loads_is_g_times_kv():
+    v = dict(B=2, T=1000, H_q=32, H_kv=8, d=128, d_v=128, d_q=128, b_a=2, b_k=4, b_v=4, g=32, m_k=2, m_v=2)
+    loads = traffic.evaluate("attn_bytes_P5_nosplit_loads", v)
+    once = traffic.evaluate("attn_bytes_P5", v)
+    qo = 2 * 2 * 32 * 128 * 2
+    assert loads - qo == pytest.approx(4 * (once - qo))
+
+
+def test_split_count_fills_sms():
+    assert split_count(1024, 4096, 132) == 1  # many (batch, head) pairs: no split needed
+    assert split_count(8, 32768, 132) >= 16   # B=1, 8 KV heads, long context: split
+    assert split_count(8, 64, 132) == 1       # one tile: nothing to split
+
+
+def test_fit_curve_recovers():
+    rng = np.random.default_rng(0)
+    b = np.geomspace(1e5, 1e10, 60)
+    from kvmodel.timing import curve_time_s
+
+    t = curve_time_s(b, 5e-6, 3000.0, 4e6, 2.0) * np.exp(0.01 * rng.standard_normal(b.size))
+    c = fit_curve(b, t, sharpness=2.0)
+    assert c.bw_GBps == pytest.approx(3000, rel=0.05)
+    assert c.median_abs_pct_error < 2
+
+
+# ------------------------------------------------------------------------------------------------- H100 study
+
+
+def test_h100_split_and_counts(study):
+    d = study["frame"]
+    assert len(d) == 904 * 4
+    assert set(d.role) == {"train", "held-out contexts", "held-out models"}
+    train = d[d.role == "train"]
+    assert set(train.config) == set(h100_study.TRAIN_MODELS)
+    assert set(train["T"]) <= set(h100_study.TRAIN_CONTEXTS)
+
+
+def test_h100_heldout_accuracy(study):
+    pp = study["per_pipeline_heldout"]
+    assert pp["P1"]["all held-out"]["median_abs_pct"] < 3
+    assert pp["P0"]["all held-out"]["median_abs_pct"] < 5
+    assert pp["P5"]["all held-out"]["median_abs_pct"] < 6
+    assert pp["P3"]["all held-out"]["median_abs_pct"] < 6  # never fitted
+    for pl in ("P0", "P1", "P5"):
+        assert pp[pl]["held-out models"]["p90_abs_pct"] < 20
+
+
+def test_h100_hill_mechanism(study):
+    h = study["hill"]
+    assert h["fit_measured"]["n"] == 662
+    assert h["fit_measured"]["R2"] == pytest.approx(0.70, abs=0.02)
+    byb = pd.DataFrame(h["by_batch"]).set_index("B")
+    assert byb.loc[1, "S_meas"] < 0.7 and byb.loc[1, "S_pred"] < 0.7     # the no-split kernel loses at B = 1
+    assert byb.loc[128, "S_pred"] == pytest.approx(byb.loc[128, "S_meas"], rel=0.1)
+    assert byb.loc[1, "occupancy"] < 0.2 < 0.9 < byb.loc[16, "occupancy"]
+    assert byb.loc[1, "min_S_splitk_vs_gqa"] >= 1.0                       # split-K does not lose at B = 1
+    assert h["model_vs_measured_speedup_R2_per_config"] > 0.9
+
+
+# ------------------------------------------------------------------------------------------------- published
+
+
+def test_published_claims(study):
+    rows = {r["id"]: r for r in published.compare_all({"h100": study})}
+    assert len(rows) == 7
+    for r in rows.values():
+        assert r["verdict"] != "error", r
+        assert "DESIGN.md" in r["source"]
+        assert r["assumptions"]
+    assert "2.76" in rows["amdahl_example"]["kvmodel"]
+    assert "662" in rows["hill_card"]["kvmodel"]
+    assert rows["kv_fraction_7b_2k"]["verdict"].startswith("reproduced")
+    t = rows["tiering_shortfall_128k"]["details"]
+    assert min(x["shortfall_study_x"] for x in t) > 5 and max(x["shortfall_study_x"] for x in t) < 5000
+
+
+# ------------------------------------------------------------------------------------------------- H200 held-out
+
+
+def test_heldout_missing_data_is_null(tmp_path):
+    a = heldout.run_attention(tmp_path / "nope.csv")
+    assert a["available"] is False and "not present" in a["reason"]
+    e = heldout.run_e2e(tmp_path / "nope.csv", a)
+    assert e["available"] is False
+
+
+def test_heldout_on_synthetic(synthetic):
+    att_path, e2e_path = synthetic
+    a = heldout.run_attention(att_path)
+    assert a["available"]
+    assert a["split_detail"]["heldout_model"] == "qwen2.5-7b"
+    assert a["overall"]["median_abs_pct"] < 5
+    assert {"P0/fp16", "P0-expand/fp16", "P1/int4", "P5/int4"} <= set(a["per_pipeline_format"])
+    assert any(k.startswith("P5-nogqa") for k in a["ablations_predicted"])
+    e = heldout.run_e2e(e2e_path, a)
+    assert e["available"]
+    assert e["overall"]["median_abs_pct"] < 10
+    assert e["calibration"]["weights"]["bw_GBps"] == pytest.approx(4100, rel=0.1)
+
+
+def test_fit_hill_on_our_format(synthetic):
+    att_path, _ = synthetic
+    r = CliRunner().invoke(cli, ["fit-hill", str(att_path), "--min-batch", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n"] == 64
+
+
+# ------------------------------------------------------------------------------------------------- peers
+
+
+def test_committed_peer_predictions():
+    p = peers.load_peers()
+    assert p is not None, "validation/data/peers/h200_e2e_peers.json must be committed"
+    assert {x["peer"] for x in p["predictions"]} == {"llm-analysis", "GenZ"}
+    c = peers.compare(None, p)
+    assert c["available"] and c["errors"] is None
+    genz = c["notes"]["GenZ"]["notes"]
+    assert any("cannot be expressed" in n for n in genz)  # K8/V4
+
+
+def test_peer_compare_with_measurements():
+    p = {"versions": {}, "predictions": [
+        {"model": "Llama-3.1-8B", "B": 1, "T": 1024, "k_bits": 16, "v_bits": 16, "peer": "GenZ", "step_s": 0.011,
+         "note": ""},
+        {"model": "Llama-3.1-8B", "B": 1, "T": 1024, "k_bits": 8, "v_bits": 4, "peer": "GenZ", "step_s": None,
+         "note": "cannot be expressed"}]}
+    e2e = pd.DataFrame([{"model": "llama-3.1-8b", "B": 1, "T": 1024, "k_bits": 16, "v_bits": 16, "pipeline": "P0",
+                         "meas_s": 0.010, "pred_s": 0.0102},
+                        {"model": "llama-3.1-8b", "B": 1, "T": 1024, "k_bits": 8, "v_bits": 4, "pipeline": "P5",
+                         "meas_s": 0.008, "pred_s": 0.0081}])
+    c = peers.compare(e2e, p)
+    assert c["errors"]["GenZ"]["compared"]["median_abs_pct"] == pytest.approx(10.0)
+    assert c["errors"]["GenZ"]["not_expressible_rows"] == 1
+
+
+# ------------------------------------------------------------------------------------------------- validate
+
+
+def test_validate_end_to_end(tmp_path, synthetic):
+    att_path, e2e_path = synthetic
+    s = run_validation(tmp_path / "rep", plots=True, log=lambda m: None, attention_file=att_path,
+                       e2e_file=e2e_path)
+    out = tmp_path / "rep"
+    for f in ("REPORT.md", "summary.json", "hill_h100.png", "h100_pred_vs_meas.png", "regime_map.png",
+              "h200_attention_pred_vs_meas.png", "h200_e2e_pred_vs_meas.png"):
+        assert (out / f).stat().st_size > 0, f
+    j = json.loads((out / "summary.json").read_text())
+    assert j["attention_median_abs_pct_error"] is not None and j["e2e_median_abs_pct_error"] is not None
+    assert s["attention_median_abs_pct_error"] < 5
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_validate_cli_without_h200_data(tmp_path):
+    r = CliRunner().invoke(cli, ["validate", "--out", str(tmp_path / "r"), "--no-plots", "--quiet"])
+    assert r.exit_code == 0, r.output
+    j = json.loads((tmp_path / "r" / "summary.json").read_text())
+    for k in ("attention_median_abs_pct_error", "attention_max_abs_pct_error", "e2e_median_abs_pct_error"):
+        assert k in j
+    if j["attention_median_abs_pct_error"] is None:
+        assert j["attention_reason"]
+    assert j["hill"]["h100_measured"]["n"] == 662
+    assert "Headline" in (tmp_path / "r" / "REPORT.md").read_text()
+
+
+def test_atomic_write_and_stats(tmp_path):
+    p = tmp_path / "a" / "x.txt"
+    atomic_write_text(p, "hello")
+    assert p.read_text() == "hello"
+    s = error_stats([1.1, 0.9, 1.0], [1.0, 1.0, 1.0])
+    assert s["median_abs_pct"] == pytest.approx(10.0) and s["max_abs_pct"] == pytest.approx(10.0)

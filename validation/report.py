@@ -1,0 +1,537 @@
+"""`kvmodel validate`: run every validation from committed data and write REPORT.md, summary.json and plots.
+
+No GPU and no network (unless peers are re-run). Every output file is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+
+from kvmodel import __version__
+
+from . import h100_study, heldout, peers, published
+from .common import atomic_savefig, atomic_write_json, atomic_write_text, md_table
+
+PIPE_COLORS = {"P0": "tab:blue", "P1": "tab:red", "P5": "tab:green", "P3": "tab:olive", "P0-expand": "tab:purple"}
+
+
+def _strip(obj):
+    """Drop non-JSON members (frames, calibration objects) from nested result dicts."""
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in ("frame", "cal")}
+    if isinstance(obj, list):
+        return [_strip(x) for x in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (np.floating,)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pred_vs_meas(frame: pd.DataFrame, path: Path, title: str, by: str = "pipeline") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    f = frame[np.isfinite(frame.pred_s)]
+    for key, g in f.groupby(by):
+        ax.scatter(g.meas_s * 1e3, g.pred_s * 1e3, s=7, alpha=0.6, label=str(key),
+                   color=PIPE_COLORS.get(str(key).split("/")[0]))
+    lo = float(np.nanmin([f.meas_s.min(), f.pred_s.min()])) * 1e3 * 0.8
+    hi = float(np.nanmax([f.meas_s.max(), f.pred_s.max()])) * 1e3 * 1.2
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    ax.plot([lo, hi], [lo * 1.15, hi * 1.15], "k:", lw=0.6)
+    ax.plot([lo, hi], [lo / 1.15, hi / 1.15], "k:", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured (ms)")
+    ax.set_ylabel("predicted (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, markerscale=2)
+    ax.grid(alpha=0.3, which="both")
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_error_hist(frame: pd.DataFrame, path: Path, title: str, by: str = "pipeline") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    f = frame[np.isfinite(frame.pred_s)]
+    bins = np.linspace(-40, 40, 81)
+    for key, g in f.groupby(by):
+        e = np.clip(100 * (g.pred_s / g.meas_s - 1), -40, 40)
+        ax.hist(e, bins=bins, histtype="step", lw=1.3, label=f"{key} (n={len(g)})",
+                color=PIPE_COLORS.get(str(key).split("/")[0]))
+    ax.axvline(0, color="k", lw=0.6)
+    for x in (-15, -5, 5, 15):
+        ax.axvline(x, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("prediction error, % (clipped to +-40)")
+    ax.set_ylabel("configurations")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_residuals(frame: pd.DataFrame, path: Path, title: str, pipelines=("P0", "P1", "P5")) -> None:
+    plt = _plt()
+    f = frame[np.isfinite(frame.pred_s) & frame.pipeline.isin(pipelines)].copy()
+    f["err"] = 100 * (f.pred_s / f.meas_s - 1)
+    cols = [c for c in ("B", "T", "G", "d") if c in f.columns]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.6), sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, c in zip(np.atleast_1d(axes), cols):
+        for pl, g in f.groupby("pipeline"):
+            x = g[c].to_numpy(float) * np.exp(0.08 * rng.standard_normal(len(g)))
+            ax.scatter(x, g.err, s=5, alpha=0.5, label=pl, color=PIPE_COLORS.get(pl))
+        ax.set_xscale("log", base=2)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xlabel(c)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("error % (pred/meas - 1)")
+    np.atleast_1d(axes)[0].legend(fontsize=7, markerscale=2)
+    fig.suptitle(title, fontsize=10)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_hill(hill: dict, path: Path, title: str, card: Optional[dict] = None) -> None:
+    from kvmodel.hill import hill as hill_fn
+
+    plt = _plt()
+    fr = hill["frame"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    rng = np.random.default_rng(1)
+    ax.scatter(fr.B * np.exp(0.06 * rng.standard_normal(len(fr))), fr.S_meas, s=5, alpha=0.25, color="grey",
+               label="measured S per configuration")
+    bb = np.geomspace(1, fr.B.max(), 200)
+    fm, fp = hill["fit_measured"], hill["fit_model"]
+    ax.plot(bb, hill_fn(bb, fm["Smax"], fm["B_half"], fm["gamma"]), "k-",
+            label=f"Hill fit to measured (R2 {fm['R2']:.2f}, n {fm['n']})")
+    byb = pd.DataFrame(hill["by_batch"])
+    ax.plot(byb.B, byb.S_meas, "ko", ms=5, label="measured median per B")
+    ax.plot(byb.B, byb.S_pred, "s--", color="tab:green", ms=5,
+            label="kvmodel mechanistic median per B (occupancy x traffic)")
+    ax.plot(bb, hill_fn(bb, fp["Smax"], fp["B_half"], fp["gamma"]), ":", color="tab:green",
+            label=f"Hill fit to kvmodel's S (R2 {fp['R2']:.2f})")
+    if "S_splitk_vs_gqa" in byb:
+        ax.plot(byb.B, byb.S_splitk_vs_gqa, "^-", color="tab:orange", ms=5,
+                label="kvmodel: split-K fused vs GQA-aware FP16 (median)")
+    if card:
+        ax.plot(bb, hill_fn(bb, card["Smax"], card["B_half"], card["gamma"]), "--", color="tab:red", lw=1,
+                label=f"published card (Smax {card['Smax']}, B1/2 {card['B_half']}, g {card['gamma']})")
+    ax.axhline(1, color="k", lw=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, max(6.0, float(np.nanpercentile(fr.S_meas, 99)) * 1.1))
+    ax.set_xlabel("batch B")
+    ax.set_ylabel("speedup S = t(FP16 baseline) / t(fused INT4)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_occupancy(hill: dict, path: Path) -> None:
+    plt = _plt()
+    byb = pd.DataFrame(hill["by_batch"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(byb.B, byb.occupancy, "o-", label="study kernel (B*Hq programs, no split)")
+    ax.plot(byb.B, byb.occupancy_splitk, "s-", label="split-K kernel (B*Hkv*splits programs)")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("batch B")
+    ax.set_ylabel("fused_occupancy (achieved / plateau BW)")
+    ax.set_title("Why the Hill curve: occupancy of the fused kernel on 132 SMs (median over models/contexts)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_regime_map(path: Path) -> dict:
+    """kvmodel's regime map: KV fraction of step bytes and the fused INT4 step speedup over B x T (H200, Llama-8B)."""
+    from kvmodel.predict import predict_grid
+    from kvmodel.specs import KVFormat, get_gpu, get_model
+
+    plt = _plt()
+    gpu, model = get_gpu("h200"), get_model("llama-3.1-8b")
+    Bs = 2.0 ** np.arange(0, 9)
+    Ts = 2.0 ** np.arange(9, 18)
+    g = predict_grid([gpu], [model], [KVFormat(k_bits=16, v_bits=16), KVFormat(k_bits=4, v_bits=4)], Bs, Ts)
+    f16 = g["kv_fraction"][0, 0, 0]
+    sp = g["speedup_vs_fp16"][0, 0, 1]
+    fits = g["fits"][0, 0, 1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, z, lab, cmap in ((axes[0], f16, "KV fraction of step bytes (FP16 KV)", "viridis"),
+                             (axes[1], np.where(fits, sp, np.nan), "fused INT4 step speedup vs FP16", "magma")):
+        im = ax.pcolormesh(np.log2(Ts), np.log2(Bs), z, cmap=cmap, shading="nearest")
+        if z is f16:
+            ax.contour(np.log2(Ts), np.log2(Bs), z, levels=[0.5], colors="w", linewidths=1.5)
+        fig.colorbar(im, ax=ax)
+        ax.set_xlabel("log2 context T")
+        ax.set_ylabel("log2 batch B")
+        ax.set_title(f"{lab}\n{model.name} on {gpu.name} (white: KV = weights)", fontsize=9)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+    return {"model": model.name, "gpu": gpu.name, "kv_fraction_B1_T2048": float(f16[0, 2])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report text
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _stats_row(name, s: dict, **extra) -> dict:
+    return {"set": name, "n": s.get("n"), "median %": s.get("median_abs_pct"), "p90 %": s.get("p90_abs_pct"),
+            "max %": s.get("max_abs_pct"), "bias %": s.get("median_signed_pct"), **extra}
+
+
+STAT_COLS = ["set", "n", "median %", "p90 %", "max %", "bias %"]
+
+
+def _h100_section(r: dict) -> str:
+    cal = r["calibration"]
+    L = ["## 1. The study's H100 sweep, modelled and held out", "",
+         "Data: `validation/data/knlp-v40-h100/` (the study's public sweep, copied unchanged; see PROVENANCE.md), "
+         "decode rows. Pipelines modelled as the study ran them (module docstring of "
+         "`kvmodel.validation.h100_study`): P0 = K/V expanded per query head + SDPA (`attn_bytes_P0_expand`); "
+         "P1 = PyTorch dequantize + P0 (P0 curve + a dequant curve); P5 = fused kernel without split-K, "
+         "`fused_programs_nosplit` = B*Hq programs each loading its KV head's tiles, timed by the occupancy model "
+         "`fused_wave_time` (`kvmodel explain fused_occupancy`). P3 (same kernel family) is never fitted.", "",
+         f"**Split.** {r['split']}", "",
+         "### Held-out errors per pipeline", ""]
+    rows = []
+    for pl, d in r["per_pipeline_heldout"].items():
+        for k, s in d.items():
+            rows.append(_stats_row(f"{pl} — {k}", s))
+    L += [md_table(rows, STAT_COLS), ""]
+    L += ["### Held-out errors per model (median / p90 / max abs %)", ""]
+    models = sorted(r["per_model_heldout"]["P0"])
+    mrows = []
+    for m in models:
+        row = {"model": m, "role": "calibration model" if m in h100_study.TRAIN_MODELS else "held out"}
+        for pl in ("P0", "P1", "P5"):
+            s = r["per_model_heldout"][pl].get(m, {})
+            row[pl] = (f"{s.get('median_abs_pct')} / {s.get('p90_abs_pct')} / {s.get('max_abs_pct')}"
+                       if s else "–")
+        mrows.append(row)
+    L += [md_table(mrows, ["model", "role", "P0", "P1", "P5"]), ""]
+    f = cal["P5 fused, no split-K (occupancy)"]
+    L += ["### Calibration (fitted on the calibration split only)", "",
+          f"- P0 (expand + SDPA): t0 {cal['P0 (expand + SDPA)']['t0_s'] * 1e6:.1f} us, plateau "
+          f"{cal['P0 (expand + SDPA)']['bw_GBps']:.0f} GB/s of P0-expand bytes, knee "
+          f"{cal['P0 (expand + SDPA)']['knee_bytes'] / 1e6:.1f} MB (the eager launch floor of 3 kernels).",
+          f"- P1 dequantize step: {cal['P1 dequantize step']['bw_GBps']:.0f} GB/s over (INT4 read + FP16 write), "
+          f"floor {cal['P1 dequantize step']['knee_bytes'] / cal['P1 dequantize step']['bw_GBps'] / 1e3:.0f} us "
+          "(a chain of small PyTorch ops).",
+          f"- P5 fused (no split-K): c_res = {f['c_res']} programs resident per SM, a lone program streams "
+          f"{f['r1_GBps']:.2f} GB/s, sharing programs {f['rc_GBps']:.2f} GB/s each -> plateau "
+          f"{cal['fused_plateau_GBps_of_loads']:.0f} GB/s of loads on 132 SMs; per-program rate x (d/128)^"
+          f"{f['head_dim_exponent']:.2f}; t0 {f['t0_s'] * 1e6:.1f} us.",
+          "",
+          "![H100 predicted vs measured](h100_pred_vs_meas.png)", "",
+          "![H100 error distribution](h100_error_hist.png)", "",
+          "![H100 residuals](h100_residuals.png)", ""]
+    return "\n".join(L)
+
+
+def _hill_section(r: dict, h200_hill: Optional[dict]) -> str:
+    h = r["hill"]
+    fm, fp = h["fit_measured"], h["fit_model"]
+    byb = pd.DataFrame(h["by_batch"])
+    L = ["## 2. The Hill law: fit and mechanism", "",
+         "`kvmodel fit-hill validation/data/knlp-v40-h100/bench_results_summary.csv --min-batch 4` (P0/P5 decode):", ""]
+    rows = [{"fit": "published card", "Smax": 3.75, "B_half": 5.1, "gamma": 1.32, "R2": 0.80, "n": None}]
+    for lab, x in (("public data (measured S)", fm), ("kvmodel's predicted S, same configs", fp)):
+        rows.append({"fit": lab, **{k: x[k] for k in ("Smax", "B_half", "gamma", "R2", "n")},
+                     "95% CI Smax": f"{x['ci95']['Smax'][0]:.2f}-{x['ci95']['Smax'][1]:.2f}",
+                     "95% CI B_half": f"{x['ci95']['B_half'][0]:.2f}-{x['ci95']['B_half'][1]:.2f}",
+                     "95% CI gamma": f"{x['ci95']['gamma'][0]:.2f}-{x['ci95']['gamma'][1]:.2f}"})
+    if h200_hill:
+        for lab, x in h200_hill.items():
+            if isinstance(x, dict) and "Smax" in x:
+                rows.append({"fit": lab, **{k: x[k] for k in ("Smax", "B_half", "gamma", "R2", "n")},
+                             "95% CI Smax": f"{x['ci95']['Smax'][0]:.2f}-{x['ci95']['Smax'][1]:.2f}",
+                             "95% CI B_half": f"{x['ci95']['B_half'][0]:.2f}-{x['ci95']['B_half'][1]:.2f}",
+                             "95% CI gamma": f"{x['ci95']['gamma'][0]:.2f}-{x['ci95']['gamma'][1]:.2f}"})
+    L += [md_table(rows, ["fit", "Smax", "B_half", "gamma", "R2", "n", "95% CI Smax", "95% CI B_half",
+                          "95% CI gamma"]), ""]
+    r2c = h["model_vs_measured_speedup_R2_per_config"]
+    L += ["**Mechanism.** S(B) = t(P0-expand) / t(P5) is the product of a traffic ratio and an occupancy ratio. "
+          "The traffic ratio (P0-expand bytes over the fused kernel's loads, (1 + 2G)/G x 256/72 at d = 128) does "
+          "not depend on B. What rises with B is the fused kernel's occupancy: it launches only B*Hq programs "
+          "(32 at B = 1 for Llama-8B) on 132 SMs, each a latency-bound loop streaming a few GB/s, so at B = 1 it "
+          f"reaches ~{byb.occupancy.iloc[0]:.0%} of its plateau and loses to FP16 (measured median "
+          f"{byb.S_meas.iloc[0]:.2f}x, kvmodel {byb.S_pred.iloc[0]:.2f}x). Occupancy saturates once B*Hq exceeds "
+          "c_res x 132 programs (B ~ 8-16), which is the Hill curve's knee; partial last waves (B*Hq not a multiple "
+          "of 264) and the head-count mix across models scatter S around any single curve of B, which is why a "
+          f"Hill law of B alone explains only R2 {fm['R2']:.2f}, while kvmodel's per-configuration prediction "
+          f"explains R2 {r2c:.2f} of the measured speedups (median |error| "
+          f"{h['model_vs_measured_speedup_abs_pct']['median_abs_pct']}%).", "",
+          "**Split-K flattens it.** A split-K kernel launches B*Hkv*splits programs (splits chosen to fill the "
+          "SMs) and serves all G query heads from one tile load, so occupancy is high at every B and the KV is "
+          "read once. Predicted on the same shapes and H100 calibration (eager per-call cost as measured; the "
+          "merge adds one device launch gap of 4 us; a launch-aware split count):", ""]
+    cols = ["B", "S_meas", "S_pred", "occupancy", "occupancy_splitk", "S_splitk", "min_S_splitk", "S_splitk_bw",
+            "S_splitk_vs_gqa", "min_S_splitk_vs_gqa"]
+    hdr = ["B", "measured S (P0-expand/P5)", "kvmodel S", "occupancy, study kernel", "occupancy, split-K",
+           "split-K vs P0-expand (study loop rates)", "same, worst config",
+           "split-K vs P0-expand (bandwidth-bound loop)",
+           "split-K vs GQA-aware FP16 (median)", "split-K vs GQA-aware FP16 (worst config)"]
+    L += [md_table(byb[cols].to_dict(orient="records"), cols, hdr), "",
+          f"Against the study's expanding baseline the split-K kernel wins at every batch (median "
+          f"{byb.S_splitk.iloc[0]:.2f}x at B = 1 with the study's own per-program rates; its worst configuration, "
+          f"a launch-bound call, is {byb.min_S_splitk.iloc[0]:.2f}x): occupancy goes from "
+          f"{byb.occupancy.iloc[0]:.0%} to {byb.occupancy_splitk.iloc[0]:.0%} at B = 1. Against a GQA-aware FP16 "
+          "read, which does not pay the (1 + 2G)x expansion, its advantage is bounded by the bytes ratio (3.56x "
+          f"at d = 128) and it does not lose at B = 1 (median {byb.S_splitk_vs_gqa.iloc[0]:.2f}x, worst "
+          f"configuration {byb.min_S_splitk_vs_gqa.iloc[0]:.2f}x).", "",
+          "![Hill curve, H100](hill_h100.png)", "", "![occupancy](occupancy_h100.png)", ""]
+    return "\n".join(L)
+
+
+def _published_section(rows: list[dict]) -> str:
+    L = ["## 3. Published numbers beside kvmodel", "",
+         "Each claim is data in `validation/published/*.yaml` with its source. All we have of the study is "
+         "DESIGN.md's summary and the public data's README/JSON, so every source field says so.", ""]
+    L += [md_table(rows, ["id", "published", "kvmodel", "verdict"],
+                   ["claim", "published", "kvmodel", "verdict"]), ""]
+    for r in rows:
+        L += [f"### {r['id']}", "", f"*Claim:* {r['claim']}", "", f"*Source:* {r['source']} (`{r['file']}`)", "",
+              "*Assumptions where kvmodel's count differs:*", ""]
+        L += [f"- {a}" for a in r["assumptions"]] + [""]
+        det = r.get("details") or []
+        if det and r["kind"] in ("kv_fraction", "tiering", "speculation", "cross_gpu", "fused_speedup", "hill"):
+            cols = list(det[0].keys())
+            L += [md_table(det[:30], cols), ""]
+    return "\n".join(L)
+
+
+def _h200_section(att: dict, e2e: dict) -> str:
+    L = ["## 4. Held-out accuracy on our H200 measurements", ""]
+    if not att.get("available"):
+        L += [f"**Not available:** {att['reason']}. The code path is built and tested on synthetic data in the "
+              "benchmark's format (`tests/test_validation.py`); it runs as soon as the file is committed.", ""]
+    else:
+        L += [f"**Split.** {att['split']}", "",
+              f"Attention, held-out rows (default kernels): median {att['overall']['median_abs_pct']} %, p90 "
+              f"{att['overall']['p90_abs_pct']} %, max {att['overall']['max_abs_pct']} % (targets: <= 5 % median, "
+              f"<= 15 % worst).", "", "### Per pipeline and format", ""]
+        rows = [_stats_row(k, s) for k, s in att["per_pipeline_format"].items()]
+        L += [md_table(rows, STAT_COLS), "", "### Per model", ""]
+        L += [md_table([_stats_row(k, s) for k, s in att["per_model"].items()], STAT_COLS), ""]
+        L += ["### Ablations predicted without fitting (nosplit, nogqa)", ""]
+        L += [md_table([_stats_row(k, s) for k, s in att["ablations_predicted"].items()], STAT_COLS), ""]
+        L += ["![H200 attention predicted vs measured](h200_attention_pred_vs_meas.png)", "",
+              "![H200 attention residuals](h200_attention_residuals.png)", ""]
+    if not e2e.get("available"):
+        L += [f"**End-to-end: not available:** {e2e['reason']}.", ""]
+    else:
+        L += [f"**End-to-end split.** {e2e['split']}", "",
+              f"End-to-end, held-out rows: median {e2e['overall']['median_abs_pct']} %, p90 "
+              f"{e2e['overall']['p90_abs_pct']} %, max {e2e['overall']['max_abs_pct']} % (target <= 10 % median). "
+              f"kvmodel as shipped ({e2e['shipped']['label']}): median "
+              f"{e2e['shipped']['all_rows']['median_abs_pct']} % on all rows.", ""]
+        L += [md_table([_stats_row(k, s) for k, s in e2e["per_model"].items()], STAT_COLS), ""]
+        L += [md_table([_stats_row(k, s) for k, s in e2e["per_pipeline_format"].items()], STAT_COLS), ""]
+        L += ["![H200 e2e predicted vs measured](h200_e2e_pred_vs_meas.png)", ""]
+    return "\n".join(L)
+
+
+def _peers_section(pc: dict) -> str:
+    L = ["## 5. Peers: llm-analysis and GenZ", ""]
+    if not pc.get("available"):
+        return "\n".join(L + [f"Not available: {pc['reason']}", ""])
+    L += [f"Versions: {pc['versions']}. {pc['note']} Predictions committed in "
+          "`validation/data/peers/h200_e2e_peers.json` "
+          f"({pc['n_predictions']} configuration x peer rows). FP16 rows are compared with our measured P0 step, "
+          "quantized rows with our fused P5 step (neither peer has a notion of a non-fused pipeline).", ""]
+    for peer, n in pc["notes"].items():
+        L += [f"- **{peer}**: {n['not_expressible']} rows without a prediction. Notes: "
+              + "; ".join(sorted({x.split(':')[0] if x.startswith('peer error') else x for x in n['notes']}))[:900]]
+    L += [""]
+    if pc.get("errors"):
+        rows = []
+        for peer, e in pc["errors"].items():
+            rows.append(_stats_row(f"{peer}", e["compared"], note=f"{e['not_expressible_rows']} rows not expressible"))
+            rows.append(_stats_row(f"kvmodel, same rows as {peer}", e["kvmodel_same_rows"]))
+        L += [md_table(rows, STAT_COLS + ["note"]), ""]
+    else:
+        L += [pc.get("reason", ""), ""]
+    return "\n".join(L)
+
+
+def _misses_section(r: dict, att: dict) -> str:
+    p5 = r["per_model_heldout"]["P5"]
+    worst = sorted(p5.items(), key=lambda kv: -(kv[1]["median_abs_pct"] or 0))[:2]
+    L = ["## 6. Where the model misses, and why", "",
+         "H100 study sweep (residual plots above):", "",
+         f"- **P5 at the smallest head dim** ({worst[0][0]}: median {worst[0][1]['median_abs_pct']} %, max "
+         f"{worst[0][1]['max_abs_pct']} %): d = 64 programs are short; at B >= 64 with Hq = 14 the partial-wave "
+         "count of the occupancy model is sensitive to the exact co-residency, which the integer c_res fits on the "
+         "other head dims. Fix: make c_res depend on the kernel's register/shared-memory footprint (BLOCK_N x d), "
+         "i.e. a per-head-dim c_res.",
+         "- **P5, B = 4 at long context on GQA-4 models** (-10 to -13 %): 128 programs on 132 SMs should each run "
+         "alone at r_1, but the measured rate is ~15 % lower at T >= 32K even at B = 1 (per-program rate drops "
+         "from 3.5 to 3.0 GB/s): long per-program streams (> 2 MB per head) miss in the TLB. Fix: a per-program "
+         "rate that falls with the bytes each program streams (one more parameter), or a page-size term.",
+         "- **P0 at head_dim 256** (Gemma, +9 to +14 % too slow at large B): SDPA's d = 256 path streams faster "
+         "than the d = 128 path the curve is dominated by. Fix (timing.py, optional): a head-dim factor on the P0 "
+         "plateau, as the fused curve already has ((d/128)^e).",
+         "- **P0 and P1 at 128K context** (-10 to -16 %): the expanded K/V buffers reach tens of GB; the "
+         "allocations and page mapping cost time the bytes model does not see. This is an artifact of the study's "
+         "expanding baseline; our GQA-aware P0 does not allocate.", ""]
+    if att.get("available"):
+        L += ["H200: see the residual plot against B, T, G and d in section 4; the largest per-format misses are "
+              "listed in the per pipeline/format table."]
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _h200_hill(att: dict) -> Optional[dict]:
+    """Hill fits on our H200 data: measured and kvmodel-predicted P0/P5 (INT4) and the study-like pair."""
+    from kvmodel.hill import fit_hill
+
+    if not att.get("available"):
+        return None
+    d = att["frame"]
+    out = {}
+    for lab, base, cand, var in (("H200 measured: P0 (SDPA GQA) / P5 split-K INT4", "P0", "P5", ""),
+                                 ("H200 measured: P0-expand / P5 no-split INT4 (study-like)", "P0-expand", "P5",
+                                  "nosplit")):
+        b = d[(d.pipeline == base) & (d.variant == "")]
+        c = d[(d.pipeline == cand) & (d.variant == var) & (d.k_bits == 4) & (d.v_bits == 4)]
+        m = b.merge(c, on=["model", "B", "T"], suffixes=("_b", "_c"))
+        if len(m) < 6 or m.B.nunique() < 3:
+            continue
+        try:
+            out[lab] = fit_hill(m.B, m.meas_s_b / m.meas_s_c).to_dict()
+            out[lab.replace("measured", "kvmodel")] = fit_hill(m.B, m.pred_s_b / m.pred_s_c).to_dict()
+        except (RuntimeError, ValueError):
+            continue
+    return out
+
+
+def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
+                   log: Callable[[str], None] = print, attention_file: Optional[Path] = None,
+                   e2e_file: Optional[Path] = None, peers_file: Optional[Path] = None) -> dict:
+    """Run everything; write REPORT.md, summary.json and plots into ``out_dir``; return the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log("H100 study sweep ...")
+    h100 = h100_study.run()
+    log("published claims ...")
+    pub = published.compare_all({"h100": h100})
+    log("H200 held-out ...")
+    att = heldout.run_attention(attention_file)
+    e2e = heldout.run_e2e(e2e_file, att)
+    if rerun_peers:
+        e2e_df = heldout.load_e2e(e2e_file)
+        cfgs = peers.configs_from_e2e(e2e_df) if e2e_df is not None else peers.default_configs()
+        peers.run_peers(cfgs, peers_file, log=log)
+    pc = peers.compare(e2e["frame"] if e2e.get("available") else None, peers.load_peers(peers_file))
+    h200_hill = _h200_hill(att)
+    regime = {}
+    if plots:
+        log("plots ...")
+        fr = h100["frame"]
+        held = fr[fr.role != "train"]
+        plot_pred_vs_meas(held[held.pipeline.isin(["P0", "P1", "P5"])], out_dir / "h100_pred_vs_meas.png",
+                          "Study H100 sweep, held-out rows: kvmodel vs measured")
+        plot_error_hist(held[held.pipeline.isin(["P0", "P1", "P5"])], out_dir / "h100_error_hist.png",
+                        "Study H100 sweep, held-out error distribution")
+        plot_residuals(held, out_dir / "h100_residuals.png", "Study H100 sweep: held-out residuals vs B, T, G, d")
+        card = next((c["published"] for c in published.load_claims() if c["kind"] == "hill"), None)
+        plot_hill(h100["hill"], out_dir / "hill_h100.png", "Study H100 sweep: speedup vs batch", card)
+        plot_occupancy(h100["hill"], out_dir / "occupancy_h100.png")
+        regime = plot_regime_map(out_dir / "regime_map.png")
+        if att.get("available"):
+            f = att["frame"]
+            f = f[(f.role != "train") & (f.variant == "")]
+            plot_pred_vs_meas(f.assign(key=f.pipeline + "/" + f.format), out_dir / "h200_attention_pred_vs_meas.png",
+                              "H200 attention, held-out rows", by="key")
+            plot_residuals(f, out_dir / "h200_attention_residuals.png", "H200 attention: residuals vs B, T, G, d",
+                           pipelines=("P0", "P0-expand", "P1", "P5"))
+        if e2e.get("available"):
+            f = e2e["frame"]
+            plot_pred_vs_meas(f[f.role != "train"], out_dir / "h200_e2e_pred_vs_meas.png",
+                              "H200 end-to-end decode steps, held-out rows", by="model")
+    summary = {
+        "kvmodel_version": __version__,
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "attention_median_abs_pct_error": att["overall"]["median_abs_pct"] if att.get("available") else None,
+        "attention_max_abs_pct_error": att["overall"]["max_abs_pct"] if att.get("available") else None,
+        "attention_p90_abs_pct_error": att["overall"]["p90_abs_pct"] if att.get("available") else None,
+        "attention_reason": None if att.get("available") else att["reason"],
+        "e2e_median_abs_pct_error": e2e["overall"]["median_abs_pct"] if e2e.get("available") else None,
+        "e2e_max_abs_pct_error": e2e["overall"]["max_abs_pct"] if e2e.get("available") else None,
+        "e2e_reason": None if e2e.get("available") else e2e["reason"],
+        "targets": heldout.TARGETS,
+        "h100_study": {"split": h100["split"], "heldout_per_pipeline": h100["per_pipeline_heldout"],
+                       "heldout_all_pipelines": h100["heldout_all_pipelines"],
+                       "calibration": h100["calibration"]},
+        "hill": {"h100_measured": h100["hill"]["fit_measured"], "h100_kvmodel": h100["hill"]["fit_model"],
+                 "h100_kvmodel_vs_measured_R2_per_config": h100["hill"]["model_vs_measured_speedup_R2_per_config"],
+                 "h100_by_batch": h100["hill"]["by_batch"], "h200": h200_hill},
+        "h200_attention": att, "h200_e2e": e2e, "peers": pc,
+        "published": [{k: v for k, v in r.items() if k != "details"} for r in pub],
+        "regime_map": regime,
+    }
+    summary = _strip(summary)
+    md = ["# kvmodel validation report", "",
+          f"Generated by `kvmodel validate` (kvmodel {__version__}) from committed data only: no GPU, no network. "
+          "Errors are |predicted / measured - 1| in %, on rows the calibration did not see.", "",
+          "## Headline", ""]
+    hl = [_stats_row(f"H100 study, held-out {pl}", s["all held-out"])
+          for pl, s in h100["per_pipeline_heldout"].items()]
+    if att.get("available"):
+        hl.append(_stats_row("H200 attention, held-out", att["overall"]))
+    if e2e.get("available"):
+        hl.append(_stats_row("H200 end-to-end, held-out", e2e["overall"]))
+    md += [md_table(hl, STAT_COLS), ""]
+    if not att.get("available"):
+        md += [f"- H200 attention: null ({att['reason']})."]
+    if not e2e.get("available"):
+        md += [f"- H200 end-to-end: null ({e2e['reason']})."]
+    fm = h100["hill"]["fit_measured"]
+    md += [f"- Hill fit on the public H100 data (P0/P5, B >= 4): Smax {fm['Smax']:.2f}, B_half {fm['B_half']:.2f}, "
+           f"gamma {fm['gamma']:.2f}, R2 {fm['R2']:.3f}, n = {fm['n']} (card: 3.75, 5.1, 1.32, R2 0.80).",
+           f"- kvmodel's mechanistic speedup explains R2 "
+           f"{h100['hill']['model_vs_measured_speedup_R2_per_config']:.2f} of the per-configuration H100 speedups.",
+           "", "![regime map](regime_map.png)", "",
+           _h100_section(h100), _hill_section(h100, h200_hill), _published_section(pub), _h200_section(att, e2e),
+           _peers_section(pc), _misses_section(h100, att), "",
+           "## Reproduce", "", "```", "kvmodel validate --out validation/report",
+           "kvmodel fit-hill validation/data/knlp-v40-h100/bench_results_summary.csv --min-batch 4 --json",
+           "kvmodel validate --rerun-peers   # re-runs llm-analysis and GenZ in validation/.peers-venv (PyPI)", "```",
+           ""]
+    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_text(out_dir / "REPORT.md", "\n".join(md))
+    log(f"wrote {out_dir / 'REPORT.md'}")
+    return summary

@@ -108,8 +108,15 @@ def compare(e2e_frame: Optional[pd.DataFrame], peers: Optional[dict]) -> dict:
     notes = {}
     for peer, g in p.groupby("peer"):
         n_missing = int(g["step_s"].isna().sum())
-        uniq = sorted({n for n in g["note"].fillna("") if n})
-        notes[peer] = {"not_expressible": n_missing, "notes": uniq[:6]}
+        frags: dict = {}
+        for n in g["note"].fillna(""):
+            for part in filter(None, (x.strip() for x in n.split(";"))):
+                if part.startswith("peer error"):
+                    part = part.split(". ")[0].split("System Memory")[0].strip()[:90]
+                    part = "peer error: " + part.split(":", 2)[-1].strip() if part.count(":") >= 2 else part
+                frags[part] = frags.get(part, 0) + 1
+        notes[peer] = {"not_expressible": n_missing,
+                       "notes": [f"{k} ({v} rows)" for k, v in sorted(frags.items(), key=lambda kv: -kv[1])][:8]}
     out["notes"] = notes
     if e2e_frame is None:
         out["errors"] = None

@@ -369,8 +369,8 @@ def _peers_section(pc: dict) -> str:
           f"({pc['n_predictions']} configuration x peer rows). FP16 rows are compared with our measured P0 step, "
           "quantized rows with our fused P5 step (neither peer has a notion of a non-fused pipeline).", ""]
     for peer, n in pc["notes"].items():
-        L += [f"- **{peer}**: {n['not_expressible']} rows without a prediction. Notes: "
-              + "; ".join(sorted({x.split(':')[0] if x.startswith('peer error') else x for x in n['notes']}))[:900]]
+        L += [f"- **{peer}**: {n['not_expressible']} rows without a prediction. How configurations were "
+              "expressed, and why some could not be:"] + [f"  - {x}" for x in n["notes"]]
     L += [""]
     if pc.get("errors"):
         rows = []

@@ -231,7 +231,8 @@ def spec(gpu, model_name, ctx, batch, kv, k, alpha, alpha_quant, alpha_table, tr
 
 @click.command()
 @click.option("--gpu", required=True, help="GPU name.")
-@click.option("--model", "model_name", required=True, help="model name.")
+@click.option("--model", "model_names", required=True, multiple=True,
+              help="model name(s) (repeat or comma-separate; several give one report each, or --summary).")
 @click.option("--ctx", required=True, help="context tokens (128k).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--kv", default="fp16", show_default=True, help="KV format.")
@@ -243,8 +244,10 @@ def spec(gpu, model_name, ctx, batch, kv, k, alpha, alpha_quant, alpha_table, tr
               help="fraction of layers whose KV lives in the tier [fewest whole layers that fit HBM].")
 @click.option("--link", "links", multiple=True, help="interconnects to report [every one in the catalog].")
 @click.option("--weights", "weights_dtype", default="bf16", show_default=True, type=WEIGHT_CHOICES)
+@click.option("--summary", is_flag=True, help="one table row per model x placement: bytes, GB/s, shortfall per link.")
 @click.option("--json", "as_json", is_flag=True, help="full report as JSON (key required_GBps per scenario).")
-def tier(gpu, model_name, ctx, batch, kv, target_ms, access, layers_in_tier, links, weights_dtype, as_json):
+def tier(gpu, model_names, ctx, batch, kv, target_ms, access, layers_in_tier, links, weights_dtype, summary,
+         as_json):
     """KV bytes a second memory tier must supply per step, the bandwidth needed, and every link's shortfall.
 
     Example: kvmodel tier --gpu h100 --model llama-3.1-8b --ctx 128k --batch 1 --kv fp16 --target-ms 10
@@ -252,7 +255,7 @@ def tier(gpu, model_name, ctx, batch, kv, target_ms, access, layers_in_tier, lin
     from kvmodel.tiering import interconnects, parse_access, render_tier, tier_report
 
     g = get_gpu(gpu)
-    m = get_model(model_name)
+    ms = [get_model(n) for n in _split(model_names)]
     T = _single_tokens(ctx)
     fmt = _kv(kv)
     try:
@@ -260,12 +263,30 @@ def tier(gpu, model_name, ctx, batch, kv, target_ms, access, layers_in_tier, lin
     except ValueError as e:
         _usage(str(e))
     lks = interconnects(_split(links)) if links else None
-    try:
-        r = tier_report(g, m, fmt, T, batch, target_ms / 1e3, access=acc, layers_in_tier=layers_in_tier, links=lks,
-                        weight_bytes_per_param=_W[weights_dtype])
-    except ValueError as e:
-        _usage(str(e).splitlines()[0])
-    click.echo(_dump(r.model_dump()) if as_json else render_tier(r), nl=not as_json)
+    reports = []
+    for m in ms:
+        try:
+            reports.append(tier_report(g, m, fmt, T, batch, target_ms / 1e3, access=acc, layers_in_tier=layers_in_tier,
+                                       links=lks, weight_bytes_per_param=_W[weights_dtype]))
+        except ValueError as e:
+            _usage(str(e).splitlines()[0])
+    if as_json:
+        out = [r.model_dump() for r in reports]
+        click.echo(_dump(out[0] if len(out) == 1 else out))
+    elif summary:
+        r0 = reports[0]
+        names = [lk.name for lk in r0.scenarios[0].links]
+        click.echo(f"KV tiering on {r0.gpu}: context {T:,}, batch {batch}, KV {r0.kv_format}, access {r0.access}, "
+                   f"target {target_ms:g} ms; shortfall = required / link bandwidth (overlapped prefetch)")
+        click.echo("| model | placement | tier GB/step | required GB/s | " + " | ".join(names) + " |")
+        click.echo("|---|---|---:|---:|" + "---:|" * len(names))
+        for r in reports:
+            for sc in r.scenarios:
+                cells = " | ".join(f"{lk.shortfall:,.1f}x" for lk in sc.links)
+                click.echo(f"| {r.model} | {sc.placement} | {sc.tier_bytes_per_step / 1e9:,.2f} | "
+                           f"{sc.required_GBps:,.0f} | {cells} |")
+    else:
+        click.echo("\n".join(render_tier(r) for r in reports), nl=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

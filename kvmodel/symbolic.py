@@ -463,11 +463,12 @@ kv_budget_bytes = _def(
     "kv_budget_bytes", M_cap * (1 - phi) - M_ws - weight_bytes_resident, "bytes",
     "Device memory left for the KV cache: usable capacity less weights and workspace.")
 kv_overflow_bytes = _def(
-    "kv_overflow_bytes", sp.Max(0, kv_cache_bytes - kv_budget_bytes), "bytes",
-    "KV cache bytes that do not fit in HBM and must live in the next tier.")
+    "kv_overflow_bytes", sp.Min(kv_cache_bytes, sp.Max(0, kv_cache_bytes - kv_budget_bytes)), "bytes",
+    "KV cache bytes that do not fit in HBM and must live in the next tier (all of it when the weights alone "
+    "fill HBM).")
 kv_overflow_fraction = _def(
-    "kv_overflow_fraction", sp.Max(0, 1 - kv_budget_bytes / kv_cache_bytes), "1",
-    "Share of the KV cache that overflows HBM (0 when it fits).")
+    "kv_overflow_fraction", sp.Min(1, sp.Max(0, 1 - kv_budget_bytes / kv_cache_bytes)), "1",
+    "Share of the KV cache that overflows HBM (0 when it fits, 1 when the weights leave no room).")
 tier_bytes_per_step = _def(
     "tier_bytes_per_step", f_tier * X_kv, "bytes",
     "KV bytes a tier supplies per step when a fraction f_tier of the cache (tokens or layers) lives there and "

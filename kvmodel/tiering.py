@@ -202,7 +202,8 @@ def tier_report(gpu: GPUSpec, model: ModelSpec, kv: KVFormat, context_tokens: in
         notes.append(f"layers:{f_min:g} is the fewest whole layers ({math.ceil(over_f * model.num_layers)} of "
                      f"{model.num_layers}) whose KV must leave HBM")
     if budget <= 0:
-        notes.append("the weights and workspace alone exceed this GPU's usable memory")
+        notes.append("the weights and workspace alone exceed this GPU's usable memory: the model does not run on "
+                     "one GPU even with the whole KV cache in a tier (see --tp in predict/plan)")
     if over_f == 0:
         notes.append("the KV cache fits in HBM: nothing overflows (the overflow scenario moves no bytes)")
 

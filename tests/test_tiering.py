@@ -186,3 +186,19 @@ def test_tier_text_report():
     assert r.exit_code == 0
     assert "whole-cache" in r.output and "NVLink-4" in r.output and "1,718.0 GB/s" in r.output
     assert np.isfinite(1.0)
+
+
+def test_overflow_clipped_when_weights_fill_hbm():
+    m = get_model("llama-3.1-70b")  # 141 GB of BF16 weights on an 80 GB H100
+    r = tier_report(H100, m, INT4, 131072, 32, 0.010, links=[NV4])
+    assert r.kv_budget_bytes < 0
+    assert r.overflow_fraction == 1.0 and r.overflow_bytes == pytest.approx(r.kv_cache_bytes)
+    assert _scen(r, "overflow").tier_bytes_per_step == pytest.approx(_scen(r, "whole-cache").tier_bytes_per_step)
+    assert any("does not run on one GPU" in n for n in r.notes)
+
+
+def test_summary_table_for_several_models():
+    r = run("tier", "--gpu", "h100", "--model", "qwen2.5-7b,llama-3.1-8b", "--ctx", "128k", "--batch", "32", "--kv",
+            "int4", "--link", "nvlink4,pcie5", "--summary")
+    assert r.exit_code == 0
+    assert "| Llama-3.1-8B | whole-cache | 154.62 | 15,462 | 34.4x | 245.4x |" in r.output

@@ -449,8 +449,14 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
     log("published claims ...")
     pub = published.compare_all({"h100": h100})
     log("H200 held-out ...")
-    att = heldout.run_attention(attention_file)
-    e2e = heldout.run_e2e(e2e_file, att)
+    try:
+        att = heldout.run_attention(attention_file)
+    except Exception as e:  # malformed or partial data must not sink the rest of the report
+        att = {"available": False, "reason": f"decode_attention.csv could not be evaluated: {type(e).__name__}: {e}"}
+    try:
+        e2e = heldout.run_e2e(e2e_file, att)
+    except Exception as e:  # noqa: BLE001
+        e2e = {"available": False, "reason": f"e2e_decode.csv could not be evaluated: {type(e).__name__}: {e}"}
     if rerun_peers:
         e2e_df = heldout.load_e2e(e2e_file)
         cfgs = peers.configs_from_e2e(e2e_df) if e2e_df is not None else peers.default_configs()

@@ -144,3 +144,27 @@ def test_cli_predict_tp_bad_values(monkeypatch):
 
     r = CliRunner().invoke(cli, ["predict", "--gpu", "h200", "--model", "llama-3.1-8b", "--ctx", "4k", "--tp", "0"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_cli_predict_tp_reports_per_gpu_terms_and_refuses_no_link():
+    import json
+
+    from click.testing import CliRunner
+
+    from kvmodel.cli import cli
+
+    r = CliRunner().invoke(cli, ["predict", "--gpu", "h100", "--model", "llama-3.1-70b", "--ctx", "32k", "--batch", "8",
+                                 "--tp", "4"])
+    assert r.exit_code == 0, r.output
+    assert "Tensor parallel x4 over NVLink-4" in r.output and "2 KV heads" in r.output
+    r = CliRunner().invoke(cli, ["predict", "--gpu", "h100", "--model", "llama-3.1-70b", "--ctx", "32k", "--tp", "2",
+                                 "--json"])
+    d = json.loads(r.output)
+    assert d["tensor_parallel"]["degree"] == 2 and d["tensor_parallel"]["kv_heads_per_gpu"] == 4
+    one = json.loads(CliRunner().invoke(cli, ["predict", "--gpu", "h100", "--model", "llama-3.1-8b", "--ctx", "4k",
+                                              "--json"]).output)
+    tp1 = json.loads(CliRunner().invoke(cli, ["predict", "--gpu", "h100", "--model", "llama-3.1-8b", "--ctx", "4k",
+                                              "--tp", "1", "--json"]).output)
+    assert one == tp1 and "tensor_parallel" not in one
+    r = CliRunner().invoke(cli, ["predict", "--gpu", "l40s", "--model", "llama-3.1-8b", "--ctx", "4k", "--tp", "2"])
+    assert r.exit_code == 2 and "no GPU-GPU link" in r.output and "Traceback" not in r.output

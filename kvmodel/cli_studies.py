@@ -190,7 +190,14 @@ def spec(gpu, model_name, ctx, batch, kv, k, alpha, alpha_quant, alpha_table, tr
 
     Example: kvmodel spec --gpu a100-80gb --model llama-3.1-8b --ctx 32k --kv fp8 --k 5 --alpha 0.8 --reread 1
     """
-    from kvmodel.speculation import AcceptanceTable, SpecConfig, render_spec, render_study, speculate, study_comparison
+    from kvmodel.speculation import (
+        AcceptanceTable,
+        SpecConfig,
+        render_spec,
+        render_study,
+        speculate,
+        study_comparison,
+    )
 
     if study:
         from kvmodel.speculation import render_trend, study_trend
@@ -317,7 +324,8 @@ def plan(model_name, ctx, step_ms, user_tps, aggregate_tps, gpus, kvs, batch, tp
     Example: kvmodel plan --model llama-3.1-70b --ctx 32k --user-tps 20 --price h100=2.5 --price h200=3.5
     """
     from kvmodel.specs import catalog
-    from kvmodel.studies import SLO, parse_prices, plan as run_plan, resolve_gpus
+    from kvmodel.studies import SLO, parse_prices, resolve_gpus
+    from kvmodel.studies import plan as run_plan
 
     m = get_model(model_name)
     T = _single_tokens(ctx)
@@ -359,4 +367,4 @@ def plan(model_name, ctx, step_ms, user_tps, aggregate_tps, gpus, kvs, batch, tp
 
 COMMANDS = [sweep, spec, tier, plan]
 
-__all__ = ["COMMANDS", "sweep", "spec", "tier", "plan", "LookupFailed", "sys"]
+__all__ = ["COMMANDS", "LookupFailed", "plan", "spec", "sweep", "sys", "tier"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -33,10 +32,10 @@ from kvmodel.specs import KVFormat, ModelSpec, SpecError, parse_kv_format
 class LayerRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    layers: Union[str, list[int]] = Field(description="'0-3,27', 'first:2', 'last:2', or a list of indices")
-    kv: Optional[str] = Field(default=None, description="format of these layers (fp16, int8, k8v4, ...)")
-    k_bits: Optional[int] = Field(default=None, description="override key bits of the default format")
-    v_bits: Optional[int] = Field(default=None, description="override value bits of the default format")
+    layers: str | list[int] = Field(description="'0-3,27', 'first:2', 'last:2', or a list of indices")
+    kv: str | None = Field(default=None, description="format of these layers (fp16, int8, k8v4, ...)")
+    k_bits: int | None = Field(default=None, description="override key bits of the default format")
+    v_bits: int | None = Field(default=None, description="override value bits of the default format")
 
     @field_validator("kv")
     @classmethod
@@ -68,7 +67,7 @@ class KVPolicy(BaseModel):
         return f"policy:{self.name}"
 
     @classmethod
-    def uniform(cls, kv: KVFormat) -> "KVPolicy":
+    def uniform(cls, kv: KVFormat) -> KVPolicy:
         """The policy of one format for every layer (how plain formats enter policy-aware code)."""
         return _UniformPolicy(kv)
 
@@ -188,7 +187,7 @@ def policy_attention_time_s(tm, model: ModelSpec, policy, B, T, pipeline: str = 
     return sum((n / L) * attention_time_s(tm, model, f, B, T, pipeline, tp=tp) for f, n in groups)
 
 
-def load_policy(path: Union[str, Path]) -> KVPolicy:
+def load_policy(path: str | Path) -> KVPolicy:
     """Read a policy YAML; any problem becomes a SpecError naming the file and the field."""
     path = Path(path)
     try:
@@ -215,7 +214,7 @@ def check_policy(policy: KVPolicy, model: ModelSpec) -> None:
                 raise ValueError(f"group size {f.group_size} does not divide head_dim {dim} of {model.name}")
 
 
-def as_policy(kv) -> Union[KVPolicy, _UniformPolicy]:
+def as_policy(kv) -> KVPolicy | _UniformPolicy:
     """A KVFormat or a KVPolicy, as a policy."""
     if isinstance(kv, (KVPolicy, _UniformPolicy)):
         return kv
@@ -228,6 +227,17 @@ def is_uniform(policy) -> bool:
     return isinstance(policy, _UniformPolicy)
 
 
-__all__ = ["KVPolicy", "LayerRule", "load_policy", "layer_formats", "policy_groups", "policy_kv_bytes_per_token",
-           "policy_kv_read_bytes", "policy_kv_cache_bytes", "policy_attention_time_s", "check_policy", "as_policy",
-           "is_uniform"]
+__all__ = [
+    "KVPolicy",
+    "LayerRule",
+    "as_policy",
+    "check_policy",
+    "is_uniform",
+    "layer_formats",
+    "load_policy",
+    "policy_attention_time_s",
+    "policy_groups",
+    "policy_kv_bytes_per_token",
+    "policy_kv_cache_bytes",
+    "policy_kv_read_bytes",
+]

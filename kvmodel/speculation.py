@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,7 +69,7 @@ class AcceptanceTable:
                 raise SpecError(f"{source}: {name} must lie strictly between 0 and 1")
 
     @classmethod
-    def from_csv(cls, path: Union[str, Path]) -> "AcceptanceTable":
+    def from_csv(cls, path: str | Path) -> AcceptanceTable:
         path = Path(path)
         try:
             text = path.read_text()
@@ -198,7 +197,7 @@ class SpecConfig(_Out):
     k: int = Field(default=5, ge=1, le=64, description="drafted tokens (tree depth)")
     branching: int = Field(default=1, ge=1, le=8, description="tree branches per node (1: linear)")
     alpha: float = Field(default=0.8, gt=0, lt=1, description="per-token acceptance, FP16 arm")
-    alpha_quant: Optional[float] = Field(default=None, gt=0, lt=1, description="acceptance, quantized arm")
+    alpha_quant: float | None = Field(default=None, gt=0, lt=1, description="acceptance, quantized arm")
     eta: float = Field(default=0.0, ge=0, le=1, description="KV re-read fraction per extra verification query")
     verify_pipeline_quant: str = Field(default="P5", description="P5 fused or P1 dequantize-to-buffer")
     dequant_ops: float = Field(default=0.0, ge=0, description="scalar ops per KV element dequantized")
@@ -233,9 +232,10 @@ class SpecResult(_Out):
 
 
 def speculate(gpu: GPUSpec, model: ModelSpec, kv: KVFormat, batch: int, context_tokens: int,
-              cfg: SpecConfig = SpecConfig(), acceptance: Optional[AcceptanceTable] = None,
+              cfg: SpecConfig | None = None, acceptance: AcceptanceTable | None = None,
               calibration=None) -> SpecResult:
-    """S_quant, S_spec, S_combined and rho for one operating point under ``cfg``."""
+    """S_quant, S_spec, S_combined and rho for one operating point under ``cfg`` (default SpecConfig())."""
+    cfg = cfg if cfg is not None else SpecConfig()
     if cfg.verify_pipeline_quant not in ("P5", "P1"):
         raise ValueError("verify_pipeline_quant must be P5 (fused) or P1 (dequantize to an FP16 buffer)")
     tm = TimeModel(gpu, calibration)
@@ -254,7 +254,7 @@ def speculate(gpu: GPUSpec, model: ModelSpec, kv: KVFormat, batch: int, context_
     E = float(expected_tokens(a, cfg.k, cfg.branching))
     Eq = float(expected_tokens(aq, cfg.k, cfg.branching))
     vals = dict(E_tok=E, E_tok_q=Eq, t_base=t_base, t_quant=t_quant, t_ver=t_ver, t_ver_q=t_ver_q, t_draft=t_draft)
-    ev = lambda n: float(traffic.evaluate(n, vals))  # noqa: E731
+    ev = lambda n: float(traffic.evaluate(n, vals))
     v = traffic.model_symbols(model)
     v.update(traffic.kv_symbols(kv))
     r = float(traffic.evaluate("compression_ratio", v))
@@ -367,11 +367,11 @@ class StudyRow(_Out):
     alpha_spec: float = Field(description="acceptance that reproduces the measured S_spec (plain verification)")
     tokens_ratio_needed: float = Field(description="E_quant / E_fp16 that reproduces measured rho (plain traffic)")
     tokens_ratio_needed_reread: float = Field(description="E_quant / E_fp16 needed on top of per-query re-reads")
-    alpha_quant_needed: Optional[float] = Field(description="acceptance in the FP8 arm that would give it")
+    alpha_quant_needed: float | None = Field(description="acceptance in the FP8 arm that would give it")
 
 
-def study_comparison(gpu: GPUSpec, models: Optional[dict[str, ModelSpec]] = None, k: int = 5,
-                     kv: Optional[KVFormat] = None) -> list[StudyRow]:
+def study_comparison(gpu: GPUSpec, models: dict[str, ModelSpec] | None = None, k: int = 5,
+                     kv: KVFormat | None = None) -> list[StudyRow]:
     """Model the spev06 composition table under each mechanism (equal acceptance), and solve for the
     acceptance ratio the measured rho needs under plain traffic."""
     from kvmodel.specs import get_model, parse_kv_format
@@ -416,23 +416,23 @@ class TrendRow(_Out):
     plain_combined: float
     reread_spec: float
     reread_combined: float
-    implied_reads_fp16: Optional[float] = Field(description="KV reads per FP16 verification that match S_spec "
+    implied_reads_fp16: float | None = Field(description="KV reads per FP16 verification that match S_spec "
                                                 "(acceptance of the reread fit)")
-    implied_reads_quant: Optional[float] = Field(description="KV reads per quantized verification matching S_comb")
+    implied_reads_quant: float | None = Field(description="KV reads per quantized verification matching S_comb")
 
 
-def _implied_reads(tm, m, kv, B, T, nq, pipeline, t_needed, wb=2.0) -> Optional[float]:
+def _implied_reads(tm, m, kv, B, T, nq, pipeline, t_needed, wb=2.0) -> float | None:
     """Number of times a verification must read the KV cache to take ``t_needed`` (None outside 0.2..200)."""
     from scipy.optimize import brentq
 
-    f = lambda reads: float(verify_time_s(tm, m, kv, B, T, nq, (reads - 1) / (nq - 1), pipeline, wb)) - t_needed  # noqa
+    f = lambda reads: float(verify_time_s(tm, m, kv, B, T, nq, (reads - 1) / (nq - 1), pipeline, wb)) - t_needed
     lo, hi = 0.2, 200.0
     if f(lo) > 0 or f(hi) < 0:
         return None
     return brentq(f, lo, hi)
 
 
-def study_trend(gpu: GPUSpec, batch: int = 1, k: int = 5, kv: Optional[KVFormat] = None) -> list[TrendRow]:
+def study_trend(gpu: GPUSpec, batch: int = 1, k: int = 5, kv: KVFormat | None = None) -> list[TrendRow]:
     """Hold acceptance at the value that reproduces each model's shortest-context S_spec (fitted separately under
     plain and re-read verification), then predict S_spec and S_combined at every context of the study: does the
     mechanism alone explain how speculation loses speed with context, and how FP8 keeps it?"""
@@ -469,7 +469,7 @@ def render_trend(rows: list[TrendRow]) -> str:
     lines = ["| model | T | B | S_spec meas | S_spec plain | S_spec reread | S_comb meas | S_comb plain | "
              "S_comb reread | KV reads/verify FP16 | KV reads/verify quant |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"
     for r in rows:
         lines.append(f"| {r.model} | {r.context} | {r.batch} | {r.measured_spec:.2f} | {r.plain_spec:.2f} | "
                      f"{r.reread_spec:.2f} | {r.measured_combined:.2f} | {r.plain_combined:.2f} | "
@@ -517,7 +517,20 @@ def render_study(rows: list[StudyRow], gpu_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["AcceptanceTable", "SpecConfig", "SpecResult", "speculate", "verify_time_s", "expected_tokens",
-           "verify_queries", "alpha_from_tokens", "study_comparison", "render_study", "render_spec", "SPEV06",
-           "study_trend", "render_trend",
-           "MECHANISMS"]
+__all__ = [
+    "MECHANISMS",
+    "SPEV06",
+    "AcceptanceTable",
+    "SpecConfig",
+    "SpecResult",
+    "alpha_from_tokens",
+    "expected_tokens",
+    "render_spec",
+    "render_study",
+    "render_trend",
+    "speculate",
+    "study_comparison",
+    "study_trend",
+    "verify_queries",
+    "verify_time_s",
+]

@@ -17,14 +17,21 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvmodel import traffic
-from kvmodel.policies import KVPolicy, as_policy, check_policy, load_policy, policy_attention_time_s, policy_groups
+from kvmodel.policies import (
+    KVPolicy,
+    as_policy,
+    check_policy,
+    load_policy,
+    policy_attention_time_s,
+    policy_groups,
+)
 from kvmodel.predict import (
     DEFAULT_FRAGMENTATION,
     DEFAULT_WORKSPACE_BYTES,
@@ -34,7 +41,16 @@ from kvmodel.predict import (
     tp_link,
     weights_time_s,
 )
-from kvmodel.specs import GPUSpec, KVFormat, ModelSpec, SpecError, get_gpu, get_model, parse_kv_format, parse_tokens
+from kvmodel.specs import (
+    GPUSpec,
+    KVFormat,
+    ModelSpec,
+    SpecError,
+    get_gpu,
+    get_model,
+    parse_kv_format,
+    parse_tokens,
+)
 from kvmodel.timing import TimeModel
 
 WEIGHT_DTYPES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
@@ -59,7 +75,7 @@ def _num(text: str, tokens: bool) -> int:
     return int(t)
 
 
-def parse_values(text: Union[str, int, list], tokens: bool = False) -> list[int]:
+def parse_values(text: str | int | list, tokens: bool = False) -> list[int]:
     """Expand ``1k,4k,32k``, ``1k:128k:x2``, ``1:128:x2``, ``1024:8192:+1024`` (and lists of those) into sorted
     unique positive integers. ``tokens``: accept k/m suffixes (k = 1024)."""
     if isinstance(text, list):
@@ -142,8 +158,8 @@ class StudySpec(BaseModel):
     name: str = "sweep"
     gpus: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
-    contexts: list[Union[int, str]] = Field(min_length=1, description="tokens: 1k, 1k:128k:x2, ...")
-    batches: list[Union[int, str]] = Field(default_factory=lambda: [1])
+    contexts: list[int | str] = Field(min_length=1, description="tokens: 1k, 1k:128k:x2, ...")
+    batches: list[int | str] = Field(default_factory=lambda: [1])
     kv: list[str] = Field(default_factory=lambda: ["fp16", "int4"], description="formats or policy YAML paths")
     tp: list[int] = Field(default_factory=lambda: [1])
     group_size: int = 32
@@ -174,7 +190,7 @@ class StudySpec(BaseModel):
         return v
 
 
-def load_study(path: Union[str, Path]) -> StudySpec:
+def load_study(path: str | Path) -> StudySpec:
     import yaml
 
     path = Path(path)
@@ -193,7 +209,7 @@ def load_study(path: Union[str, Path]) -> StudySpec:
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         raise SpecError(f"{path}: invalid study: field '{loc}': {err['msg']}") from None
     # resolve relative policy paths against the study file
-    kv = [str((path.parent / k)) if k.endswith((".yaml", ".yml")) and not Path(k).is_absolute() else k
+    kv = [str(path.parent / k) if k.endswith((".yaml", ".yml")) and not Path(k).is_absolute() else k
           for k in spec.kv]
     return spec.model_copy(update={"kv": kv})
 
@@ -293,8 +309,8 @@ def _check_format(kv: KVFormat, model: ModelSpec):
 
 
 def run_sweep(gpus: list[GPUSpec], models: list[ModelSpec], formats: list, batches, contexts, tps=(1,),
-              pipeline: str = "P5", weight_bytes_per_param: float = 2.0, calibrations: Optional[dict] = None,
-              progress: Optional[bool] = None, warn: Callable[[str], None] = lambda m: None):
+              pipeline: str = "P5", weight_bytes_per_param: float = 2.0, calibrations: dict | None = None,
+              progress: bool | None = None, warn: Callable[[str], None] = lambda m: None):
     """The sweep as a pandas DataFrame (one row per configuration, COLUMNS). Combinations that cannot run
     (TP > 1 on a GPU without a GPU-GPU link, a group size that does not divide head_dim) are skipped with a
     warning through ``warn``."""
@@ -345,7 +361,7 @@ def run_sweep(gpus: list[GPUSpec], models: list[ModelSpec], formats: list, batch
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Union[str, Path], writer: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, writer: Callable[[str], None]) -> Path:
     """Call ``writer(tmp_path)`` on a temporary file in the target's folder, then os.replace it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,7 +379,7 @@ def atomic_write(path: Union[str, Path], writer: Callable[[str], None]) -> Path:
     return path
 
 
-def write_tables(df, out_dir: Union[str, Path], name: str = "sweep") -> list[Path]:
+def write_tables(df, out_dir: str | Path, name: str = "sweep") -> list[Path]:
     """CSV and Parquet (pyarrow), each written atomically."""
     out_dir = Path(out_dir)
     csv_path = atomic_write(out_dir / f"{name}.csv", lambda p: df.to_csv(p, index=False))
@@ -438,7 +454,7 @@ def _tok(t) -> str:
     return str(t)
 
 
-def plot_sweep(df, out_dir: Union[str, Path], max_files: int = 60) -> list[Path]:
+def plot_sweep(df, out_dir: str | Path, max_files: int = 60) -> list[Path]:
     """Heatmaps of tokens/s and of speedup vs FP16 per (GPU, model, TP), a regime map per GPU with the crossover
     context T*(B) of each format from the symbolic model, and a roofline per GPU."""
     plt = _plt()
@@ -540,9 +556,9 @@ def plot_sweep(df, out_dir: Union[str, Path], max_files: int = 60) -> list[Path]
 class SLO(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    step_time_s: Optional[float] = Field(default=None, gt=0, description="max seconds per decode step")
-    tokens_per_s_per_user: Optional[float] = Field(default=None, gt=0)
-    aggregate_tokens_per_s: Optional[float] = Field(default=None, gt=0, description="per replica (TP group)")
+    step_time_s: float | None = Field(default=None, gt=0, description="max seconds per decode step")
+    tokens_per_s_per_user: float | None = Field(default=None, gt=0)
+    aggregate_tokens_per_s: float | None = Field(default=None, gt=0, description="per replica (TP group)")
 
     def describe(self) -> str:
         parts = []
@@ -570,13 +586,13 @@ class PlanOption(BaseModel):
     bound: str = Field(description="memory-bandwidth or compute (roofline at this point)")
     meets: bool
     reason: str = Field(description="why it fails the SLO ('' when it meets it)")
-    price_per_gpu_hour: Optional[float] = None
-    cost_per_million_tokens: Optional[float] = None
+    price_per_gpu_hour: float | None = None
+    cost_per_million_tokens: float | None = None
 
 
 def plan(model: ModelSpec, context: int, slo: SLO, gpus: list[GPUSpec], formats: list, batches, tps=(1,),
-         prices: Optional[dict[str, float]] = None, weight_bytes_per_param: float = 2.0,
-         calibrations: Optional[dict] = None) -> tuple[list[PlanOption], list[PlanOption]]:
+         prices: dict[str, float] | None = None, weight_bytes_per_param: float = 2.0,
+         calibrations: dict | None = None) -> tuple[list[PlanOption], list[PlanOption]]:
     """(meeting, failing). ``meeting``: per GPU x TP x format, the largest batch meeting the SLO (the cheapest per
     token), ranked by cost per million tokens when prices are given, else by tokens/s per GPU. ``failing``: per
     GPU x TP x format that meets it at no batch, the option closest to it with the reason (memory, bandwidth,
@@ -677,6 +693,22 @@ def resolve_models(names: list[str]) -> list[ModelSpec]:
     return list({m.name: m for m in out}.values())
 
 
-__all__ = ["parse_values", "parse_formats", "StudySpec", "load_study", "run_sweep", "sweep_combo", "write_tables",
-           "plot_sweep", "atomic_write", "SLO", "PlanOption", "plan", "parse_prices", "resolve_gpus",
-           "resolve_models", "COLUMNS", "WEIGHT_DTYPES"]
+__all__ = [
+    "COLUMNS",
+    "SLO",
+    "WEIGHT_DTYPES",
+    "PlanOption",
+    "StudySpec",
+    "atomic_write",
+    "load_study",
+    "parse_formats",
+    "parse_prices",
+    "parse_values",
+    "plan",
+    "plot_sweep",
+    "resolve_gpus",
+    "resolve_models",
+    "run_sweep",
+    "sweep_combo",
+    "write_tables",
+]

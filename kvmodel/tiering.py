@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,9 +45,9 @@ class Access(_Out):
     """How attention reads the cache each step."""
 
     kind: str = Field(description="dense | window | topk")
-    window_tokens: Optional[int] = None
-    blocks: Optional[int] = None
-    block_tokens: Optional[int] = None
+    window_tokens: int | None = None
+    blocks: int | None = None
+    block_tokens: int | None = None
 
     @property
     def label(self) -> str:
@@ -150,7 +149,7 @@ def tier_bytes(v: dict, access: Access, fraction, placement: str):
     return traffic.evaluate("tier_bytes_per_step", {"f_tier": fraction, "X_kv": access_selected_bytes(v, access)})
 
 
-def interconnects(names: Optional[list[str]] = None) -> list[Interconnect]:
+def interconnects(names: list[str] | None = None) -> list[Interconnect]:
     links = list(catalog().interconnects.values())
     if names:
         from kvmodel.specs import get_interconnect
@@ -174,10 +173,12 @@ def _hbm_time(tm: TimeModel, model: ModelSpec, kv: KVFormat, v: dict, hbm_read_b
 
 
 def tier_report(gpu: GPUSpec, model: ModelSpec, kv: KVFormat, context_tokens: int, batch: int,
-                target_step_s: float, access: Access = Access(kind="dense"),
-                layers_in_tier: Optional[float] = None, links: Optional[list[Interconnect]] = None,
+                target_step_s: float, access: Access | None = None,
+                layers_in_tier: float | None = None, links: list[Interconnect] | None = None,
                 weight_bytes_per_param: float = 2.0, pipeline: str = "P5", calibration=None) -> TierReport:
-    """Tier bytes, required bandwidth and per-link shortfall for one operating point (see module doc)."""
+    """Tier bytes, required bandwidth and per-link shortfall for one operating point (see module doc).
+    ``access`` defaults to dense."""
+    access = access if access is not None else Access(kind="dense")
     if target_step_s <= 0:
         raise ValueError("target step time must be positive")
     if layers_in_tier is not None and not 0 <= layers_in_tier <= 1:
@@ -185,7 +186,7 @@ def tier_report(gpu: GPUSpec, model: ModelSpec, kv: KVFormat, context_tokens: in
     tm = TimeModel(gpu, calibration)
     B, T = batch, context_tokens
     v = _values(model, kv, gpu, B, T, weight_bytes_per_param)
-    ev = lambda name, **kw: float(traffic.evaluate(name, {**v, **kw}))  # noqa: E731
+    ev = lambda name, **kw: float(traffic.evaluate(name, {**v, **kw}))
     cache = ev("kv_cache_bytes")
     budget = ev("kv_budget_bytes")
     over_b = ev("kv_overflow_bytes")

@@ -89,7 +89,7 @@ def test_json_has_required_GBps_for_every_scenario():
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 64), T=st.integers(1024, 1 << 18), c=st.integers(2, 4))
 def test_shortfall_proportional_to_context_and_batch(B, T, c):
-    f = lambda B, T: _scen(tier_report(H100, LLAMA, INT4, T, B, 0.010, links=[PCIE5]), "whole-cache").links[0].shortfall  # noqa
+    f = lambda B, T: _scen(tier_report(H100, LLAMA, INT4, T, B, 0.010, links=[PCIE5]), "whole-cache").links[0].shortfall
     s = f(B, T)
     assert f(c * B, T) == pytest.approx(c * s, rel=1e-9)
     assert f(B, c * T) == pytest.approx(c * s, rel=1e-9)

@@ -357,9 +357,11 @@ def main(argv=None):
 
 
 # Commands defined in their own modules (each imports heavy dependencies lazily, inside the command).
-_OPTIONAL: list = [*__import__("kvmodel.validation_cli", fromlist=["COMMANDS"]).COMMANDS, *__import__("kvmodel.cli_studies", fromlist=["COMMANDS"]).COMMANDS]
-for _cmd in _OPTIONAL:
-    cli.add_command(_cmd)
+from kvmodel import cli_calibrate, cli_sensitivity, cli_studies, validation_cli  # noqa: E402
+
+for _module in (cli_calibrate, cli_sensitivity, cli_studies, validation_cli):
+    for _cmd in _module.COMMANDS:
+        cli.add_command(_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover
     tl = None
 
 LOG2E = 1.4426950408889634
+V_FULL_DEFAULT = True  # V dequantized to a full-width fp16 tile before the P·V dot (see _load_v_full)
 DEFAULT_SMS = 132  # H200; the launcher reads the real count from the device when there is one
 
 
@@ -167,6 +168,40 @@ if triton is not None:
             return tl.reshape(xa, (BLOCK_N, HALF_D)), tl.reshape(xb, (BLOCK_N, HALF_D))
 
     @triton.jit
+    def _load_v_full(base, s_base, z_base, offs_n, mask_n, stride_t, stride_st,
+                     D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+        """One V tile dequantized to fp16 [BLOCK_N, D] in natural channel order (the two nibble halves are
+        interleaved in registers), so that the layout change for the P·V dot happens on fp16 data (ldmatrix.trans)
+        instead of as transposed byte reads from shared memory."""
+        if BITS == 16:
+            c = tl.arange(0, D)[None, :]
+            return tl.load(base + offs_n[:, None] * stride_t + c, mask=mask_n[:, None], other=0.0)
+        else:
+            NG: tl.constexpr = D // GROUP
+            n3 = offs_n[:, None, None]
+            m3 = mask_n[:, None, None]
+            gh = tl.arange(0, NG)[None, :, None]
+            s = tl.load(s_base + n3 * stride_st + gh, mask=m3, other=0.0)
+            if ASYM:
+                z = tl.load(z_base + n3 * stride_st + gh, mask=m3, other=0.0)
+            else:
+                z = s
+            if BITS == 4:
+                W: tl.constexpr = GROUP // 2
+                w = tl.arange(0, W)[None, None, :]
+                b = tl.load(base + n3 * stride_t + gh * W + w, mask=m3, other=0)
+                ca, cb = _nibbles_f16(b, MAGIC, ASM)
+                xa = _dequant(ca, s, z, BITS, ASYM, MAGIC)
+                xb = _dequant(cb, s, z, BITS, ASYM, MAGIC)
+                return tl.reshape(tl.join(xa, xb), (BLOCK_N, D))
+            else:
+                w = tl.arange(0, GROUP)[None, None, :]
+                b = tl.load(base + n3 * stride_t + gh * GROUP + w, mask=m3, other=0)
+                x = _dequant(_bytes_f16(b, MAGIC, ASM), s, z, BITS, ASYM, MAGIC)
+                return tl.reshape(x, (BLOCK_N, D))
+
+    @triton.jit
     def _attn_split_kernel(
         Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL,
         T, tokens_per_split, qk_scale,
@@ -178,6 +213,7 @@ if triton is not None:
         G: tl.constexpr, HPP: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
         K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
+        V_FULL: tl.constexpr = True,
     ):
         pid_s = tl.program_id(0)
         pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
@@ -196,7 +232,10 @@ if triton is not None:
         else:
             qa_ch = j
             qb_ch = j + HALF_D
-        if V_BITS == 4:
+        if V_FULL:
+            oa_ch = j  # unused halves: acc is full width
+            ob_ch = j + HALF_D
+        elif V_BITS == 4:
             oa_ch = 2 * j
             ob_ch = 2 * j + 1
         else:
@@ -221,8 +260,11 @@ if triton is not None:
 
         m_i = tl.full([M_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([M_PAD], tl.float32)
-        acc_a = tl.zeros([M_PAD, HALF_D], tl.float32)
-        acc_b = tl.zeros([M_PAD, HALF_D], tl.float32)
+        if V_FULL:
+            acc = tl.zeros([M_PAD, D], tl.float32)
+        else:
+            acc_a = tl.zeros([M_PAD, HALF_D], tl.float32)
+            acc_b = tl.zeros([M_PAD, HALF_D], tl.float32)
 
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -237,14 +279,25 @@ if triton is not None:
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
-            va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
             p16 = p.to(tl.float16)
-            acc_a = tl.dot(p16, va, acc_a * alpha[:, None])
-            acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
+            if V_FULL:
+                v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                 ASM)
+                acc = tl.dot(p16, v, acc * alpha[:, None])
+            else:
+                va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
+                                    MAGIC, ASM)
+                acc_a = tl.dot(p16, va, acc_a * alpha[:, None])
+                acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        acc_a = acc_a / l_safe[:, None]
-        acc_b = acc_b / l_safe[:, None]
+        if V_FULL:
+            # split the full-width accumulator into the two stored halves (channels [0, D/2) and [D/2, D))
+            acc = acc / l_safe[:, None]
+            acc_a, acc_b = tl.split(tl.permute(tl.reshape(acc, (M_PAD, 2, HALF_D)), (0, 2, 1)))
+        else:
+            acc_a = acc_a / l_safe[:, None]
+            acc_b = acc_b / l_safe[:, None]
         if SPLIT:
             po = PartO + pid_b * stride_pb + head[:, None].to(tl.int64) * stride_ph + pid_s * stride_ps
             tl.store(po + oa_ch[None, :], acc_a, mask=row_ok[:, None])
@@ -369,7 +422,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      gqa_shared: bool = True, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, magic: bool | None = None,
                      sm_scale: float | None = None, out: torch.Tensor | None = None,
-                     workspace: dict | None = None) -> torch.Tensor:
+                     workspace: dict | None = None, v_full: bool | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -439,7 +492,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         out.stride(0), out.stride(1),
         Hq * num_splits * d, num_splits * d, d,
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
-        BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split,
+        BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=V_FULL_DEFAULT if v_full is None else v_full,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:

@@ -278,8 +278,10 @@ def run_grid(args, rf, ceil):
     t_start = time.time()
     p5_opts = {}
     if args.p5_config:
-        bn, nw, ns = (int(x) for x in args.p5_config.split(","))
-        p5_opts = dict(block_n=bn, num_warps=nw, num_stages=ns)
+        vals = [int(x) for x in args.p5_config.split(",")]
+        p5_opts = dict(block_n=vals[0], num_warps=vals[1], num_stages=vals[2])
+        if len(vals) > 3:
+            p5_opts["v_full"] = bool(vals[3])
     n_rows = 0
     for T in args.contexts:  # contexts outermost: the order given on the command line is the priority
         for model in args.models:
@@ -372,12 +374,13 @@ def probe(args, ceil):
     from kvmodel.kernels import decode_attention
     from kvmodel.kernels.pipelines import p0, p1
 
-    shapes = [("llama-3.1-8b", 1, 4096), ("llama-3.1-8b", 16, 8192), ("llama-3.1-8b", 64, 32768),
-              ("qwen2.5-0.5b", 64, 16384), ("gemma-3-12b", 8, 16384)]
-    all_cfgs = [None, (64, 2, 3), (64, 1, 3), (128, 4, 3), (128, 2, 3), (32, 2, 4)]
+    shapes = [("llama-3.1-8b", 1, 4096), ("llama-3.1-8b", 32, 32768), ("gemma-3-12b", 8, 16384),
+              ("qwen2.5-0.5b", 64, 16384)]
+    # (block_n, num_warps, num_stages, v_full)
+    all_cfgs = [(64, 4, 3, False), (64, 4, 3, True), (128, 4, 3, True), (64, 2, 3, True), (32, 4, 3, True)]
     for model, B, T in shapes:
         Hq, Hkv, d = MODELS[model]
-        for kb, vb in ((16, 16), (4, 4), (8, 8)):
+        for kb, vb in ((4, 4), (8, 8), (16, 16)):
             ws = cache_bytes(B, Hkv, T, d, kb, vb)
             n_sets = max(1, min(16, math.ceil(4 * L2_BYTES / ws)))
             caches = [make_cache(B, Hkv, T, d, kb, vb, "cuda") for _ in range(n_sets)]
@@ -391,8 +394,8 @@ def probe(args, ceil):
             else:
                 med = time_graph(lambda i: p1(qs[i], caches[i]), n_sets, target_s=0.03)[0]
                 line.append(f"P1 {med * 1e6:.1f}us")
-            for cfg in (all_cfgs if model == "llama-3.1-8b" else all_cfgs[:1]):
-                opts = {} if cfg is None else dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+            for cfg in (all_cfgs if (model, B) == ("llama-3.1-8b", 32) else all_cfgs[:2]):
+                opts = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], v_full=cfg[3])
                 try:
                     med = time_graph(lambda i, o=opts: decode_attention(qs[i], caches[i], out=outs[i],
                                                                         workspace=wss[i], **o), n_sets,
@@ -419,7 +422,7 @@ def main(argv=None):
     ap.add_argument("--target-s", type=float, default=0.04, help="timed seconds per row (approximately)")
     ap.add_argument("--max-sets", type=int, default=32, help="most input copies rotated through")
     ap.add_argument("--mem-fraction", type=float, default=0.8)
-    ap.add_argument("--p5-config", default=None, help="block_n,num_warps,num_stages for P5 (default: built-in)")
+    ap.add_argument("--p5-config", default=None, help="block_n,num_warps,num_stages[,v_full] for P5 (default: built-in)")
     ap.add_argument("--probe", action="store_true", help="print a P5 tuning table instead of the grid")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)

@@ -144,6 +144,12 @@ def test_decode_attention_options(num_splits, gqa_shared):
                     gqa_shared=gqa_shared, block_n=32)
 
 
+@pytest.mark.parametrize("v_full", [False, True])
+def test_decode_attention_v_layouts(v_full):
+    for i, (kb, vb) in enumerate(BIT_PAIRS):
+        check_attention(1, 3, 1, 64, 70, kb, vb, group=(32, 64)[i % 2], asym=i == 4, seed=40 + i, v_full=v_full)
+
+
 def test_decode_attention_no_magic():
     check_attention(1, 2, 1, 64, 70, 4, 8, seed=3, magic=False)
     check_attention(1, 2, 1, 64, 70, 8, 4, group=64, asym=True, seed=4, magic=False)

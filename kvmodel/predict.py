@@ -180,7 +180,7 @@ class PipelineResult(_Out):
 
 class Memory(_Out):
     weights_bytes: float
-    kv_cache_bytes: float = Field(description="at context + generated tokens")
+    kv_cache_bytes: float = Field(description="when the last generated token is decoded: context + gen - 1 tokens")
     workspace_bytes: float
     footprint_bytes: float
     capacity_bytes: float
@@ -305,11 +305,11 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
     fused = _pipeline_result(tm, model, kv, workload, "P5", fp16.step_time_s, tp, allreduce_latency_s)
     nonfused = _pipeline_result(tm, model, kv, workload, "P1", fp16.step_time_s, tp, allreduce_latency_s)
 
-    kv_cache = evm("kv_cache_bytes", T=T + G)
-    footprint = evm("footprint", T=T + G)
+    kv_cache = evm("kv_cache_bytes", T=T + G - 1)
+    footprint = evm("footprint", T=T + G - 1)
     usable = ev("usable_memory")
     max_ctx = evm("max_context")
-    max_batch = evm("max_batch", T=T + G)
+    max_batch = evm("max_batch", T=T + G - 1)
     flops = ev("step_flops")
     notes = []
     if not tm.calibrated:
@@ -323,8 +323,8 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
             f"KV {kv_cache / GiB:.1f} + workspace {DEFAULT_WORKSPACE_BYTES / GiB:.1f}) of "
             f"{gpu.memory_capacity_GiB:g} GiB ({usable / GiB:.1f} GiB usable)"
         )
-    if T + G > model.max_context_tokens:
-        notes.append(f"context {T + G} exceeds {model.name}'s trained maximum {model.max_context_tokens}")
+    if T + G - 1 > model.max_context_tokens:
+        notes.append(f"context {T + G - 1} exceeds {model.name}'s trained maximum {model.max_context_tokens}")
     out = dict(
         gpu=gpu.name,
         model=model.name,
@@ -375,8 +375,8 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
         kv_read_per_gpu=ev("kv_read_bytes_per_gpu", N=tp),
         allreduce_bytes_per_step=ev("allreduce_bytes"),
         allreduce_time_s=float(allreduce_time_s(model, B, tp, link, allreduce_latency_s)),
-        footprint_per_gpu_bytes=ev("footprint_per_gpu", N=tp, T=T + G),
-        fits_per_gpu=bool(ev("footprint_per_gpu", N=tp, T=T + G) <= usable),
+        footprint_per_gpu_bytes=ev("footprint_per_gpu", N=tp, T=T + G - 1),
+        fits_per_gpu=bool(ev("footprint_per_gpu", N=tp, T=T + G - 1) <= usable),
     ))
 
 

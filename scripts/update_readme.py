@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- output-of: (?P<cmd>.+?) -->\n```(?P<lang>\w*)\n)(?P<body>.*?)(\n```)", re.S)
+BLOCK = re.compile(r"^(<!-- output-of: (?P<cmd>.+?) -->\n```(?P<lang>\w*)\n)(?P<body>(?:(?!```).*\n)*?)(```)$", re.M)
 
 
 def run_command(cmd: str) -> str:
@@ -39,7 +39,7 @@ def run_command(cmd: str) -> str:
 
 
 def render(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + run_command(m.group("cmd")) + m.group(5), text)
+    return BLOCK.sub(lambda m: m.group(1) + run_command(m.group("cmd")) + "\n" + m.group(5), text)
 
 
 def main() -> int:

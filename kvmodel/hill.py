@@ -141,8 +141,8 @@ def load_results(path) -> "pd.DataFrame":  # noqa: F821
             raise ValueError(f"{path}: no 'median_s' or 'median_ms' column")
     if "B" not in df.columns:
         raise ValueError(f"{path}: no 'B' (batch) column")
-    if "variant" in df.columns:  # kvmodel's benchmark: "" is the default kernel, else an ablation
-        df["variant"] = df["variant"].fillna("").astype(str)
+    if "variant" in df.columns:  # kvmodel's benchmark: "default" (or empty) is the default kernel, else an ablation
+        df["variant"] = df["variant"].fillna("").astype(str).replace("", "default")
     return df
 
 
@@ -222,9 +222,9 @@ def speedups(df, baseline: str = "P0", candidate: str = "P5", mode: Optional[str
             cand = cand[cand["group"] == 32] if (cand["group"] == 32).any() else cand
     if "variant" in df.columns:  # the default kernel unless a filter names a variant (e.g. variant=nosplit)
         if not any(f.split("=", 1)[0].strip() == "variant" for f in filters or ()):
-            cand = cand[cand["variant"] == ""]
+            cand = cand[cand["variant"] == "default"]
         if not any(f.split("=", 1)[0].strip() == "variant" for f in baseline_filters or ()):
-            base = base[base["variant"] == ""]
+            base = base[base["variant"] == "default"]
     cand = _apply_filters(cand, filters)
     base = _apply_filters(base, baseline_filters)
     if cand.empty:

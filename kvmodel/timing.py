@@ -114,24 +114,39 @@ class OccupancyCurve:
     per-program rate x (d / 128)^e (wider tiles give the loop more bytes per iteration); 0 ignores d.
     """
 
-    def __init__(self, t0_s: float, r1_GBps: float, rc_GBps: float, c_res: int = 2, head_dim_exponent: float = 0.0):
+    def __init__(self, t0_s: float, r1_GBps: float, rc_GBps: float, c_res: int = 2, head_dim_exponent: float = 0.0,
+                 program_overhead_bytes: float = 0.0, merge_s: float = 0.0, merge_per_split_s: float = 0.0):
         self.t0_s = float(t0_s)
         self.r1_GBps = float(r1_GBps)
         self.rc_GBps = float(rc_GBps)
         self.c_res = int(c_res)
         self.head_dim_exponent = float(head_dim_exponent)
+        #: fixed work of each program (q load, epilogue, partial write) in bytes-at-its-rate; 0: none
+        self.program_overhead_bytes = float(program_overhead_bytes)
+        #: split-K merge kernel (second launch + log-sum-exp merge), seconds, when splits > 1; 0: none
+        self.merge_s = float(merge_s)
+        #: merge cost per split (each merge program walks the splits of its (sequence, head) serially), seconds
+        self.merge_per_split_s = float(merge_per_split_s)
 
     def as_dict(self) -> dict:
         return dict(t0_s=self.t0_s, r1_GBps=self.r1_GBps, rc_GBps=self.rc_GBps, c_res=self.c_res,
-                    head_dim_exponent=self.head_dim_exponent)
+                    head_dim_exponent=self.head_dim_exponent, program_overhead_bytes=self.program_overhead_bytes,
+                    merge_s=self.merge_s, merge_per_split_s=self.merge_per_split_s)
 
     def plateau_GBps(self, sm_count: int) -> float:
         return sm_count * self.c_res * self.rc_GBps
 
-    def time_s(self, programs, nbytes, sm_count: int, head_dim=128):
-        """Seconds for one call of ``programs`` programs loading ``nbytes`` in total (vectorized)."""
-        return fused_kernel_time_s(programs, nbytes, sm_count, self.c_res, self.r1_GBps, self.rc_GBps, self.t0_s,
-                                   head_dim=head_dim, head_dim_exponent=self.head_dim_exponent)
+    def time_s(self, programs, nbytes, sm_count: int, head_dim=128, splits=None):
+        """Seconds for one call of ``programs`` programs loading ``nbytes`` in total (vectorized). ``splits``: the
+        split count per call (adds ``merge_s + merge_per_split_s * splits`` where > 1)."""
+        p = np.maximum(np.asarray(programs, dtype=float), 1.0)
+        nb = np.asarray(nbytes, dtype=float) + p * self.program_overhead_bytes
+        t = fused_kernel_time_s(p, nb, sm_count, self.c_res, self.r1_GBps, self.rc_GBps, self.t0_s,
+                                head_dim=head_dim, head_dim_exponent=self.head_dim_exponent)
+        if splits is not None and (self.merge_s or self.merge_per_split_s):
+            ns = np.asarray(splits, dtype=float)
+            t = t + np.where(ns > 1, self.merge_s + self.merge_per_split_s * ns, 0.0)
+        return t
 
     def occupancy(self, programs, sm_count: int):
         """Achieved / plateau bandwidth at this many programs (symbolic ``fused_occupancy``)."""

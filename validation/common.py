@@ -188,40 +188,70 @@ def _r2_log(t, pred) -> float:
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
 
 
-def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choices=(1, 2, 3, 4),
-                  fit_head_dim=True) -> tuple[OccupancyCurve, dict]:
-    """Fit a fused kernel's :class:`OccupancyCurve` (t0, r1, rc, c_res, head-dim exponent) to measured calls.
+def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choices=(2, 3, 4),
+                  fit_head_dim=True, splits=None, overheads: bool = False) -> tuple[OccupancyCurve, dict]:
+    """Fit a fused kernel's :class:`OccupancyCurve` to measured calls.
 
-    ``programs`` per call, ``nbytes`` loaded per call. c_res (programs resident per SM) is an integer: each choice
-    is fitted and the best (lowest robust cost) kept. Returns (curve, fit info).
+    Parameters: t0, the sharing rate r_c, the lone-program rate r_1 = r_c * c_res^u with u in [0, 1] (a lone program
+    cannot beat its whole SM), optionally the head-dim exponent, and with ``overheads`` a per-program fixed cost
+    (in bytes) and a split-K merge cost a + b * splits (needs ``splits``). c_res (programs resident per SM) is an
+    integer, 2..4 by default (a 4-warp program always fits twice on a Hopper SM): each choice is fitted and the
+    fewest resident programs within 1 % of the best robust cost kept. Returns (curve, fit info).
     """
     programs = np.asarray(programs, dtype=float)
     nbytes = np.asarray(nbytes, dtype=float)
     t_s = np.asarray(t_s, dtype=float)
     hd = np.broadcast_to(np.asarray(head_dim, dtype=float), t_s.shape)
+    sp = None if splits is None else np.asarray(splits, dtype=float)
     fit_e = fit_head_dim and np.unique(hd).size > 1
-    # start: plateau per SM-slot from the largest calls
+    use_merge = overheads and sp is not None and bool(np.any(sp > 1))
     big = programs >= np.percentile(programs, 75)
     plateau0 = float(np.median(nbytes[big] / t_s[big])) / 1e9
+
+    def make(th, c):
+        t0, rc = np.exp(th[0]), np.exp(th[1])
+        u = th[2]
+        k = 3
+        e = 0.0
+        if fit_e:
+            e = th[k]
+            k += 1
+        w0 = ms = mps = 0.0
+        if overheads:
+            w0 = float(np.exp(th[k]))
+            k += 1
+            if use_merge:
+                ms, mps = float(np.exp(th[k])), float(np.exp(th[k + 1]))
+        return OccupancyCurve(t0_s=float(t0), r1_GBps=float(rc * c ** u), rc_GBps=float(rc), c_res=int(c),
+                              head_dim_exponent=float(e), program_overhead_bytes=w0, merge_s=ms,
+                              merge_per_split_s=mps)
+
     results = []
     for c in c_res_choices:
         rc0 = max(plateau0 / (sm_count * c), 1e-3)
+        x0 = [np.log(max(float(t_s.min()) * 0.5, 1e-7)), np.log(rc0), 0.5]
+        lo = [np.log(1e-8), np.log(1e-4), 0.0]
+        hi = [np.log(1.0), np.log(1e4), 1.0]
+        if fit_e:
+            x0.append(0.0), lo.append(-3.0), hi.append(3.0)
+        if overheads:
+            x0.append(np.log(4096.0)), lo.append(np.log(1.0)), hi.append(np.log(1e8))
+            if use_merge:
+                x0.append(np.log(2e-6)), lo.append(np.log(1e-9)), hi.append(np.log(1e-3))
+                x0.append(np.log(2e-8)), lo.append(np.log(1e-11)), hi.append(np.log(1e-4))
+        x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
 
-        def model(th, c=c):
-            t0, r1, rc = np.exp(th[:3])
-            e = th[3] if fit_e else 0.0
-            return fused_kernel_time_s(programs, nbytes, sm_count, c, r1, min(rc, r1), t0, head_dim=hd,
-                                       head_dim_exponent=e)
+        def resid(th, c=c):
+            return np.log(make(th, c).time_s(programs, nbytes, sm_count, head_dim=hd, splits=sp) / t_s)
 
-        x0 = np.array([np.log(max(float(t_s.min()) * 0.5, 1e-7)), np.log(rc0 * 1.2), np.log(rc0)]
-                      + ([0.1] if fit_e else []))
-        r = _lsq(lambda th: np.log(model(th) / t_s), x0)
-        results.append((r.cost, c, r.x, model(r.x)))
-    cost, c, th, pred = min(results, key=lambda x: x[0])
-    t0, r1, rc = np.exp(th[:3])
-    curve = OccupancyCurve(t0_s=float(t0), r1_GBps=float(r1), rc_GBps=float(min(rc, r1)), c_res=int(c),
-                           head_dim_exponent=float(th[3]) if fit_e else 0.0)
-    info = {"c_res_costs": {int(ci): round(float(co), 4) for co, ci, _, _ in results},
+        r = _lsq(resid, x0, bounds=(lo, hi))
+        results.append((r.cost, c, r.x))
+    best = min(r[0] for r in results)
+    # parsimony: the fewest resident programs whose fit is within 1 % of the best
+    cost, c, th = min((r for r in results if r[0] <= best * 1.01 + 1e-12), key=lambda x: x[1])
+    curve = make(th, c)
+    pred = curve.time_s(programs, nbytes, sm_count, head_dim=hd, splits=sp)
+    info = {"c_res_costs": {int(ci): round(float(co), 4) for co, ci, _ in results},
             "r2_log": _r2_log(t_s, pred), "n_points": int(t_s.size),
             "median_abs_pct_error": float(np.median(np.abs(pct_error(pred, t_s))))}
     return curve, info

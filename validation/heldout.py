@@ -67,8 +67,9 @@ def split_roles(df: pd.DataFrame, model_col: str = "model", heldout_model: Optio
     df = df.assign(role=role)
     desc = (f"calibrate on contexts {', '.join(map(str, train_T))} of models "
             f"{', '.join(m for m in models if m != heldout_model)}; held out: contexts "
-            f"{', '.join(str(t) for t in ts if t not in train_T) or '(none)'} of those models, and model "
-            f"{heldout_model} entirely")
+            f"{', '.join(str(t) for t in ts if t not in train_T) or '(none)'} of those models"
+            + (f", and model {heldout_model} entirely" if heldout_model else
+               " (only one model measured so far: no model held out entirely)"))
     return df, desc, {"train_contexts": [int(t) for t in train_T], "heldout_model": heldout_model}
 
 
@@ -86,7 +87,8 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
         d = d[d["status"].fillna("ok").isin(["ok", ""])]
     d = d[np.isfinite(pd.to_numeric(d["median_s"], errors="coerce"))].copy()
     d["median_s"] = d["median_s"].astype(float)
-    d["variant"] = d["variant"].fillna("") if "variant" in d.columns else ""
+    # the default kernel is "" internally (the benchmark writes "default"); ablations keep their names
+    d["variant"] = (d["variant"].fillna("").astype(str).replace("default", "") if "variant" in d.columns else "")
     if "num_splits" not in d.columns:
         d["num_splits"] = 1
     d["num_splits"] = pd.to_numeric(d["num_splits"], errors="coerce").fillna(1).astype(float)
@@ -102,7 +104,7 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
     d["bytes_P0"] = ab("P0", B, T, Hq, Hkv, hd)
     d["bytes_P0x"] = ab("P0-expand", B, T, Hq, Hkv, hd)
     d["bytes_P5"] = ab("P5", B, T, Hq, Hkv, hd, kb, vb, g)
-    d["bytes_dq"] = ab("P1", B, T, Hq, Hkv, hd, kb, vb, g) - d["bytes_P0"]
+    d["bytes_dq"] = dequant_bytes(B, T, Hkv, hd, kb, vb, g)
     vals = {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv, "d": hd, "d_v": hd, "d_q": hd, "b_a": 2, "b_k": kb, "b_v": vb,
             "g": g, "m_k": np.where(kb >= 16, 0, 2), "m_v": np.where(vb >= 16, 0, 2)}
     d["bytes_P5_perq"] = traffic.evaluate("attn_bytes_P5_nosplit_loads", vals)
@@ -113,100 +115,129 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
     return d.reset_index(drop=True)
 
 
+def dequant_bytes(B, T, Hkv, d, k_bits, v_bits, group=32):
+    """Bytes of the non-fused pipeline's dequantize step: each *quantized* half (K or V) is read packed with its
+    scales and written as FP16; a 16-bit half is used in place. (``attn_bytes_P1`` counts the FP16 buffer for both
+    halves, which over-counts K16/V4-style formats; see the report.)"""
+    B, T, Hkv, d, kb, vb, g = (np.asarray(x, dtype=float) for x in (B, T, Hkv, d, k_bits, v_bits, group))
+
+    def half(bits):
+        q = np.where(bits < 16, d * bits / 8 + np.ceil(d / g) * 2, 0.0)
+        return np.where(bits < 16, q + 2 * d, 0.0)
+
+    return B * T * Hkv * (half(kb) + half(vb))
+
+
+def _by_dim(curves: dict, hd):
+    """The curve of the nearest calibrated head dim (exact when calibrated)."""
+    keys = np.array(sorted(curves))
+    return curves[int(keys[np.argmin(np.abs(np.log2(keys) - np.log2(float(hd))))])]
+
+
 @dataclass
 class AttentionCalibration:
-    p0: BandwidthCurve
+    p0: dict  # head_dim -> BandwidthCurve (SDPA is a different kernel per head dim)
     p0x: Optional[BandwidthCurve]
     dequant: Optional[BandwidthCurve]
-    fused: dict = field(default_factory=dict)  # format -> OccupancyCurve
+    fused: dict = field(default_factory=dict)  # (format, head_dim) -> OccupancyCurve
     sm_count: int = H200_SMS
     info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"P0": curve_dict(self.p0), "P0-expand": curve_dict(self.p0x) if self.p0x else None,
+        return {"P0 (per head_dim)": {int(k): curve_dict(v) for k, v in self.p0.items()},
+                "P0-expand": curve_dict(self.p0x) if self.p0x else None,
                 "P1 dequantize step": curve_dict(self.dequant) if self.dequant else None,
-                "P5 (per format)": {k: v.as_dict() for k, v in self.fused.items()}, "sm_count": self.sm_count,
-                **self.info}
+                "P5 (per format and head_dim)": {f"{f}/d{hd}": v.as_dict() for (f, hd), v in self.fused.items()},
+                "sm_count": self.sm_count, **self.info}
 
-    def fused_curve(self, fmt: str) -> Optional[OccupancyCurve]:
-        if fmt in self.fused:
-            return self.fused[fmt]
-        return self.fused.get("int4") or next(iter(self.fused.values()), None)
+    def fused_curve(self, fmt: str, hd) -> Optional[OccupancyCurve]:
+        same = {k[1]: v for k, v in self.fused.items() if k[0] == fmt}
+        if not same:
+            same = {k[1]: v for k, v in self.fused.items() if k[0] == "int4"} or {
+                k[1]: v for k, v in self.fused.items()}
+        return _by_dim(same, hd) if same else None
+
+    def _p0_time(self, nbytes, hd):
+        c = _by_dim(self.p0, hd)
+        return curve_time_s(nbytes, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
 
     def time_s(self, pipeline: str, fmt: str, B, T, Hq, Hkv, d, k_bits, v_bits, group=32, num_splits=None,
                variant: str = ""):
-        """Predicted seconds of one attention-layer call (vectorized over B, T, shapes; one pipeline/format)."""
-        B, T, Hq, Hkv, d = (np.asarray(x, dtype=float) for x in (B, T, Hq, Hkv, d))
+        """Predicted seconds of one attention-layer call (vectorized over B and T; one shape, pipeline, format)."""
+        B, T = np.asarray(B, dtype=float), np.asarray(T, dtype=float)
         ab = traffic.attention_layer_bytes
-        c0 = self.p0
         if pipeline == "P0":
-            return curve_time_s(ab("P0", B, T, Hq, Hkv, d), c0.t0_s, c0.bw_GBps, c0.knee_bytes, c0.sharpness)
+            return self._p0_time(ab("P0", B, T, Hq, Hkv, d), d)
         if pipeline == "P0-expand":
-            c = self.p0x or c0
+            c = self.p0x
+            if c is None:
+                return self._p0_time(ab("P0-expand", B, T, Hq, Hkv, d), d)
             return curve_time_s(ab("P0-expand", B, T, Hq, Hkv, d), c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
         if pipeline == "P1":
-            b0 = ab("P0", B, T, Hq, Hkv, d)
-            bdq = ab("P1", B, T, Hq, Hkv, d, k_bits, v_bits, group) - b0
             c = self.dequant
-            return (curve_time_s(b0, c0.t0_s, c0.bw_GBps, c0.knee_bytes, c0.sharpness)
-                    + curve_time_s(bdq, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness))
+            return (self._p0_time(ab("P0", B, T, Hq, Hkv, d), d)
+                    + curve_time_s(dequant_bytes(B, T, Hkv, d, k_bits, v_bits, group), c.t0_s, c.bw_GBps,
+                                   c.knee_bytes, c.sharpness))
         if pipeline == "P5":
-            occ = self.fused_curve(fmt)
+            occ = self.fused_curve(fmt, d)
             ns = split_count(B * Hkv, T, self.sm_count) if num_splits is None else np.asarray(num_splits, float)
             nbytes = ab("P5", B, T, Hq, Hkv, d, k_bits, v_bits, group)
             programs = B * Hkv * ns
             if variant == "nogqa":  # one program per query head: each loads its KV head's tiles
                 programs = B * Hq * ns
                 nbytes = nbytes * Hq / Hkv
-            return occ.time_s(programs, nbytes, self.sm_count, head_dim=d)
+            return occ.time_s(programs, nbytes, self.sm_count, head_dim=d, splits=ns)
         raise ValueError(f"unknown pipeline {pipeline!r}")
 
 
 def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCalibration:
     base = train[train["variant"] == ""]
-    p0 = base[base.pipeline == "P0"]
-    c0 = fit_curve(p0["bytes_P0"], p0["median_s"])
+    c0 = {int(hd): fit_curve(g["bytes_P0"], g["median_s"]) for hd, g in base[base.pipeline == "P0"].groupby("d")}
     px = base[base.pipeline == "P0-expand"]
     cx = fit_curve(px["bytes_P0x"], px["median_s"]) if len(px) >= 6 else None
+    cal = AttentionCalibration(p0=c0, p0x=cx, dequant=None, sm_count=sm_count)
     p1 = base[base.pipeline == "P1"]
-    cdq = None
     if len(p1) >= 6:
-        t0 = curve_time_s(p1["bytes_P0"].to_numpy(float), c0.t0_s, c0.bw_GBps, c0.knee_bytes, c0.sharpness)
-        cdq = fit_curve(p1["bytes_dq"], p1["median_s"], base_s=t0)
-    fused, info = {}, {}
-    for fmt, g in base[base.pipeline == "P5"].groupby("format"):
+        t0 = np.concatenate([cal._p0_time(g["bytes_P0"].to_numpy(float), hd) for hd, g in p1.groupby("d")])
+        p1 = pd.concat([g for _, g in p1.groupby("d")])
+        cal.dequant = fit_curve(p1["bytes_dq"], p1["median_s"], base_s=t0)
+    info = {}
+    for (fmt, hd), g in base[base.pipeline == "P5"].groupby(["format", "d"]):
         if len(g) < 6:
             continue
-        occ, inf = fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"])
-        fused[fmt], info[fmt] = occ, inf
-    return AttentionCalibration(p0=c0, p0x=cx, dequant=cdq, fused=fused, sm_count=sm_count,
-                                info={"fused_fit": info})
+        occ, inf = fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"],
+                                 splits=g["num_splits"], overheads=True)
+        cal.fused[(fmt, int(hd))] = occ
+        info[f"{fmt}/d{int(hd)}"] = inf
+    cal.info = {"fused_fit": info}
+    return cal
 
 
 def predict_attention(cal: AttentionCalibration, d: pd.DataFrame) -> np.ndarray:
     """Predicted seconds per row of a decode_attention frame (see the module docstring)."""
     out = np.full(len(d), np.nan)
-    c0 = cal.p0
     pl = d["pipeline"].to_numpy()
-    m = pl == "P0"
-    out[m] = curve_time_s(d.loc[m, "bytes_P0"].to_numpy(float), c0.t0_s, c0.bw_GBps, c0.knee_bytes, c0.sharpness)
+    for hd in d["d"].unique():
+        m = (d["d"] == hd).to_numpy()
+        p0 = cal._p0_time(d["bytes_P0"].to_numpy(float), hd)
+        out[m & (pl == "P0")] = p0[m & (pl == "P0")]
+        if cal.dequant is not None:
+            c = cal.dequant
+            t1 = p0 + curve_time_s(d["bytes_dq"].to_numpy(float), c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
+            out[m & (pl == "P1")] = t1[m & (pl == "P1")]
     m = pl == "P0-expand"
-    c = cal.p0x or c0
-    out[m] = curve_time_s(d.loc[m, "bytes_P0x"].to_numpy(float), c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
-    m = pl == "P1"
-    if cal.dequant is not None and m.any():
-        c = cal.dequant
-        out[m] = (curve_time_s(d.loc[m, "bytes_P0"].to_numpy(float), c0.t0_s, c0.bw_GBps, c0.knee_bytes,
-                               c0.sharpness)
-                  + curve_time_s(d.loc[m, "bytes_dq"].to_numpy(float), c.t0_s, c.bw_GBps, c.knee_bytes,
-                                 c.sharpness))
-    for fmt in d.loc[pl == "P5", "format"].unique():
-        occ = cal.fused_curve(fmt)
+    if m.any():
+        c = cal.p0x
+        if c is not None:
+            out[m] = curve_time_s(d.loc[m, "bytes_P0x"].to_numpy(float), c.t0_s, c.bw_GBps, c.knee_bytes,
+                                  c.sharpness)
+    for (fmt, hd), g in d[pl == "P5"].groupby(["format", "d"]):
+        occ = cal.fused_curve(fmt, hd)
         if occ is None:
             continue
-        m = (pl == "P5") & (d["format"] == fmt).to_numpy()
-        out[m] = occ.time_s(d.loc[m, "programs"].to_numpy(float), d.loc[m, "loads"].to_numpy(float), cal.sm_count,
-                            head_dim=d.loc[m, "d"].to_numpy(float))
+        idx = d.index.get_indexer(g.index)
+        out[idx] = occ.time_s(g["programs"].to_numpy(float), g["loads"].to_numpy(float), cal.sm_count,
+                              head_dim=g["d"].to_numpy(float), splits=g["num_splits"].to_numpy(float))
     return out
 
 
@@ -232,6 +263,8 @@ def run_attention(path: Optional[Path] = None) -> dict:
         "available": True, "split": desc, "split_detail": split, "calibration": cal.to_dict(),
         "n_rows": int(len(d)), "n_train": int(len(train)),
         "overall": error_stats(core.pred_s, core.meas_s),
+        "calls_at_least_30us": error_stats(core[core.meas_s >= 30e-6].pred_s, core[core.meas_s >= 30e-6].meas_s),
+        "rows_over_15pct": int((np.abs(core.pred_s / core.meas_s - 1) > 0.15).sum()),
         "per_pipeline_format": grouped_stats(core, ["pipeline", "format"]),
         "per_pipeline": grouped_stats(core, "pipeline"),
         "per_model": grouped_stats(core, "model"),

@@ -309,6 +309,15 @@ def _hill_section(r: dict, h200_hill: Optional[dict]) -> str:
           f"at d = 128) and it does not lose at B = 1 (median {byb.S_splitk_vs_gqa.iloc[0]:.2f}x, worst "
           f"configuration {byb.min_S_splitk_vs_gqa.iloc[0]:.2f}x).", "",
           "![Hill curve, H100](hill_h100.png)", "", "![occupancy](occupancy_h100.png)", ""]
+    if h200_hill:
+        k = next((x for x in h200_hill if x.startswith("H200 measured: P0 (SDPA")), None)
+        if k:
+            x = h200_hill[k]
+            L += [f"**On our H200 data** (all batches, n = {x['n']}): the split-K kernel's speedup over SDPA FP16 is "
+                  f"flat in B (a Hill law explains R2 {x['R2']:.2f}; Smax {x['Smax']:.2f}): split-K keeps the SMs "
+                  "occupied at every batch, so no Hill curve appears. Its level is set by the kernel's per-program "
+                  "throughput (section 4: the quantized kernel of this grid is compute-bound), not by occupancy. "
+                  "The study-like pair (P0-expand over the no-split ablation) does show a rising curve.", ""]
     return "\n".join(L)
 
 

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover
     tl = None
 
 LOG2E = 1.4426950408889634
-V_FULL_DEFAULT = True  # V dequantized to a full-width fp16 tile before the P·V dot (see _load_v_full)
+V_FULL_DEFAULT = False  # True: V dequantized to a full-width fp16 tile before the P·V dot (_load_v_full); measured no faster for 4/4 (NOTES.md), so the grid default is the halves path
 DEFAULT_SMS = 132  # H200; the launcher reads the real count from the device when there is one
 
 

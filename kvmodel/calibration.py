@@ -268,9 +268,7 @@ def attention_points_from_grid(grid_rows: Sequence[dict]) -> dict[str, tuple[lis
         p = (r.get("pipeline") or "").strip()
         if not (b and t and p):
             continue
-        xs, ts = pts.setdefault(attention_op(p, r.get("k_bits"), r.get("v_bits")), ([], []))
-        xs.append(b)
-        ts.append(t)
+        _add_point(pts, p, r.get("k_bits"), r.get("v_bits"), b, t)
     return pts
 
 
@@ -284,15 +282,35 @@ def attention_points_from_e2e(e2e_rows: Sequence[dict]) -> dict[str, tuple[list,
         a, b, L = _f(r, "attn_s"), _f(r, "bytes_kv_pipeline") or _f(r, "bytes_kv"), _f(r, "n_layers")
         if not (a and b and L):
             continue
-        xs, ts = pts.setdefault(attention_op(r["pipeline"], r.get("k_bits"), r.get("v_bits")), ([], []))
-        xs.append(b / L)
-        ts.append(a / L)
+        _add_point(pts, r["pipeline"], r.get("k_bits"), r.get("v_bits"), b / L, a / L)
     return pts
 
 
+def _add_point(pts: dict, pipeline: str, k_bits, v_bits, nbytes: float, seconds: float) -> None:
+    """File one attention measurement under its pooled op (``attention:P5``, ``attention:P5-fp16``) and, for a
+    quantized format, under ``attention:P5:k4v4`` too."""
+    op = attention_op(pipeline, k_bits, v_bits)
+    keys = [op]
+    try:
+        kb, vb = int(float(k_bits)), int(float(v_bits))
+    except (TypeError, ValueError):
+        kb = vb = None
+    if kb is not None and not op.endswith("-fp16") and (kb < 16 or vb < 16):
+        keys.append(f"{op}:k{kb}v{vb}")
+    for k in keys:
+        xs, ts = pts.setdefault(k, ([], []))
+        xs.append(nbytes)
+        ts.append(seconds)
+
+
 def fit_attention(points: dict[str, tuple[list, list]], min_points: int = 4) -> dict[str, BandwidthCurve]:
+    """One curve per op key. The pooled quantized curve ``attention:<P>`` is fitted on K4V4 alone when that
+    format has points (the design's headline format; formats differ in efficiency); per-format curves
+    ``attention:<P>:k<b>v<b>`` carry the others."""
     out = {}
     for op, (xs, ts) in sorted(points.items()):
+        if op.count(":") == 1 and f"{op}:k4v4" in points and len(points[f"{op}:k4v4"][0]) >= min_points:
+            xs, ts = points[f"{op}:k4v4"]
         if len(xs) >= min_points:
             out[op] = fit_curve(xs, ts)
     return out

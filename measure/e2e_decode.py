@@ -820,6 +820,10 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
         log(f"  skip {spec.name} B={c.B} T={c.T} {c.pipeline} {c.k_bits}/{c.v_bits}: needs {need / 1e9:.0f} GB")
     if not fit:
         return n_done
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    torch.cuda.empty_cache()  # the previous model's pool must go back to the driver before this one's
     try:
         model = DecodeModel(spec, dtype_name)
     except (NotImplementedError, torch.OutOfMemoryError) as e:
@@ -828,7 +832,12 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
             row.update(status="unavailable", note=str(e)[:200])
             rf.append(row)
         return n_done + len(fit)
+    free, _ = torch.cuda.mem_get_info()
     pool_bytes = int(max(kv for _, _, kv in fit) * 1.02) + 64 * 1024**2
+    room = int(free - margin_bytes + 2 * GiB)  # the margin counted the CUDA context, which is already in use
+    if pool_bytes > room:
+        log(f"# {spec.name}: KV pool cut to {room / 1e9:.1f} GB of free memory (wanted {pool_bytes / 1e9:.1f})")
+        pool_bytes = room
     pool = torch.empty(pool_bytes // 2, device="cuda", dtype=model.dtype)
     pool.normal_(0.0, 1.0)
     log(f"# {spec.name}: weights {model.weight_bytes_resident() / 1e9:.1f} GB, KV pool {pool_bytes / 1e9:.1f} GB, "
@@ -839,9 +848,16 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
             break
         row = _base_row(spec, c, dtype_name, group, ceiling)
         t_start = time.time()
+        step = attn_only = backend = None
         try:
             backend = make_backend(c.pipeline, spec, c.B, c.T, Carver(pool), model.dtype, c.k_bits, c.v_bits,
                                    group)
+        except MemoryError as e:
+            row.update(status="skipped", note=f"KV pool: {str(e)[:160]}")
+            rf.append(row)
+            n_done += 1
+            log(f"  {spec.name} B={c.B} T={c.T} {c.pipeline}: skipped ({e})")
+            continue
         except (ImportError, NotImplementedError, ValueError, AttributeError, TypeError) as e:
             row.update(status="unavailable", note=f"{type(e).__name__}: {str(e)[:160]}")
             rf.append(row)
@@ -875,15 +891,20 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
             f"  ({time.time() - t_start:.1f} s)")
         if progress:
             progress(n_done, n_total, f"{spec.name} B={c.B} T={c.T} {c.pipeline}")
-        del backend
+        step = attn_only = backend = None  # noqa: F841 - drop the closures that hold views of the pool
     del model, pool
+    gc.collect()
     torch.cuda.empty_cache()
     return n_done
 
 
 def _run_hf(spec, cfgs, rf, torch, total_mem, dtype_name, group, margin_bytes, ceiling, log, progress, n_done,
             n_total, deadline_s):
+    import gc  # noqa: PLC0415
+
     wbytes = param_breakdown(spec).total * 2
+    gc.collect()
+    torch.cuda.empty_cache()
     try:
         runner = HFRunner(spec, dtype_name)
     except Exception as e:  # noqa: BLE001

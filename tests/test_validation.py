@@ -168,8 +168,8 @@ def test_committed_peer_predictions():
     assert {x["peer"] for x in p["predictions"]} == {"llm-analysis", "GenZ"}
     c = peers.compare(None, p)
     assert c["available"] and c["errors"] is None
-    genz = c["notes"]["GenZ"]["notes"]
-    assert any("cannot be expressed" in n for n in genz)  # K8/V4
+    assert any("GEAR" in n for n in c["notes"]["GenZ"]["notes"])  # how 4-bit KV was expressed
+    assert any("ffn_embed_dim" in n for n in c["notes"]["llm-analysis"]["notes"])
 
 
 def test_peer_compare_with_measurements():

@@ -95,6 +95,19 @@ class TimeModel:
         c = self.calibration
         return f"calibrated: {c.gpu} / {c.runtime} ({c.date}, {c.device_name or 'device'})"
 
+    def attention_op(self, pipeline: str, k_bits: int = 16, v_bits: int = 16) -> str:
+        """The most specific attention curve this model has for a pipeline and K/V format.
+
+        Order: ``attention:<P>:k<kb>v<vb>`` (a per-format calibration), ``attention:<P>-fp16`` (a quantized
+        pipeline's kernel run at 16/16), ``attention:<P>``; op_time falls back to attention:P0 after that."""
+        names = [f"attention:{pipeline}:k{k_bits}v{v_bits}"]
+        if pipeline in ("P1", "P5") and k_bits >= 16 and v_bits >= 16:
+            names.append(f"attention:{pipeline}-fp16")
+        for n in names:
+            if n in self.curves:
+                return n
+        return f"attention:{pipeline}"
+
     def op_time(self, op: str, nbytes, flops=0.0):
         """Seconds for one call of ``op`` moving ``nbytes`` and doing ``flops`` (roofline: the larger wins)."""
         t_mem = op_time_s(_curve(self.curves, op), nbytes)

@@ -103,3 +103,21 @@ def test_weights_dtype_scales_weight_bytes():
     a = _p(weight_bytes_per_param=2.0)
     b = _p(weight_bytes_per_param=0.5)
     assert b.bytes.weights_streamed == pytest.approx(a.bytes.weights_streamed / 4)
+
+
+def test_per_format_attention_curve_is_used_when_calibrated():
+    from kvmodel.specs import BandwidthCurve, Calibration
+
+    slow = BandwidthCurve(t0_s=5e-6, bw_GBps=500.0)
+    fast = BandwidthCurve(t0_s=5e-6, bw_GBps=4000.0)
+    cal = Calibration(gpu="H200-SXM", read_bw_GBps=4600, ops={"attention:P5": fast, "attention:P5:k8v4": slow,
+                                                               "attention:P0": fast, "weights": fast,
+                                                               "lm_head": fast})
+    tm = TimeModel(H200, cal)
+    assert tm.attention_op("P5", 8, 4) == "attention:P5:k8v4"
+    assert tm.attention_op("P5", 4, 4) == "attention:P5"
+    wl = dict(batch=16, context_tokens=32768)
+    p84 = predict(H200, LLAMA, Workload(kv=parse_kv_format("k8v4"), **wl), calibration=cal)
+    p44 = predict(H200, LLAMA, Workload(kv=parse_kv_format("int4"), **wl), calibration=cal)
+    assert p84.fused.step_time_s > 3 * p44.fused.step_time_s
+    assert p84.timing.startswith("calibrated")

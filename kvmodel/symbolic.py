@@ -183,6 +183,10 @@ ideal_speedup = _def(
 # Attention pipelines, per layer and step ---------------------------------------------------------------------
 _kv16_layer = B * T * Hkv * (d + dv) * 2
 _kvq_layer = B * T * kv_bytes_per_token_layer
+# FP16 staging buffer of the non-fused path: only the halves stored below 16 bits are dequantized into it.
+_dequant_k = sp.Piecewise((1, bk < 16), (0, True))
+_dequant_v = sp.Piecewise((1, bv < 16), (0, True))
+_buf16_layer = B * T * Hkv * (d * _dequant_k + dv * _dequant_v) * 2
 _kv_expanded = B * T * Hq * (d + dv) * 2
 _qo = 2 * B * Hq * dq * ba
 attn_P0 = _def("attn_bytes_P0", _kv16_layer + _qo, "bytes",
@@ -191,10 +195,11 @@ attn_P0_expand = _def(
     "attn_bytes_P0_expand", _kv16_layer + 2 * _kv_expanded + _qo, "bytes",
     "P0-expand (the study's baseline): FP16 KV read, repeated to every query head (write), re-read by SDPA.")
 attn_P1 = _def(
-    "attn_bytes_P1", _kvq_layer + 2 * _kv16_layer + _qo, "bytes",
-    "P1 (non-fused): quantized KV read, FP16 buffer written, buffer read by SDPA.")
+    "attn_bytes_P1", _kvq_layer + 2 * _buf16_layer + _qo, "bytes",
+    "P1 (non-fused): quantized KV read, FP16 buffer written for each half stored below 16 bits, SDPA reads "
+    "the buffer (and any 16-bit half straight from the cache).")
 attn_P1_expand = _def(
-    "attn_bytes_P1_expand", _kvq_layer + 2 * _kv16_layer + 2 * _kv_expanded + _qo, "bytes",
+    "attn_bytes_P1_expand", _kvq_layer + 2 * _buf16_layer + 2 * _kv_expanded + _qo, "bytes",
     "The study's P1: dequantize to FP16, then expand to every query head, then SDPA.")
 attn_P5 = _def("attn_bytes_P5", _kvq_layer + _qo, "bytes",
                "P5 (fused): quantized KV and metadata read once, dequantized in registers.")

@@ -18,6 +18,18 @@ WEIGHT_CHOICES = click.Choice(["fp32", "fp16", "bf16", "fp8", "int8", "int4"])
 _W = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
 
 
+def _calibrations(gpus) -> dict:
+    """The shipped (or installed) calibration of each GPU, where one exists: studies use measured curves."""
+    from kvmodel.calibration import find_calibration
+
+    found = {}
+    for g in gpus:
+        cal = find_calibration(g.name)
+        if cal is not None:
+            found[g.name] = cal
+    return found
+
+
 def _usage(msg: str):
     raise click.UsageError(msg)
 
@@ -134,7 +146,8 @@ def sweep(study_file, gpus, models, ctx, batch, kvs, tp, pipeline, weights_dtype
     n = len(g_list) * len(m_list) * len(formats) * len(tps) * len(batches) * len(contexts)
     warnings = []
     df = run_sweep(g_list, m_list, formats, batches, contexts, tps=tps, pipeline=pipe,
-                   weight_bytes_per_param=_W[wd], progress=progress, warn=warnings.append)
+                   weight_bytes_per_param=_W[wd], progress=progress, warn=warnings.append,
+                   calibrations=_calibrations(g_list))
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     if df.empty:
@@ -225,7 +238,7 @@ def spec(gpu, model_name, ctx, batch, kv, k, alpha, alpha_quant, alpha_table, tr
         cfg = SpecConfig(k=k, branching=tree_branching, alpha=alpha, alpha_quant=alpha_quant, eta=eta,
                          verify_pipeline_quant="P1" if verify_pipeline == "buffer" else "P5", dequant_ops=dequant_ops,
                          draft_cost=draft_cost, weight_bytes_per_param=_W[weights_dtype])
-        res = speculate(g, m, fmt, batch, T, cfg, acceptance=table)
+        res = speculate(g, m, fmt, batch, T, cfg, acceptance=table, calibration=_calibrations([g]).get(g.name))
     except ValueError as e:
         _usage(str(e).splitlines()[0])
     click.echo(_dump(res.model_dump()) if as_json else render_spec(res), nl=not as_json)
@@ -274,7 +287,8 @@ def tier(gpu, model_names, ctx, batch, kv, target_ms, access, layers_in_tier, li
     for m in ms:
         try:
             reports.append(tier_report(g, m, fmt, T, batch, target_ms / 1e3, access=acc, layers_in_tier=layers_in_tier,
-                                       links=lks, weight_bytes_per_param=_W[weights_dtype]))
+                                       links=lks, weight_bytes_per_param=_W[weights_dtype],
+                                       calibration=_calibrations([g]).get(g.name)))
         except ValueError as e:
             _usage(str(e).splitlines()[0])
     if as_json:
@@ -339,7 +353,8 @@ def plan(model_name, ctx, step_ms, user_tps, aggregate_tps, gpus, kvs, batch, tp
         price_map = parse_prices(list(prices))
     except ValueError as e:
         _usage(str(e))
-    meet, fail = run_plan(m, T, slo, g_list, formats, batches, tps, price_map, _W[weights_dtype])
+    meet, fail = run_plan(m, T, slo, g_list, formats, batches, tps, price_map, _W[weights_dtype],
+                          calibrations=_calibrations(g_list))
     if as_json:
         click.echo(_dump({"model": m.name, "context_tokens": T, "slo": slo.model_dump(),
                           "meets": [o.model_dump() for o in meet], "fails": [o.model_dump() for o in fail]}))

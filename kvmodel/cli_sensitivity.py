@@ -6,7 +6,7 @@ unsupported architecture, a text too short, malformed pairs) exits with status 2
 
 Exported for registration in `kvmodel.cli`: ``classify`` and ``kv_quality`` (``COMMANDS`` lists both).
 
-The JSON that ``classify --out FILE`` writes is read by ``kvmodel predict --sensitivity FILE``; its stable keys:
+The JSON that ``classify --out FILE`` writes is read by ``kvmodel predict --sensitivity FILE``; stable keys:
 
 - ``recommended_kv``: a KV format string in `kvmodel.specs.parse_kv_format`'s grammar, ``"k8v4"`` when the
   keys need higher precision, ``"int4"`` otherwise;
@@ -41,11 +41,21 @@ def _deps():
     return ks
 
 
+def _command_line() -> str:
+    """How this command was invoked, for the provenance block."""
+    args = " ".join(sys.argv[1:])
+    if sys.argv and sys.argv[0].endswith("cli_sensitivity.py"):
+        return f"python -m kvmodel.cli_sensitivity {args}"
+    return f"kvmodel {args}"
+
+
 def _load(ks, model: str, device: str, dtype: str, attn: str | None, threads: int | None):
     import torch
+    from transformers.utils import logging as hf_logging
 
     if threads:
         torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
     click.echo(f"loading {model} on {device} ...", err=True)
     try:
         return ks.load_model(model, device=device, dtype=dtype, attn=attn)
@@ -189,7 +199,7 @@ def classify(
         result["protocol"]["text_file"] = str(path)
         result["protocol"]["text_tokens"] = len(text_ids)
     result["wall_time_total_s"] = time.perf_counter() - t_start
-    result["provenance"] = ks.provenance(device)
+    result["provenance"] = ks.provenance(device, command=_command_line())
 
     def human(r):
         hi, lo = r["logit_error_int6"], r["logit_error_int8"]
@@ -199,8 +209,8 @@ def classify(
             f"{r['model']['device']})"
         )
         click.echo(
-            f"variant    {r['variant']}: {r['protocol']['n_prompts']} prompts x {r['protocol']['prompt_len']} "
-            f"tokens, values {r['protocol']['value_quant']}"
+            f"variant    {r['variant']}: {r['protocol']['n_prompts']} prompts x "
+            f"{r['protocol']['prompt_len']} tokens, values {r['protocol']['value_quant']}"
         )
         click.echo(f"err INT6   {hi:.5g}")
         click.echo(f"err INT8   {lo:.5g}")
@@ -342,7 +352,7 @@ def kv_quality(
     result["model"] = lm.describe()
     result["protocol"]["text_file"] = str(path)
     result["wall_time_total_s"] = time.perf_counter() - t_start
-    result["provenance"] = ks.provenance(device)
+    result["provenance"] = ks.provenance(device, command=_command_line())
 
     def human(r):
         click.echo(f"model  {r['model']['name']}  ({r['model']['dtype']}, {r['model']['device']})")
@@ -379,3 +389,15 @@ def kv_quality(
 
 
 COMMANDS = [classify, kv_quality]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _main():
+    """KV sensitivity commands (the same as `kvmodel classify` and `kvmodel kv-quality`)."""
+
+
+for _cmd in COMMANDS:
+    _main.add_command(_cmd)
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()

@@ -1,6 +1,6 @@
 """KV-cache precision sensitivity on real checkpoints: fake quantization of K and V inside Hugging Face
-``transformers`` attention, the study's INT6/INT8 *ratio classifier*, ΔPPL / next-token agreement for a grid of
-key/value bit widths, and per-layer key statistics.
+``transformers`` attention, the study's INT6/INT8 *ratio classifier*, ΔPPL / next-token agreement for a grid
+of key/value bit widths, and per-layer key statistics.
 
 How the quantization is injected
 --------------------------------
@@ -41,8 +41,8 @@ channels to INT6 or INT8; values untouched; decode one token; error = max over t
 precision when ``ratio > tau = 3.0``. The study ran this in bfloat16 with eager attention; those are our
 defaults too (the CLI's ``--dtype``/``--attn``).
 
-Variant ``"early"`` (its ``bpa_v53_w7900.py``, following v52): prompts are windows of real text (the study used
-WikiText-103; we use a text file, by default the shipped public-domain sample), window start
+Variant ``"early"`` (its ``bpa_v53_w7900.py``, following v52): prompts are windows of real text (the study
+used WikiText-103; we use a text file, by default the shipped public-domain sample), window start
 ``RandomState(200 + i).randint(0, max(1, n_tokens - L - 266))``, next token = the text's next token,
 values quantized to INT4 in both runs, ``tau = 2.0``; the study ran 10 prompts there.
 
@@ -56,13 +56,16 @@ mean what it meant there; in float32 a model with a linear response reads ≈ 4.
 
 Recommended KV format (``recommended_kv``)
 ------------------------------------------
-``"k8v4"`` (INT8 keys, INT4 values) when the classifier flags the model, else ``"int4"`` (INT4 keys and values).
+``"k8v4"`` (INT8 keys, INT4 values) when the classifier flags the model, else ``"int4"`` (INT4 keys and
+values).
 Why: the study found that values tolerate INT4 in every model it tested, while the key precision floor is
 model dependent, with the flagged family (Qwen2.5) collapsing below about 7 bits (its "INT7 cliff"); INT8 is
 the narrowest standard key width above that cliff, and k8v4 still moves (8 + 4)/32 = 37.5 % of the FP16 KV
 bytes (plus scales) instead of 25 % for int4. For unflagged models the study's K4V4 runs kept quality, so the
 cheapest format is recommended. The classifier never measures INT4 keys itself: "int4" is an extrapolation
-from the study's results, and :func:`evaluate_kv_quality` (``kvmodel kv-quality``) is the direct check.
+from the study's results, and :func:`evaluate_kv_quality` (``kvmodel kv-quality``) is the direct check. It can
+be wrong: SmolLM2-135M reads "not sensitive" (ratio 1.25 in bf16) while INT4 keys cost it +13 to +23 %
+perplexity (docs/kv_sensitivity.md).
 These strings follow :func:`kvmodel.specs.parse_kv_format`'s grammar.
 """
 
@@ -187,7 +190,7 @@ class QuantSpec:
 
 
 def _quantize_along(x: torch.Tensor, bits: int, symmetric: bool, dim: int) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with one scale (and zero) per slice along ``dim``; arithmetic in x's dtype."""
+    """Quantize-dequantize ``x``, one scale (and zero) per slice along ``dim``; arithmetic in x's dtype."""
     eps = max(_SCALE_EPS, float(torch.finfo(x.dtype).tiny)) if x.is_floating_point() else _SCALE_EPS
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
@@ -203,7 +206,7 @@ def _quantize_along(x: torch.Tensor, bits: int, symmetric: bool, dim: int) -> to
 def fake_quantize(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
     """Quantize-dequantize a ``[..., T, d]`` tensor (T tokens, d channels) according to ``spec``.
 
-    ``axis="token"`` groups ``group_size`` consecutive channels of one token (``d % group_size == 0`` required);
+    ``axis="token"`` groups ``group_size`` consecutive channels of one token (``d % group_size == 0``);
     for ``d`` a multiple of the group size this is exactly the study's flatten-and-group of ``[B, H, T, d]``.
     ``axis="channel"`` groups ``group_size`` consecutive tokens of one channel (``T % group_size == 0``).
     """
@@ -353,7 +356,10 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         cfg = self.model.config
-        get = lambda k, d=None: getattr(cfg, k, d)
+
+        def get(k, d=None):
+            return getattr(cfg, k, d)
+
         n_heads = get("num_attention_heads")
         return {
             "name": self.name,
@@ -520,10 +526,16 @@ def _first_line(e: BaseException) -> str:
     return s[0] if s else type(e).__name__
 
 
-def _forward(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
-    """One forward pass through ``cache``; returns float32 logits ``[T, vocab]`` of the first sequence."""
+def _forward(model, input_ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
+    """One forward pass through ``cache``; float32 logits ``[T, vocab]`` of the first sequence.
+
+    ``last_only`` computes the LM head for the last position only where the model supports it (a prefill
+    whose logits are not used need not materialize T x vocab of them).
+    """
     params = inspect.signature(model.forward).parameters
     kw = {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    if last_only and "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
     with torch.no_grad():
         out = model(input_ids=input_ids, use_cache=True, **kw)
     return out.logits[0].float()
@@ -533,7 +545,8 @@ def _check_all_layers_cached(model, cache) -> None:
     n = getattr(model.config, "num_hidden_layers", None)
     if n and len(cache.seen_layers) < n:
         raise UnsupportedModelError(
-            f"unsupported architecture {model.config.model_type!r}: only {len(cache.seen_layers)} of {n} layers "
+            f"unsupported architecture {model.config.model_type!r}: only {len(cache.seen_layers)} of {n} "
+            "layers "
             "passed their K/V through the transformers cache, so they cannot be fake-quantized there"
         )
 
@@ -737,7 +750,7 @@ def run_ratio_classifier(
         ids = torch.as_tensor(p["ids"], dtype=torch.long, device=device).unsqueeze(0)
         nxt = torch.tensor([[p["next_token"]]], dtype=torch.long, device=device)
         base = _cache_cls()(n_sink=var.n_sink, quantize_new=False, active=False)
-        _forward(model, ids, base)
+        _forward(model, ids, base, last_only=True)
         _check_all_layers_cached(model, base)
         tick(1)
         ref = _forward(model, nxt, copy.deepcopy(base))[-1]
@@ -794,7 +807,8 @@ def run_ratio_classifier(
             "value_quant": "none (model dtype)"
             if v_spec is None
             else f"INT{var.value_bits} symmetric g{var.group_size}",
-            "quantized": "the prefill's cache after the sink tokens; the decoded token's K/V stay full precision",
+            "quantized": "the prefill's cache after the sink tokens; the decoded token's K/V stay full "
+            "precision",
             "error": "max over the vocabulary of |logit_fp - logit_q| at the next token, mean over prompts",
             "ratio": f"err(INT{var.key_bits_hi}) / max(err(INT{var.key_bits_lo}), 1e-8)",
             "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -826,7 +840,7 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
 
 
 def split_windows(n_tokens: int, window: int, min_len: int = 32) -> list[tuple[int, int]]:
-    """Non-overlapping ``[start, end)`` windows of ``window`` tokens; a remainder of ≥ ``min_len`` tokens is kept."""
+    """Non-overlapping ``[start, end)`` windows of ``window`` tokens; a remainder of ≥ ``min_len`` is kept."""
     if window < 2:
         raise SensitivityError(f"window must be at least 2 tokens, not {window}")
     out = [(s, s + window) for s in range(0, n_tokens - window + 1, window)]
@@ -966,15 +980,28 @@ def evaluate_kv_quality(
 
 # ----------------------------------------------------------------------------------------- key stats
 def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
-    """Spearman rank correlation with its p-value (scipy), ``rho = None`` when undefined (n < 3 or constant)."""
-    from scipy.stats import spearmanr
+    """Spearman rank correlation with a two-sided p-value; ``rho = None`` when undefined (n < 3 or constant).
+
+    For n ≤ 8 the p-value is exact (the share of all n! rank permutations with |rho| at least as large: a
+    perfect rho over 3 points has p = 1/3, not the 0 an asymptotic formula reports); above, scipy's t test.
+    """
+    import itertools
+
+    from scipy.stats import rankdata, spearmanr
 
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     n = len(xa)
     if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
         return {"rho": None, "p": None, "n": n}
     r = spearmanr(xa, ya)
-    return {"rho": float(r.statistic if hasattr(r, "statistic") else r[0]), "p": float(r.pvalue), "n": n}
+    rho = float(r.statistic if hasattr(r, "statistic") else r[0])
+    if n <= 8:
+        rx, ry = rankdata(xa), rankdata(ya)
+        perms = np.array(list(itertools.permutations(ry)))
+        rhos = np.array([np.corrcoef(rx, pr)[0, 1] for pr in perms])
+        p = float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
+        return {"rho": rho, "p": p, "n": n, "p_method": "exact permutation"}
+    return {"rho": rho, "p": float(r.pvalue), "n": n, "p_method": "t approximation"}
 
 
 def _rel_err(x: torch.Tensor, spec: QuantSpec) -> float:
@@ -997,11 +1024,12 @@ def key_statistics(
     """Per-layer statistics of the cached (post-RoPE) keys on one text window, and per-layer key sensitivity.
 
     For each layer and KV head: channel absmax over tokens; ``absmax_median_ratio`` = max channel absmax /
-    median channel absmax (reported as the max over heads, and the mean); ``outlier_channels`` = (head, channel)
-    pairs whose absmax exceeds ``outlier_factor`` × that head's median; relative Frobenius error of keys and
-    values under per-token INT8/INT6/INT4 groups of ``group_size``. With ``layer_sensitivity``: for each layer
-    alone, keys at ``probe_bits`` (values untouched) and the mean KL(fp ‖ q) and mean max |Δlogit| over the
-    window; then Spearman correlations across layers between the key statistics and that sensitivity.
+    median channel absmax (reported as the max over heads, and the mean); ``outlier_channels`` = (head,
+    channel) pairs whose absmax exceeds ``outlier_factor`` × that head's median; relative Frobenius error of
+    keys and values under per-token INT8/INT6/INT4 groups of ``group_size``. With ``layer_sensitivity``: for
+    each layer alone, keys at ``probe_bits`` (values untouched) and the mean KL(fp ‖ q) and mean max |Δlogit|
+    over the window; then Spearman correlations across layers between the key statistics and that
+    sensitivity.
     """
     ids_all = np.asarray(token_ids, dtype=np.int64)[:window]
     if len(ids_all) < 64:
@@ -1164,3 +1192,146 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, p)
+
+
+# ------------------------------------------------------------------------------------- cross-model study
+def _tiny_random_model(kind: str, seed: int = 0):
+    """A small random-weight Llama or Qwen2 (4 layers, head_dim 64, vocab 8192): no download needed."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cfg = (LlamaConfig if kind == "llama" else Qwen2Config)(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+def key_study(
+    models: Sequence[str] = ("smollm2", "tiny-random-llama", "tiny-random-qwen2"),
+    *,
+    n_prompts: int = 5,
+    prompt_len: int = 2048,
+    window: int = 1024,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Key statistics, the classifier (bf16 and fp32) and INT4-key ΔPPL per model; Spearman across models.
+
+    ``"tiny-random-llama"`` / ``"tiny-random-qwen2"`` are random-weight models built in memory (their "text"
+    is random token ids): they have no trained outlier structure, which is the point of including them, but
+    with SmolLM2 that makes three models, far too few for a Spearman correlation across models to mean
+    anything; the per-layer correlations inside SmolLM2 (30 layers) are the informative part.
+    """
+    rows = []
+    per_model = {}
+    for name in models:
+        t0 = time.perf_counter()
+        if name.startswith("tiny-random-"):
+            kind = name.rsplit("-", 1)[1]
+            model32 = _tiny_random_model(kind)
+            model16 = copy.deepcopy(model32).to(torch.bfloat16)
+            vocab = int(model32.config.vocab_size)
+            ids = np.random.RandomState(7).randint(100, vocab - 100, (window,)).tolist()
+            desc = {"name": name, "model_type": model32.config.model_type, "weights": "random (torch seed 0)"}
+        else:
+            lm32 = load_model(name, dtype="float32", attn="eager")
+            lm16 = load_model(name, dtype="bfloat16", attn="eager")
+            model32, model16, vocab = lm32.model, lm16.model, lm32.vocab_size
+            ids = tokenize_text(lm32.tokenizer, sample_text_path())
+            desc = lm32.describe()
+        log(f"{name}: key statistics")
+        st = key_statistics(model32, ids, window=window)
+        log(f"{name}: classifier bf16 / fp32")
+        c16 = run_ratio_classifier(model16, n_prompts=n_prompts, prompt_len=prompt_len, vocab_size=vocab)
+        c32 = run_ratio_classifier(model32, n_prompts=n_prompts, prompt_len=prompt_len, vocab_size=vocab)
+        log(f"{name}: INT4-key dPPL")
+        q = evaluate_kv_quality(model32, ids[:window], [(4, 16), (8, 16)], window=window)
+        qk = {r["pair"]: r for r in q["results"]}
+        row = {
+            "model": name,
+            "key_absmax_median_ratio_mean": st["summary"]["key_absmax_median_ratio_mean"],
+            "key_absmax_median_ratio_max": st["summary"]["key_absmax_median_ratio_max"],
+            "key_outlier_channels_total": st["summary"]["key_outlier_channels_total"],
+            "ratio_bf16": c16["ratio"],
+            "ratio_bf16_ci95": c16["ratio_ci95"],
+            "ratio_fp32": c32["ratio"],
+            "ratio_fp32_ci95": c32["ratio_ci95"],
+            "err_int8_fp32": c32["logit_error_int8"],
+            "err_int6_fp32": c32["logit_error_int6"],
+            "k4_delta_ppl_pct": qk["4/16"]["delta_ppl_pct"],
+            "k4_mean_kl": qk["4/16"]["mean_kl"],
+            "k8_mean_kl": qk["8/16"]["mean_kl"],
+            "wall_time_s": time.perf_counter() - t0,
+        }
+        rows.append(row)
+        per_model[name] = {
+            "model": desc,
+            "key_stats": st,
+            "classifier_bf16": c16,
+            "classifier_fp32": c32,
+            "kv_quality_window": q,
+        }
+    stat = "key_absmax_median_ratio_mean"
+    across = {
+        f"{stat}__vs__{y}": spearman([r[stat] for r in rows], [r[y] for r in rows])
+        for y in ("ratio_bf16", "ratio_fp32", "k4_mean_kl")
+    }
+    return {
+        "schema": SCHEMA_KEYSTATS,
+        "models": rows,
+        "spearman_across_models": across,
+        "note": "n = number of models; with 3 models a Spearman rho is one of +-1, +-0.5 and p >= 0.33: "
+        "not evidence either way. The per-layer correlations within SmolLM2 are in per_model[...].key_stats.",
+        "per_model": per_model,
+    }
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m kvmodel.measure.kv_sensitivity",
+        description="Per-layer key statistics, classifier and INT4-key dPPL for several models; Spearman "
+        "across models and across layers.",
+    )
+    ap.add_argument("models", nargs="*", default=["smollm2", "tiny-random-llama", "tiny-random-qwen2"])
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    res = key_study(
+        a.models,
+        n_prompts=a.prompts,
+        prompt_len=a.tokens,
+        window=a.window,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    res["wall_time_s"] = time.perf_counter() - t0
+    res["provenance"] = provenance(
+        "cpu",
+        command="python -m kvmodel.measure.kv_sensitivity "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+    if a.out:
+        write_json(a.out, res)
+    print(
+        json.dumps(
+            {"models": res["models"], "spearman_across_models": res["spearman_across_models"]}, indent=2
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

@@ -95,10 +95,10 @@ def step_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: s
     if tp == 1:
         return (overhead + weights_time_s(tm, model, B, weight_bytes_per_param)
                 + attention_time_s(tm, model, kv, B, T, pipeline))
-    link = tp_link(tm.gpu, tp)
+    link, lat = allreduce_terms(tm, tp, allreduce_latency_s)
     return (overhead + weights_time_s(tm, model, B, weight_bytes_per_param, tp=tp)
             + attention_time_s(tm, model, kv, B, T, pipeline, tp=tp)
-            + allreduce_time_s(model, B, tp, link, allreduce_latency_s))
+            + allreduce_time_s(model, B, tp, link, lat))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,6 +135,22 @@ def tp_link(gpu: GPUSpec, tp: int):
 def allreduce_latency_default_s(link, tp: int) -> float:
     """Per all-reduce latency: a launch cost plus 2(N-1) ring hops of the link's one-way latency."""
     return DEFAULT_ALLREDUCE_LAUNCH_S + 2 * (tp - 1) * link.latency_s
+
+
+def allreduce_terms(tm: TimeModel, tp: int, latency_s: Optional[float] = None):
+    """(link, per-call latency) for the all-reduces at degree ``tp``: the catalog link and default latency, or
+    the calibration's measured terms (``Calibration.tp_link``) when it has them; ``latency_s`` overrides."""
+    link = tp_link(tm.gpu, tp)
+    if link is None:
+        return None, 0.0
+    cal = tm.calibration.tp_link if tm.calibration is not None else None
+    if cal is not None:
+        lat, bw = cal.terms(tp)
+        link = link.model_copy(update={"bandwidth_per_direction_GBps": bw,
+                                       "name": f"{link.name} (calibrated)"})
+    else:
+        lat = allreduce_latency_default_s(link, tp)
+    return link, (lat if latency_s is None else latency_s)
 
 
 def allreduce_time_s(model: ModelSpec, B, tp: int, link, latency_s: Optional[float] = None):
@@ -363,7 +379,7 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
     )
     if tp == 1:
         return Prediction(**out)
-    lat = allreduce_latency_default_s(link, tp) if allreduce_latency_s is None else allreduce_latency_s
+    link, lat = allreduce_terms(tm, tp, allreduce_latency_s)
     notes.append(f"tensor parallel x{tp} over {link.name}: memory is per GPU; bytes are the whole model's")
     return TPPrediction(**out, tensor_parallel=TPReport(
         degree=tp,
@@ -374,7 +390,7 @@ def predict(gpu: GPUSpec, model: ModelSpec, workload: Workload, calibration=None
         weights_streamed_per_gpu=ev("weight_bytes_per_gpu", N=tp),
         kv_read_per_gpu=ev("kv_read_bytes_per_gpu", N=tp),
         allreduce_bytes_per_step=ev("allreduce_bytes"),
-        allreduce_time_s=float(allreduce_time_s(model, B, tp, link, allreduce_latency_s)),
+        allreduce_time_s=float(allreduce_time_s(model, B, tp, link, lat)),
         footprint_per_gpu_bytes=ev("footprint_per_gpu", N=tp, T=T + G - 1),
         fits_per_gpu=bool(ev("footprint_per_gpu", N=tp, T=T + G - 1) <= usable),
     ))

@@ -85,6 +85,34 @@ class BandwidthCurve(_Strict):
     median_abs_pct_error: Optional[float] = None
 
 
+class TPLinkDegree(_Strict):
+    """All-reduce terms fitted at one tensor-parallel degree: t = latency + 2(N-1)/N x bytes / bandwidth."""
+
+    latency_s: float = Field(ge=0)
+    bw_GBps: float = Field(gt=0)
+    r2: Optional[float] = None
+    median_abs_pct_error: Optional[float] = None
+    n_points: Optional[int] = None
+
+
+class TPLinkCalibration(_Strict):
+    """Measured GPU-GPU all-reduce terms (kvmodel.tp_fit); per degree where measured, else the joint fit."""
+
+    bw_GBps: float = Field(gt=0, description="joint bus bandwidth fit, GB/s")
+    launch_s: float = Field(ge=0, description="per-call launch cost, seconds")
+    hop_latency_s: float = Field(ge=0, description="per ring hop, seconds (latency = launch + 2(N-1) hop)")
+    joint_r2: Optional[float] = None
+    source: str = ""
+    per_tp: dict[int, TPLinkDegree] = Field(default_factory=dict)
+
+    def terms(self, tp: int) -> tuple[float, float]:
+        """(latency_s, bw_GBps) for degree ``tp``."""
+        if tp in self.per_tp:
+            d = self.per_tp[tp]
+            return d.latency_s, d.bw_GBps
+        return self.launch_s + 2 * (tp - 1) * self.hop_latency_s, self.bw_GBps
+
+
 class Calibration(_Strict):
     """Measured parameters for one GPU and one runtime; written by ``kvmodel calibrate``."""
 
@@ -103,6 +131,7 @@ class Calibration(_Strict):
         default=None, ge=0, description="per layer cost of the small kernels (norms, RoPE, KV append), seconds"
     )
     ops: dict[str, BandwidthCurve] = Field(default_factory=dict, description="curves per operation class")
+    tp_link: Optional[TPLinkCalibration] = Field(default=None, description="measured all-reduce terms (TP)")
     notes: str = ""
 
 

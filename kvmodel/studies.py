@@ -36,6 +36,7 @@ from kvmodel.predict import (
     DEFAULT_FRAGMENTATION,
     DEFAULT_WORKSPACE_BYTES,
     FP16,
+    allreduce_terms,
     allreduce_time_s,
     attention_time_s,
     tp_link,
@@ -256,7 +257,7 @@ def sweep_combo(gpu: GPUSpec, model: ModelSpec, fmt, batches, contexts, tp: int 
     wb = weight_bytes_per_param
     overhead = tm.step_overhead_s + model.num_layers * tm.layer_overhead_s
     t_w = overhead + weights_time_s(tm, model, B, wb, tp=tp)
-    t_ar = allreduce_time_s(model, B, tp, link) if tp > 1 else np.zeros_like(B)
+    t_ar = allreduce_time_s(model, B, tp, *allreduce_terms(tm, tp)) if tp > 1 else np.zeros_like(B)
     t16 = t_w + attention_time_s(tm, model, FP16, B, T, "P0", tp=tp) + t_ar
     if pipeline.startswith("P0"):
         t = t_w + attention_time_s(tm, model, FP16, B, T, pipeline, tp=tp) + t_ar

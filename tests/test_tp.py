@@ -168,3 +168,23 @@ def test_cli_predict_tp_reports_per_gpu_terms_and_refuses_no_link():
     assert one == tp1 and "tensor_parallel" not in one
     r = CliRunner().invoke(cli, ["predict", "--gpu", "l40s", "--model", "llama-3.1-8b", "--ctx", "4k", "--tp", "2"])
     assert r.exit_code == 2 and "no GPU-GPU link" in r.output and "Traceback" not in r.output
+
+
+def test_calibrated_tp_link_terms_replace_the_catalog_link():
+    from kvmodel.predict import allreduce_terms, predict
+    from kvmodel.specs import Calibration, TPLinkCalibration, TPLinkDegree, Workload, get_gpu, get_model, parse_kv_format
+    from kvmodel.timing import TimeModel
+
+    gpu, model = get_gpu("h200"), get_model("llama-3.1-8b")
+    link_cal = TPLinkCalibration(bw_GBps=100.0, launch_s=20e-6, hop_latency_s=5e-6,
+                                 per_tp={2: TPLinkDegree(latency_s=15e-6, bw_GBps=300.0)})
+    cal = Calibration(gpu=gpu.name, read_bw_GBps=4600.0, tp_link=link_cal)
+    link2, lat2 = allreduce_terms(TimeModel(gpu, cal), 2)
+    assert (link2.bandwidth_per_direction_GBps, lat2) == (300.0, 15e-6)  # measured at this degree
+    link4, lat4 = allreduce_terms(TimeModel(gpu, cal), 4)
+    assert link4.bandwidth_per_direction_GBps == 100.0 and lat4 == pytest.approx(20e-6 + 6 * 5e-6)  # joint fit
+    wl = Workload(batch=64, context_tokens=4096, kv=parse_kv_format("int4"))
+    slow = predict(gpu, model, wl, calibration=cal, tp=4)
+    fast = predict(gpu, model, wl, calibration=Calibration(gpu=gpu.name, read_bw_GBps=4600.0), tp=4)
+    assert slow.tensor_parallel.allreduce_time_s > fast.tensor_parallel.allreduce_time_s
+    assert "calibrated" in slow.tensor_parallel.link

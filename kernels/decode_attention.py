@@ -213,7 +213,7 @@ if triton is not None:
         G: tl.constexpr, HPP: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
         K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
-        V_FULL: tl.constexpr = True,
+        V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
     ):
         pid_s = tl.program_id(0)
         pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
@@ -243,8 +243,11 @@ if triton is not None:
             ob_ch = j + HALF_D
 
         q_ptr = Q + pid_b * stride_qb + head[:, None].to(tl.int64) * stride_qh
-        qa = tl.load(q_ptr + qa_ch[None, :], mask=row_ok[:, None], other=0.0)
-        qb = tl.load(q_ptr + qb_ch[None, :], mask=row_ok[:, None], other=0.0)
+        if K_FULL:
+            qf = tl.load(q_ptr + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            qa = tl.load(q_ptr + qa_ch[None, :], mask=row_ok[:, None], other=0.0)
+            qb = tl.load(q_ptr + qb_ch[None, :], mask=row_ok[:, None], other=0.0)
 
         kd = KD + pid_b * skd_b + kvh * skd_h
         ks = KS + pid_b * sks_b + kvh * sks_h
@@ -253,6 +256,9 @@ if triton is not None:
         vs = VS + pid_b * svs_b + kvh * svs_h
         vz = VZ + pid_b * svs_b + kvh * svs_h
 
+        if SC:  # scales contiguous along tokens: a constant stride lets the pipeliner copy them asynchronously
+            sks_t = D // GROUP
+            svs_t = D // GROUP
         start = pid_s * tokens_per_split
         end = start + tokens_per_split
         if end > T:
@@ -269,9 +275,15 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
-            s = tl.dot(qa, tl.trans(ka))
-            s = tl.dot(qb, tl.trans(kb), s)
+            if K_FULL:
+                kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                  ASM)
+                s = tl.dot(qf, tl.trans(kf))
+            else:
+                ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                    ASM)
+                s = tl.dot(qa, tl.trans(ka))
+                s = tl.dot(qb, tl.trans(kb), s)
             s = s * qk_scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -312,24 +324,27 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(PartO, PartL, Out, num_splits, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-                      Hq, D: tl.constexpr):
-        """Out[b, h] = Σ_s w_s · PartO[b, h, s] with w_s ∝ 2^lse_s (online over the splits, fp32)."""
+                      Hq, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Out[b, h] = Σ_s w_s · PartO[b, h, s] with w_s ∝ 2^lse_s (fp32). BLOCK_S splits are read per step
+        (one round of loads in flight instead of one per split)."""
         pid = tl.program_id(0)
         b = (pid // Hq).to(tl.int64)
         h = (pid % Hq).to(tl.int64)
         base = b * stride_pb + h * stride_ph
         c = tl.arange(0, D)
-        m = float("-inf")
-        l = 0.0
+        m = tl.full([1], float("-inf"), tl.float32)
+        l = tl.zeros([1], tl.float32)
         acc = tl.zeros([D], tl.float32)
-        for sp in range(0, num_splits):
-            lse = tl.load(PartL + (base + sp * stride_ps) // D)
-            o = tl.load(PartO + base + sp * stride_ps + c)
-            m_new = tl.maximum(m, lse)
+        for s0 in range(0, num_splits, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            ok = sp < num_splits
+            lse = tl.load(PartL + (base + sp * stride_ps) // D, mask=ok, other=float("-inf"))
+            o = tl.load(PartO + base + sp[:, None] * stride_ps + c[None, :], mask=ok[:, None], other=0.0)
+            m_new = tl.maximum(m, tl.max(lse, 0))  # finite: every chunk holds at least one (non-empty) split
             alpha = tl.math.exp2(m - m_new)
             w = tl.math.exp2(lse - m_new)
-            acc = acc * alpha + o * w
-            l = l * alpha + w
+            acc = acc * alpha + tl.sum(o * w[:, None], 0)
+            l = l * alpha + tl.sum(w, 0)
             m = m_new
         tl.store(Out + b * stride_ob + h * stride_oh + c, (acc / l).to(tl.float16))
 
@@ -366,6 +381,30 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
         if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = s_eff, cost
     return best
+
+
+LARGE_WORK = 1 << 20  # token-heads per launch (B · program heads · T) from which the throughput configs are used
+
+
+def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T: int) -> dict:
+    """Block shape of the split kernel for a format, head dim and size (H200 probe, NOTES.md v3).
+
+    ``programs_per_sm`` is how many programs of that shape one SM holds at once (registers and shared memory of
+    the sm_90 build), used by :func:`choose_num_splits`. Small launches (< ``LARGE_WORK`` token-heads) are
+    latency-bound and keep 4 warps per program; large ones with 4-bit parts use 1–2 warps per program and 32-token
+    tiles (no cross-warp softmax reductions, more independent programs per SM)."""
+    large = B * prog_heads * T >= LARGE_WORK
+    if k_bits == 16 and v_bits == 16:
+        if d == 128 and large:
+            return dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
+    if 8 in (k_bits, v_bits) or not large:
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
+    if d > 128:
+        return dict(block_n=32, num_warps=2, num_stages=3, programs_per_sm=4)  # ~223 registers: 4 per SM
+    if k_bits == 4 and v_bits == 4:
+        return dict(block_n=32, num_warps=1, num_stages=3, programs_per_sm=12)  # ~168 registers: 12 per SM
+    return dict(block_n=32, num_warps=1, num_stages=3, programs_per_sm=9)  # 16/4, 4/16: ~190-210 registers
 
 
 def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
@@ -410,6 +449,15 @@ def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
             raise ValueError(f"cache.{name}.zeros must have the strides of its scales")
 
 
+def _scales_contiguous(qt) -> bool:
+    """Scales (and zeros) of consecutive tokens are adjacent: ``stride(2) == head_dim / group`` (true for every
+    cache this package allocates), so one tile's scales are one contiguous range the pipeliner can copy."""
+    if qt.scales is None:
+        return True
+    ng = qt.head_dim // qt.group
+    return qt.scales.stride(2) == ng and (qt.zeros is None or qt.zeros.stride(2) == ng)
+
+
 def _meta(qt):
     dummy = qt.data
     s = qt.scales if qt.scales is not None else dummy
@@ -422,7 +470,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      gqa_shared: bool = True, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, magic: bool | None = None,
                      sm_scale: float | None = None, out: torch.Tensor | None = None,
-                     workspace: dict | None = None, v_full: bool | None = None) -> torch.Tensor:
+                     workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
+                     async_scales: bool | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -437,20 +486,24 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     Hkv = cache.kv_heads
     G = Hq // Hkv
     T = cache.length
+    hpp = G if gqa_shared else 1
+    prog_heads = Hkv if gqa_shared else Hq
+    cfg = default_config(cache.k.bits, cache.v.bits, d, B, prog_heads, T)
+    programs_per_sm = cfg["programs_per_sm"]
     if block_n is None:
-        block_n = 64
+        block_n = cfg["block_n"]
     if num_warps is None:
-        num_warps = 4
+        num_warps = cfg["num_warps"]
+    else:
+        programs_per_sm = 4
     if num_stages is None:
-        num_stages = 3
+        num_stages = cfg["num_stages"]
     if magic is None:
         magic = True
     asm = bool(magic) and q.device.type == "cuda" and not _interpreting()
-    hpp = G if gqa_shared else 1
-    prog_heads = Hkv if gqa_shared else Hq
     m_pad = max(16, triton.next_power_of_2(hpp))
     if num_splits is None:
-        num_splits = choose_num_splits(B, prog_heads, T, block_n, num_sms(q.device))
+        num_splits = choose_num_splits(B, prog_heads, T, block_n, num_sms(q.device), programs_per_sm)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tiles = -(-T // block_n)
@@ -482,6 +535,15 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     k, v = cache.k, cache.v
     ks, kz, kst = _meta(k)
     vs, vz, vst = _meta(v)
+    if v_full is None:
+        v_full = V_FULL_DEFAULT
+    if k_full is None:
+        k_full = False
+    contiguous = _scales_contiguous(k) and _scales_contiguous(v)
+    if async_scales is None:
+        async_scales = contiguous
+    elif async_scales and not contiguous:
+        raise ValueError("async_scales needs scales contiguous along tokens (stride(2) == head_dim / group)")
     grid = (num_splits, prog_heads, B)
     _attn_split_kernel[grid](
         q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l,
@@ -492,12 +554,14 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         out.stride(0), out.stride(1),
         Hq * num_splits * d, num_splits * d, d,
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
-        BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=V_FULL_DEFAULT if v_full is None else v_full,
+        BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
+        K_FULL=bool(k_full),
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _merge_kernel[(B * Hq,)](
             part_o, part_l, out, num_splits, Hq * num_splits * d, num_splits * d, d,
-            out.stride(0), out.stride(1), Hq, D=d, num_warps=1,
+            out.stride(0), out.stride(1), Hq, D=d, BLOCK_S=4 if num_splits <= 4 else 16,
+            num_warps=1 if num_splits <= 4 else 4,
         )
     return out

@@ -234,8 +234,15 @@ def _precompile_worker(spec):
         if variant == "P1":
             p1(q, c)
         else:
-            for ns in (1, 2):
-                decode_attention(q, c, num_splits=ns, gqa_shared=(variant != "nogqa"))
+            from kvmodel.kernels.decode_attention import LARGE_WORK, default_config
+
+            heads = Hkv if variant != "nogqa" else Hq
+            cfgs = {tuple(default_config(kb, vb, d, 1, heads, t)[k] for k in ("block_n", "num_warps", "num_stages"))
+                    for t in (1, LARGE_WORK)}  # the small- and the large-launch block shapes
+            for bn, nw, ns_ in cfgs:
+                for ns in (1, 2):
+                    decode_attention(q, c, num_splits=ns, gqa_shared=(variant != "nogqa"), block_n=bn,
+                                     num_warps=nw, num_stages=ns_)
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001
@@ -336,12 +343,14 @@ def run_grid(args, rf, ceil):
                                 opts["gqa_shared"] = False
                             fn = lambda i, o=opts: decode_attention(qs[i], caches[i], out=outs[i],  # noqa: E731
                                                                     workspace=wss[i], **o)
-                            from kvmodel.kernels.decode_attention import choose_num_splits, num_sms
+                            from kvmodel.kernels.decode_attention import choose_num_splits, default_config, num_sms
 
                             heads = Hkv if opts.get("gqa_shared", True) else Hq
-                            bn = opts.get("block_n", 64)
+                            cfg = default_config(kb, vb, d, B, heads, T)
+                            bn = opts.get("block_n", cfg["block_n"])
+                            ppsm = 4 if "num_warps" in opts else cfg["programs_per_sm"]
                             extra["num_splits"] = opts.get("num_splits") or choose_num_splits(
-                                B, heads, T, bn, num_sms(torch.device("cuda")))
+                                B, heads, T, bn, num_sms(torch.device("cuda")), ppsm)
                             extra["gqa_shared"] = opts.get("gqa_shared", True)
                         try:
                             med, p10, p90, n, R = time_graph(fn, n_sets, target_s=args.target_s)
@@ -367,47 +376,99 @@ def run_grid(args, rf, ceil):
     return n_rows
 
 
+# P5 variants the probe compares: name -> decode_attention options ("v1" = the synchronous scale loads of v1/v2)
+PROBE_VARIANTS = {
+    "v1": dict(block_n=64, num_warps=4, num_stages=3, async_scales=False, k_full=False, v_full=False),
+    "a64x4": dict(block_n=64, num_warps=4, num_stages=3),
+    "a64x4s4": dict(block_n=64, num_warps=4, num_stages=4),
+    "a128x4": dict(block_n=128, num_warps=4, num_stages=3),
+    "a128x8": dict(block_n=128, num_warps=8, num_stages=3),
+    "a64x2": dict(block_n=64, num_warps=2, num_stages=3),
+    "a32x2": dict(block_n=32, num_warps=2, num_stages=3),
+    "a32x1": dict(block_n=32, num_warps=1, num_stages=3),
+    "a64x4vf": dict(block_n=64, num_warps=4, num_stages=3, v_full=True),
+    "a32x4": dict(block_n=32, num_warps=4, num_stages=3),
+}
+# (model, B, T, (kb, vb), variants); P0 is timed beside every 16/16 case, P1 beside the first quantized one
+PROBE_CASES = [
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["v1", "a64x4", "a64x4s4", "a128x4", "a128x8", "a64x2", "a32x2", "a32x1",
+                                          "a64x4vf"]),
+    ("llama-3.1-8b", 32, 32768, (16, 16), ["v1", "a128x4", "a32x4"]),
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["v1", "a64x4", "a128x4", "a64x2", "a32x2", "a32x1", "a32x4"]),
+    ("llama-3.1-8b", 1, 4096, (16, 16), ["v1", "a32x4"]),
+    ("gemma-3-12b", 32, 32768, (4, 4), ["v1", "a64x4", "a128x8", "a32x4", "a32x2", "a32x1"]),
+    ("gemma-3-12b", 32, 32768, (16, 16), ["v1", "a32x4"]),
+    ("llama-3.1-8b", 32, 32768, (8, 8), ["v1", "a64x4", "a32x2"]),
+]
+
+
+def _probe_compile(spec):
+    """Compile (into Triton's on-disk cache) one P5 variant for one shape class, in a worker process."""
+    import torch
+
+    from kvmodel.kernels import decode_attention
+
+    model, kb, vb, name = spec
+    Hq, Hkv, d = MODELS[model]
+    try:
+        c = make_cache(2, Hkv, 512, d, kb, vb, "cuda")
+        q = torch.randn(2, Hq, d, dtype=torch.float16, device="cuda")
+        decode_attention(q, c, num_splits=2, **PROBE_VARIANTS[name])
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{spec}: {type(e).__name__}: {e}"
+
+
 def probe(args, ceil):
-    """Quick tuning table: P5 configs vs P0 at a few shapes (stdout only)."""
+    """P5 variants vs P0 (and P1) at a few shapes, one table (stdout) + rows in ``--probe-out`` (JSON lines)."""
+    import json
+    import multiprocessing as mp
+
     import torch
 
     from kvmodel.kernels import decode_attention
     from kvmodel.kernels.pipelines import p0, p1
 
-    shapes = [("llama-3.1-8b", 1, 4096), ("llama-3.1-8b", 32, 32768), ("gemma-3-12b", 8, 16384),
-              ("qwen2.5-0.5b", 64, 16384)]
-    # (block_n, num_warps, num_stages, v_full)
-    all_cfgs = [(64, 4, 3, False), (64, 4, 3, True), (128, 4, 3, True), (64, 2, 3, True), (32, 4, 3, True)]
-    for model, B, T in shapes:
+    specs = sorted({(m, kb, vb, v) for m, B, T, (kb, vb), vs in PROBE_CASES for v in vs})
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(min(args.procs, len(specs))) as pool:
+        errs = [e for e in pool.map(_probe_compile, specs) if e]
+    log(f"probe: compiled {len(specs)} variants in {time.time() - t0:.1f}s; errors: {errs}")
+    out = open(args.probe_out, "a") if args.probe_out else None
+    for model, B, T, (kb, vb), names in PROBE_CASES:
         Hq, Hkv, d = MODELS[model]
-        for kb, vb in ((4, 4), (8, 8), (16, 16)):
-            ws = cache_bytes(B, Hkv, T, d, kb, vb)
-            n_sets = max(1, min(16, math.ceil(4 * L2_BYTES / ws)))
-            caches = [make_cache(B, Hkv, T, d, kb, vb, "cuda") for _ in range(n_sets)]
-            qs = [torch.randn(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
-            outs = [torch.empty(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
-            wss = [dict() for _ in range(n_sets)]
-            line = []
-            if (kb, vb) == (16, 16):
-                med = time_graph(lambda i: p0(qs[i], caches[i]), n_sets, target_s=0.03)[0]
-                line.append(f"P0 {med * 1e6:.1f}us")
-            else:
-                med = time_graph(lambda i: p1(qs[i], caches[i]), n_sets, target_s=0.03)[0]
-                line.append(f"P1 {med * 1e6:.1f}us")
-            for cfg in (all_cfgs if (model, B) == ("llama-3.1-8b", 32) else all_cfgs[:2]):
-                opts = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], v_full=cfg[3])
-                try:
-                    med = time_graph(lambda i, o=opts: decode_attention(qs[i], caches[i], out=outs[i],
-                                                                        workspace=wss[i], **o), n_sets,
-                                     target_s=0.03)[0]
-                except Exception as e:  # noqa: BLE001
-                    line.append(f"{cfg}: ERR {type(e).__name__}")
-                    continue
-                by = bytes_moved("P5", B, T, Hq, Hkv, d, kb, vb)[0]
-                line.append(f"{cfg}: {med * 1e6:.1f}us {100 * by / med / 1e9 / ceil['read_GBps']:.0f}%")
-            log(f"PROBE {model} B={B} T={T} {kb}/{vb}: " + " | ".join(line))
-            del caches, qs, outs, wss
-            torch.cuda.empty_cache()
+        ws = cache_bytes(B, Hkv, T, d, kb, vb)
+        n_sets = max(1, min(16, math.ceil(4 * L2_BYTES / ws)))
+        caches = [make_cache(B, Hkv, T, d, kb, vb, "cuda") for _ in range(n_sets)]
+        qs = [torch.randn(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
+        outs = [torch.empty(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
+        wss = [dict() for _ in range(n_sets)]
+        base = ("P0", lambda i: p0(qs[i], caches[i])) if (kb, vb) == (16, 16) else \
+            ("P1", lambda i: p1(qs[i], caches[i]))
+        runs = [base] + [(n, (lambda i, o=PROBE_VARIANTS[n]: decode_attention(qs[i], caches[i], out=outs[i],
+                                                                             workspace=wss[i], **o))) for n in names]
+        line = []
+        for name, fn in runs:
+            pipe = name if name in ("P0", "P1") else "P5"
+            try:
+                med = time_graph(fn, n_sets, target_s=args.target_s)[0]
+            except Exception as e:  # noqa: BLE001
+                line.append(f"{name} ERR {type(e).__name__}: {str(e)[:80]}")
+                continue
+            by = bytes_moved(pipe, B, T, Hq, Hkv, d, kb, vb)[0]
+            pct = 100 * by / med / 1e9 / ceil["read_GBps"]
+            line.append(f"{name} {med * 1e6:.1f}us {pct:.0f}%")
+            if out:
+                out.write(json.dumps(dict(model=model, B=B, T=T, k_bits=kb, v_bits=vb, variant=name,
+                                          opts=PROBE_VARIANTS.get(name), median_s=med, bytes=by,
+                                          pct_read_ceiling=pct, read_GBps=ceil["read_GBps"])) + "\n")
+                out.flush()
+        log(f"PROBE {model} B={B} T={T} {kb}/{vb}: " + " | ".join(line))
+        del caches, qs, outs, wss
+        torch.cuda.empty_cache()
+    if out:
+        out.close()
 
 
 def main(argv=None):
@@ -424,6 +485,7 @@ def main(argv=None):
     ap.add_argument("--mem-fraction", type=float, default=0.8)
     ap.add_argument("--p5-config", default=None, help="block_n,num_warps,num_stages[,v_full] for P5 (default: built-in)")
     ap.add_argument("--probe", action="store_true", help="print a P5 tuning table instead of the grid")
+    ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

@@ -150,9 +150,59 @@ def test_decode_attention_v_layouts(v_full):
         check_attention(1, 3, 1, 64, 70, kb, vb, group=(32, 64)[i % 2], asym=i == 4, seed=40 + i, v_full=v_full)
 
 
+@pytest.mark.parametrize("k_full,async_scales", [(False, False), (True, True), (True, False)])
+def test_decode_attention_k_layouts_and_scale_loads(k_full, async_scales):
+    """K full width or as halves, scales read with a constant (async-copyable) or the run-time stride."""
+    for i, (kb, vb) in enumerate([(4, 4), (8, 8), (8, 4), (4, 8), (16, 8)]):
+        check_attention(1, 4, 1, 128 if i % 2 else 64, 70, kb, vb, group=(32, 64)[i % 2], asym=i == 2,
+                        seed=60 + i, k_full=k_full, async_scales=async_scales)
+
+
+def test_async_scales_needs_contiguous_scales():
+    cache, g = _make_cache(1, 1, 40, 64, 4, 4, 32, False, seed=2)
+    wide = torch.zeros(1, 1, 45, 4, dtype=torch.float16, device=DEV)
+    wide[..., :2] = cache.k.scales
+    cache.k.scales = wide[..., :2]  # stride(2) = 4 != d / group = 2
+    q = torch.randn(1, 2, 64, generator=g).half().to(DEV)
+    with pytest.raises(ValueError, match="async_scales"):
+        decode_attention(q, cache, async_scales=True)
+    ref = decode_attention_reference(q, cache)
+    assert (decode_attention(q, cache).float() - ref).abs().max().item() < 5e-3  # falls back to the strided loads
+
+
 def test_decode_attention_no_magic():
     check_attention(1, 2, 1, 64, 70, 4, 8, seed=3, magic=False)
     check_attention(1, 2, 1, 64, 70, 8, 4, group=64, asym=True, seed=4, magic=False)
+
+
+def test_default_config():
+    from kvmodel.kernels.decode_attention import default_config
+
+    assert default_config(4, 4, 128, 32, 8, 32768)["num_warps"] == 1  # large 4-bit: 1-warp programs
+    assert default_config(4, 4, 256, 32, 8, 32768)["num_warps"] == 2
+    assert default_config(4, 4, 128, 1, 8, 4096)["num_warps"] == 4  # small: latency-bound, 4 warps
+    assert default_config(16, 16, 128, 32, 8, 32768)["block_n"] == 128
+    assert default_config(8, 8, 128, 32, 8, 32768)["block_n"] == 64
+    for kb, vb in BIT_PAIRS:
+        for d in D_VALUES:
+            c = default_config(kb, vb, d, 64, 8, 131072)
+            assert c["block_n"] in (32, 64, 128) and c["programs_per_sm"] >= 1
+
+
+@pytest.mark.parametrize("block_n,num_warps", [(32, 1), (32, 2), (128, 4)])
+def test_decode_attention_block_shapes(block_n, num_warps):
+    """The block shapes default_config picks for large launches, on small inputs."""
+    for i, (kb, vb) in enumerate([(4, 4), (16, 4), (4, 16), (16, 16)]):
+        d = (64, 128, 256)[i % 3] if block_n < 128 else 128
+        check_attention(2, (4, 7, 2, 1)[i], 1, d, 150, kb, vb, seed=80 + i, block_n=block_n, num_warps=num_warps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb,vb,d,G", [(4, 4, 128, 4), (4, 4, 256, 2), (16, 16, 128, 4), (16, 4, 128, 4),
+                                       (4, 4, 64, 7)])
+def test_decode_attention_large_launch_gpu(kb, vb, d, G):
+    """A launch past LARGE_WORK token-heads, so the default (throughput) block shape and split count are used."""
+    check_attention(2, G, 8, d, 65543, kb, vb, seed=kb + vb + d + G)
 
 
 def test_split_heuristic():

@@ -268,7 +268,7 @@ def attention_points_from_grid(grid_rows: Sequence[dict]) -> dict[str, tuple[lis
         p = (r.get("pipeline") or "").strip()
         if not (b and t and p):
             continue
-        _add_point(pts, p, r.get("k_bits"), r.get("v_bits"), b, t)
+        _add_point(pts, p, r.get("k_bits"), r.get("v_bits"), b, t, head_dim=r.get("d"))
     return pts
 
 
@@ -286,17 +286,25 @@ def attention_points_from_e2e(e2e_rows: Sequence[dict]) -> dict[str, tuple[list,
     return pts
 
 
-def _add_point(pts: dict, pipeline: str, k_bits, v_bits, nbytes: float, seconds: float) -> None:
+def _add_point(pts: dict, pipeline: str, k_bits, v_bits, nbytes: float, seconds: float, head_dim=None) -> None:
     """File one attention measurement under its pooled op (``attention:P5``, ``attention:P5-fp16``) and, for a
-    quantized format, under ``attention:P5:k4v4`` too."""
+    quantized format, under ``attention:P5:k4v4`` too; with a head dim, also under ``...:d<d>`` keys (kernels
+    differ in efficiency per head dim: SDPA at d=256, the instruction-bound quantized loop)."""
     op = attention_op(pipeline, k_bits, v_bits)
     keys = [op]
     try:
         kb, vb = int(float(k_bits)), int(float(v_bits))
     except (TypeError, ValueError):
         kb = vb = None
-    if kb is not None and not op.endswith("-fp16") and (kb < 16 or vb < 16):
+    try:
+        d = int(float(head_dim)) if head_dim not in (None, "") else None
+    except (TypeError, ValueError):
+        d = None
+    quantized = kb is not None and not op.endswith("-fp16") and (kb < 16 or vb < 16)
+    if quantized:
         keys.append(f"{op}:k{kb}v{vb}")
+    if d is not None:
+        keys.append(f"{keys[-1]}:d{d}" if quantized else f"{op}:d{d}")
     for k in keys:
         xs, ts = pts.setdefault(k, ([], []))
         xs.append(nbytes)

@@ -75,7 +75,7 @@ def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeli
     if tp != 1:
         vals.update(tp_head_values(vals, tp))
     name = PIPELINE_FORMULAS[pipeline]
-    op = tm.attention_op(pipeline, fmt.k_bits, fmt.v_bits)
+    op = tm.attention_op(pipeline, fmt.k_bits, fmt.v_bits, model.k_dim_cached)
     L, L_s, W = vals["L"], vals["L_s"], vals["W"]
     flops_per_tok = 2.0 * B * vals["H_q"] * (vals["d"] + max(vals["d_v"], vals["d_q"]))
     t = (L - L_s) * tm.op_time(op, traffic.evaluate(name, {**vals, "T": T}), flops_per_tok * T)

@@ -95,14 +95,21 @@ class TimeModel:
         c = self.calibration
         return f"calibrated: {c.gpu} / {c.runtime} ({c.date}, {c.device_name or 'device'})"
 
-    def attention_op(self, pipeline: str, k_bits: int = 16, v_bits: int = 16) -> str:
-        """The most specific attention curve this model has for a pipeline and K/V format.
+    def attention_op(self, pipeline: str, k_bits: int = 16, v_bits: int = 16, head_dim: int | None = None) -> str:
+        """The most specific attention curve this model has for a pipeline, K/V format and head dim.
 
-        Order: ``attention:<P>:k<kb>v<vb>`` (a per-format calibration), ``attention:<P>-fp16`` (a quantized
-        pipeline's kernel run at 16/16), ``attention:<P>``; op_time falls back to attention:P0 after that."""
-        names = [f"attention:{pipeline}:k{k_bits}v{v_bits}"]
-        if pipeline in ("P1", "P5") and k_bits >= 16 and v_bits >= 16:
-            names.append(f"attention:{pipeline}-fp16")
+        Order: ``attention:<P>:k<kb>v<vb>:d<d>`` then ``attention:<P>:k<kb>v<vb>`` (per-format calibrations of a
+        quantized format), or ``attention:<P>-fp16:d<d>`` then ``attention:<P>-fp16`` (a quantized pipeline's
+        kernel run at 16/16); then ``attention:<P>:d<d>``, ``attention:<P>``; op_time falls back to
+        attention:P0 after that."""
+        names = []
+        suffix = [f":d{head_dim}", ""] if head_dim else [""]
+        if k_bits < 16 or v_bits < 16:
+            names += [f"attention:{pipeline}:k{k_bits}v{v_bits}{x}" for x in suffix]
+        elif pipeline in ("P1", "P5"):
+            names += [f"attention:{pipeline}-fp16{x}" for x in suffix]
+        if head_dim:
+            names.append(f"attention:{pipeline}:d{head_dim}")
         for n in names:
             if n in self.curves:
                 return n

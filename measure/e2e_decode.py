@@ -357,12 +357,17 @@ class _PipelineImpl:
         H, d = spec.num_kv_heads, spec.head_dim
         dev = carver.pool.device
 
+        # Capacity rounded up to a multiple of 64 tokens, as serving caches are allocated (paged blocks, or a
+        # preallocated max length): per-head strides stay 16-byte aligned, which the kernel's asynchronous
+        # (cp.async) scale loads need. Only T + 1 tokens are attended.
+        cap = -(-(T + 1) // 64) * 64
+
         def qtensor(bits):
             if bits == 16:
-                return quant.QuantizedTensor(carver.take((B, H, T + 1, d), torch.float16), None, None, 16,
+                return quant.QuantizedTensor(carver.take((B, H, cap, d), torch.float16), None, None, 16,
                                              group, False, d)
-            data = carver.take((B, H, T + 1, quant.packed_dim(d, bits)), torch.uint8)
-            scales = carver.take((B, H, T + 1, d // group), torch.float16)
+            data = carver.take((B, H, cap, quant.packed_dim(d, bits)), torch.uint8)
+            scales = carver.take((B, H, cap, d // group), torch.float16)
             scales.uniform_(0.005, 0.02)  # finite, realistic scales (the data bytes are random codes)
             return quant.QuantizedTensor(data, scales, None, bits, group, False, d)
 

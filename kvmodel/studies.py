@@ -250,7 +250,7 @@ def sweep_combo(gpu: GPUSpec, model: ModelSpec, fmt, batches, contexts, tp: int 
     (len(batches), len(contexts)))."""
     pol = as_policy(fmt)
     check_policy(pol, model) if isinstance(pol, KVPolicy) else _check_format(pol.kv, model)
-    link = tp_link(gpu, tp)
+    tp_link(gpu, tp)  # raises for a bad degree or a GPU without a GPU-GPU link
     tm = TimeModel(gpu, calibration)
     B = np.asarray(batches, dtype=float)[:, None]
     T = np.asarray(contexts, dtype=float)[None, :]

@@ -554,7 +554,7 @@ def calibration_yaml(cal: Calibration) -> str:
 
 def write_calibration(cal: Calibration, path=None, root=None) -> Path:
     """Write ``cal`` as YAML atomically (default: the package's ``hardware/calibrations/<gpu>-<runtime>.yaml``)."""
-    from kvmodel.measure.results import atomic_write_text  # torch-free
+    from kvmodel.atomic import atomic_write_text
 
     if path is None:
         try:

@@ -13,10 +13,8 @@ Value lists (command line or study file): ``1k,4k,32k``; geometric ranges ``1k:1
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from kvmodel.policies import (
     policy_attention_time_s,
     policy_groups,
 )
+from kvmodel.atomic import atomic_write
 from kvmodel.predict import (
     DEFAULT_FRAGMENTATION,
     DEFAULT_WORKSPACE_BYTES,
@@ -360,24 +359,6 @@ def run_sweep(gpus: list[GPUSpec], models: list[ModelSpec], formats: list, batch
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic outputs
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | Path, writer: Callable[[str], None]) -> Path:
-    """Call ``writer(tmp_path)`` on a temporary file in the target's folder, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def write_tables(df, out_dir: str | Path, name: str = "sweep") -> list[Path]:

@@ -1186,12 +1186,9 @@ def provenance(device: str = "cpu", command: str | None = None) -> dict[str, Any
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    from kvmodel.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------- cross-model study

@@ -20,31 +20,13 @@ import csv
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 __all__ = ["ResultsFile", "atomic_write_text", "canonical", "provenance_path"]
 
 
-def atomic_write_text(path: os.PathLike | str, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+from kvmodel.atomic import atomic_write_text  # noqa: E402,F401  (re-exported for measurement code)
 
 
 def canonical(value: Any) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -83,26 +81,7 @@ def md_table(rows: list[dict], cols: list[str], headers: list[str] | None = None
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+from kvmodel.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402,F401  (re-exported)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -189,12 +168,14 @@ def _r2_log(t, pred) -> float:
 
 
 def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choices=(2, 3, 4),
-                  fit_head_dim=True, splits=None, overheads: bool = False) -> tuple[OccupancyCurve, dict]:
+                  fit_head_dim=True, splits=None, overheads: bool = False,
+                  merge_in_rounds: bool = False) -> tuple[OccupancyCurve, dict]:
     """Fit a fused kernel's :class:`OccupancyCurve` to measured calls.
 
     Parameters: t0, the sharing rate r_c, the lone-program rate r_1 = r_c * c_res^u with u in [0, 1] (a lone program
     cannot beat its whole SM), optionally the head-dim exponent, and with ``overheads`` a per-program fixed cost
-    (in bytes) and a split-K merge cost a + b * splits (needs ``splits``). c_res (programs resident per SM) is an
+    (in bytes) and a split-K merge cost a + b * splits (needs ``splits``), or with ``merge_in_rounds``
+    a + b * rounds (:func:`kvmodel.timing.merge_rounds`: the v3 merge loads its splits 16 at a time). c_res (programs resident per SM) is an
     integer, 2..4 by default (a 4-warp program always fits twice on a Hopper SM): each choice is fitted and the
     fewest resident programs within 1 % of the best robust cost kept. Returns (curve, fit info).
     """
@@ -222,9 +203,12 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
             k += 1
             if use_merge:
                 ms, mps = float(np.exp(th[k])), float(np.exp(th[k + 1]))
+        mpr = 0.0
+        if merge_in_rounds:
+            mps, mpr = 0.0, mps
         return OccupancyCurve(t0_s=float(t0), r1_GBps=float(rc * c ** u), rc_GBps=float(rc), c_res=int(c),
                               head_dim_exponent=float(e), program_overhead_bytes=w0, merge_s=ms,
-                              merge_per_split_s=mps)
+                              merge_per_split_s=mps, merge_per_round_s=mpr)
 
     results = []
     for c in c_res_choices:

@@ -135,7 +135,8 @@ class OccupancyCurve:
     """
 
     def __init__(self, t0_s: float, r1_GBps: float, rc_GBps: float, c_res: int = 2, head_dim_exponent: float = 0.0,
-                 program_overhead_bytes: float = 0.0, merge_s: float = 0.0, merge_per_split_s: float = 0.0):
+                 program_overhead_bytes: float = 0.0, merge_s: float = 0.0, merge_per_split_s: float = 0.0,
+                 merge_per_round_s: float = 0.0, merge_round_splits: int = 16):
         self.t0_s = float(t0_s)
         self.r1_GBps = float(r1_GBps)
         self.rc_GBps = float(rc_GBps)
@@ -147,11 +148,16 @@ class OccupancyCurve:
         self.merge_s = float(merge_s)
         #: merge cost per split (each merge program walks the splits of its (sequence, head) serially), seconds
         self.merge_per_split_s = float(merge_per_split_s)
+        #: merge cost per round of split loads (the v3 merge reads its splits ``merge_round_splits`` at a time, 4
+        #: at a time when there are <= 4: one round of loads in flight, so its latency grows in rounds), seconds
+        self.merge_per_round_s = float(merge_per_round_s)
+        self.merge_round_splits = int(merge_round_splits)
 
     def as_dict(self) -> dict:
         return dict(t0_s=self.t0_s, r1_GBps=self.r1_GBps, rc_GBps=self.rc_GBps, c_res=self.c_res,
                     head_dim_exponent=self.head_dim_exponent, program_overhead_bytes=self.program_overhead_bytes,
-                    merge_s=self.merge_s, merge_per_split_s=self.merge_per_split_s)
+                    merge_s=self.merge_s, merge_per_split_s=self.merge_per_split_s,
+                    merge_per_round_s=self.merge_per_round_s, merge_round_splits=self.merge_round_splits)
 
     def plateau_GBps(self, sm_count: int) -> float:
         return sm_count * self.c_res * self.rc_GBps
@@ -163,9 +169,10 @@ class OccupancyCurve:
         nb = np.asarray(nbytes, dtype=float) + p * self.program_overhead_bytes
         t = fused_kernel_time_s(p, nb, sm_count, self.c_res, self.r1_GBps, self.rc_GBps, self.t0_s,
                                 head_dim=head_dim, head_dim_exponent=self.head_dim_exponent)
-        if splits is not None and (self.merge_s or self.merge_per_split_s):
+        if splits is not None and (self.merge_s or self.merge_per_split_s or self.merge_per_round_s):
             ns = np.asarray(splits, dtype=float)
-            t = t + np.where(ns > 1, self.merge_s + self.merge_per_split_s * ns, 0.0)
+            t = t + np.where(ns > 1, self.merge_s + self.merge_per_split_s * ns
+                             + self.merge_per_round_s * merge_rounds(ns, self.merge_round_splits), 0.0)
         return t
 
     def occupancy(self, programs, sm_count: int):
@@ -175,6 +182,14 @@ class OccupancyCurve:
         return traffic.evaluate("fused_occupancy", dict(
             P_prog=np.asarray(programs, dtype=float), N_SM=sm_count, c_res=self.c_res, r_1=self.r1_GBps * 1e9,
             r_c=self.rc_GBps * 1e9, W_prog=1.0, t_k0=0.0))
+
+
+def merge_rounds(splits, round_splits: int = 16):
+    """Rounds of loads the split-K merge makes: ``ceil(splits / r)`` with r = 4 for <= 4 splits, else
+    ``round_splits`` (kernels.decode_attention's merge launch, BLOCK_S). Vectorized."""
+    ns = np.asarray(splits, dtype=float)
+    r = np.where(ns <= 4, 4.0, float(round_splits))
+    return np.ceil(ns / r)
 
 
 def fused_kernel_time_s(programs, nbytes, sm_count, c_res, r1_GBps, rc_GBps, t0_s=0.0, head_dim=128,
@@ -210,3 +225,45 @@ def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64
         return float(best)
 
     return np.vectorize(one, otypes=[float])(batch_kv_heads, context_tokens)
+
+
+#: Token-heads per launch (B · program heads · T) from which the fused kernel switches to its throughput block
+#: shapes (``kernels.decode_attention.LARGE_WORK``, kernel v3).
+KERNEL_LARGE_WORK = 1 << 20
+
+
+def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
+    """The fused split-K kernel's block shape for one call: the rule of ``kernels.decode_attention.default_config``
+    (kernel v3), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
+    assumes) and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of the call, so
+    a model may use it: the two sides of the threshold are different programs with different per-token costs."""
+    kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
+    large = float(batch) * float(prog_heads) * float(context) >= KERNEL_LARGE_WORK
+    if kb == 16 and vb == 16:
+        if d == 128 and large:
+            return dict(block_n=128, num_warps=4, programs_per_sm=4, large=large)
+        return dict(block_n=64, num_warps=4, programs_per_sm=4, large=large)
+    if 8 in (kb, vb) or not large:
+        return dict(block_n=64, num_warps=4, programs_per_sm=4, large=large)
+    if d > 128:
+        return dict(block_n=32, num_warps=2, programs_per_sm=4, large=large)
+    if kb == 4 and vb == 4:
+        return dict(block_n=32, num_warps=1, programs_per_sm=12, large=large)
+    return dict(block_n=32, num_warps=1, programs_per_sm=9, large=large)
+
+
+def kernel_config_key(cfg: dict) -> str:
+    """A short name of a block shape: 'n<BLOCK_N>w<warps>' (e.g. 'n64w4', the small-launch shape)."""
+    return f"n{cfg['block_n']}w{cfg['num_warps']}"
+
+
+def kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_count: int):
+    """Splits the fused kernel actually launches: its block shape from :func:`kernel_config`, then
+    :func:`split_count` with that shape's tile size and programs per SM (vectorized over batch / context)."""
+
+    def one(B, T):
+        c = kernel_config(k_bits, v_bits, head_dim, B, kv_heads, T)
+        return float(split_count(B * kv_heads, T, sm_count, block_n=c["block_n"],
+                                 programs_per_sm=c["programs_per_sm"]))
+
+    return np.vectorize(one, otypes=[float])(batch, context)

@@ -222,3 +222,20 @@ def test_atomic_write_and_stats(tmp_path):
     assert p.read_text() == "hello"
     s = error_stats([1.1, 0.9, 1.0], [1.0, 1.0, 1.0])
     assert s["median_abs_pct"] == pytest.approx(10.0) and s["max_abs_pct"] == pytest.approx(10.0)
+
+
+def test_kernel_config_port_matches_measured_splits():
+    """The ported block-shape + split rule (kvmodel.timing) reproduces the kernel's num_splits on the committed grid."""
+    from kvmodel.timing import KERNEL_LARGE_WORK, kernel_config, kernel_split_count
+    from kvmodel.validation import heldout as H
+
+    assert kernel_config(4, 4, 128, 1, 8, 1024)["block_n"] == 64          # small launch: 4-warp 64-token tiles
+    assert kernel_config(4, 4, 128, 128, 8, 1024)["num_warps"] == 1        # 2^20 token-heads: 1-warp 32-token
+    assert kernel_config(8, 4, 128, 128, 8, 32768)["num_warps"] == 4       # an 8-bit part keeps the 4-warp shape
+    assert KERNEL_LARGE_WORK == 1 << 20
+    d = H.load_attention()
+    if d is None:
+        pytest.skip("no H200 grid committed")
+    p = d[(d.pipeline == "P5") & (d.variant == "")].head(200)
+    ns = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, 132) for r in p.itertuples()]
+    assert np.array_equal(np.asarray(ns, float), p.num_splits.to_numpy(float))

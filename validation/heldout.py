@@ -36,7 +36,8 @@ import pandas as pd
 
 from kvmodel import traffic
 from kvmodel.specs import BandwidthCurve, get_model
-from kvmodel.timing import OccupancyCurve, curve_time_s, split_count
+from kvmodel.timing import (OccupancyCurve, curve_time_s, kernel_config, kernel_config_key, kernel_split_count,
+                            split_count)
 
 from .common import curve_dict, data_path, error_stats, fit_curve, fit_occupancy, grouped_stats
 
@@ -45,6 +46,10 @@ E2E_FILE = ("h200", "e2e_decode.csv")
 #: Models held out entirely when present (first match), in the spelling of the files (case-insensitive).
 HELDOUT_MODEL_PREFERENCE = ("qwen2.5-7b", "Qwen2.5-7B")
 H200_SMS = 132
+#: A block shape gets its own P5 curve from this many calibration rows (else the format's pooled curve).
+MIN_ROWS_PER_SHAPE = 8
+#: Resident programs per SM tried when fitting a block shape's curve (1-warp programs fit many times per SM).
+C_RES_CHOICES = (2, 3, 4, 6, 8, 12)
 TARGETS = {"attention_median": 5.0, "attention_max": 15.0, "e2e_median": 10.0}
 
 
@@ -112,6 +117,11 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
     nogqa = (d["variant"] == "nogqa").to_numpy()
     d["programs"] = np.where(nogqa, B * Hq * ns, traffic.evaluate("fused_programs_splitk", {**vals, "n_split": ns}))
     d["loads"] = np.where(nogqa, d["bytes_P5_perq"], d["bytes_P5"])
+    # the fused kernel's block shape for each call (the kernel's own rule, ported: kvmodel.timing.kernel_config)
+    cfgs = [kernel_config(kb_, vb_, hd_, b_, (hq_ if ng else hkv_), t_)
+            for kb_, vb_, hd_, b_, hq_, hkv_, t_, ng in zip(kb, vb, hd, B, Hq, Hkv, T, nogqa)]
+    d["config"] = [kernel_config_key(c) for c in cfgs]
+    d["large_launch"] = [bool(c["large"]) for c in cfgs]
     return d.reset_index(drop=True)
 
 
@@ -139,18 +149,26 @@ class AttentionCalibration:
     p0: dict  # head_dim -> BandwidthCurve (SDPA is a different kernel per head dim)
     p0x: Optional[BandwidthCurve]
     dequant: Optional[BandwidthCurve]
-    fused: dict = field(default_factory=dict)  # (format, head_dim) -> OccupancyCurve
+    fused: dict = field(default_factory=dict)  # (format, head_dim) -> OccupancyCurve (all block shapes pooled)
     sm_count: int = H200_SMS
     info: dict = field(default_factory=dict)
+    #: (format, head_dim, block shape) -> OccupancyCurve: one curve per program the kernel actually runs
+    fused_cfg: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"P0 (per head_dim)": {int(k): curve_dict(v) for k, v in self.p0.items()},
                 "P0-expand": curve_dict(self.p0x) if self.p0x else None,
                 "P1 dequantize step": curve_dict(self.dequant) if self.dequant else None,
                 "P5 (per format and head_dim)": {f"{f}/d{hd}": v.as_dict() for (f, hd), v in self.fused.items()},
+                "P5 (per format, head_dim and block shape)": {f"{f}/d{hd}/{c}": v.as_dict()
+                                                              for (f, hd, c), v in self.fused_cfg.items()},
                 "sm_count": self.sm_count, **self.info}
 
-    def fused_curve(self, fmt: str, hd) -> Optional[OccupancyCurve]:
+    def fused_curve(self, fmt: str, hd, config: Optional[str] = None) -> Optional[OccupancyCurve]:
+        """The curve of the program the kernel runs: (format, head dim, block shape) when calibrated, else the
+        format's pooled curve at the nearest head dim."""
+        if config is not None and (fmt, int(hd), config) in self.fused_cfg:
+            return self.fused_cfg[(fmt, int(hd), config)]
         same = {k[1]: v for k, v in self.fused.items() if k[0] == fmt}
         if not same:
             same = {k[1]: v for k, v in self.fused.items() if k[0] == "int4"} or {
@@ -179,14 +197,26 @@ class AttentionCalibration:
                     + curve_time_s(dequant_bytes(B, T, Hkv, d, k_bits, v_bits, group), c.t0_s, c.bw_GBps,
                                    c.knee_bytes, c.sharpness))
         if pipeline == "P5":
-            occ = self.fused_curve(fmt, d)
-            ns = split_count(B * Hkv, T, self.sm_count) if num_splits is None else np.asarray(num_splits, float)
-            nbytes = ab("P5", B, T, Hq, Hkv, d, k_bits, v_bits, group)
+            # the kernel's block shape and split count for each call (its own rules, ported)
+            B, T = np.broadcast_arrays(B, T)
+            ph = Hq if variant == "nogqa" else Hkv
+            if num_splits is None:
+                ns = kernel_split_count(k_bits, v_bits, d, B, ph, T, self.sm_count)
+            else:
+                ns = np.broadcast_to(np.asarray(num_splits, float), B.shape)
+            nbytes = np.broadcast_to(ab("P5", B, T, Hq, Hkv, d, k_bits, v_bits, group), B.shape)
             programs = B * Hkv * ns
             if variant == "nogqa":  # one program per query head: each loads its KV head's tiles
                 programs = B * Hq * ns
                 nbytes = nbytes * Hq / Hkv
-            return occ.time_s(programs, nbytes, self.sm_count, head_dim=d, splits=ns)
+            keys = np.array([kernel_config_key(kernel_config(k_bits, v_bits, d, b, ph, t))
+                             for b, t in zip(B.ravel(), T.ravel())]).reshape(B.shape)
+            out = np.full(B.shape, np.nan)
+            for key in np.unique(keys):
+                m = keys == key
+                occ = self.fused_curve(fmt, d, str(key))
+                out[m] = occ.time_s(programs[m], nbytes[m], self.sm_count, head_dim=d, splits=ns[m])
+            return out if out.ndim else float(out)
         raise ValueError(f"unknown pipeline {pipeline!r}")
 
 
@@ -202,14 +232,28 @@ def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCal
         p1 = pd.concat([g for _, g in p1.groupby("d")])
         cal.dequant = fit_curve(p1["bytes_dq"], p1["median_s"], base_s=t0)
     info = {}
-    for (fmt, hd), g in base[base.pipeline == "P5"].groupby(["format", "d"]):
+    p5 = base[base.pipeline == "P5"]
+    for (fmt, hd), g in p5.groupby(["format", "d"]):
         if len(g) < 6:
             continue
         occ, inf = fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"],
                                  splits=g["num_splits"], overheads=True)
         cal.fused[(fmt, int(hd))] = occ
         info[f"{fmt}/d{int(hd)}"] = inf
-    cal.info = {"fused_fit": info}
+    # one curve per block shape the kernel actually launches (kernel_config): small launches run 4-warp 64-token
+    # programs, large 4-bit launches 1-2-warp 32-token programs with other per-token costs and residency
+    cfg_info = {}
+    if "config" in p5.columns:
+        for (fmt, hd, cfg), g in p5.groupby(["format", "d", "config"]):
+            if g["config"].nunique() == p5[(p5.format == fmt) & (p5.d == hd)]["config"].nunique() == 1:
+                continue  # one shape only: the pooled curve is that shape's curve
+            if len(g) < MIN_ROWS_PER_SHAPE:
+                continue
+            occ, inf = fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"],
+                                     splits=g["num_splits"], overheads=True, c_res_choices=C_RES_CHOICES)
+            cal.fused_cfg[(fmt, int(hd), cfg)] = occ
+            cfg_info[f"{fmt}/d{int(hd)}/{cfg}"] = inf
+    cal.info = {"fused_fit": info, "fused_fit_per_shape": cfg_info}
     return cal
 
 
@@ -231,8 +275,11 @@ def predict_attention(cal: AttentionCalibration, d: pd.DataFrame) -> np.ndarray:
         if c is not None:
             out[m] = curve_time_s(d.loc[m, "bytes_P0x"].to_numpy(float), c.t0_s, c.bw_GBps, c.knee_bytes,
                                   c.sharpness)
-    for (fmt, hd), g in d[pl == "P5"].groupby(["format", "d"]):
-        occ = cal.fused_curve(fmt, hd)
+    p5 = d[pl == "P5"]
+    if "config" not in p5.columns:
+        p5 = p5.assign(config="")
+    for (fmt, hd, cfg), g in p5.groupby(["format", "d", "config"]):
+        occ = cal.fused_curve(fmt, hd, cfg or None)
         if occ is None:
             continue
         idx = d.index.get_indexer(g.index)

@@ -136,7 +136,8 @@ class OccupancyCurve:
 
     def __init__(self, t0_s: float, r1_GBps: float, rc_GBps: float, c_res: int = 2, head_dim_exponent: float = 0.0,
                  program_overhead_bytes: float = 0.0, merge_s: float = 0.0, merge_per_split_s: float = 0.0,
-                 merge_per_round_s: float = 0.0, merge_round_splits: int = 16):
+                 merge_per_round_s: float = 0.0, merge_round_splits: int = 16, one_split_rate_scale: float = 1.0,
+                 l2_rate_scale: float = 1.0):
         self.t0_s = float(t0_s)
         self.r1_GBps = float(r1_GBps)
         self.rc_GBps = float(rc_GBps)
@@ -152,23 +153,37 @@ class OccupancyCurve:
         #: at a time when there are <= 4: one round of loads in flight, so its latency grows in rounds), seconds
         self.merge_per_round_s = float(merge_per_round_s)
         self.merge_round_splits = int(merge_round_splits)
+        #: per-program streaming rate of the one-split launch relative to the split launch (the kernel compiles a
+        #: separate specialization, SPLIT=False, that normalizes and stores the output itself); 1: the same program
+        self.one_split_rate_scale = float(one_split_rate_scale)
+        #: per-program rate when the loads hit in L2 relative to DRAM (a latency-bound loop runs faster on the
+        #: shorter L2 latency); applied to the fraction ``l2_hit`` of :meth:`time_s`; 1: no L2 effect
+        self.l2_rate_scale = float(l2_rate_scale)
 
     def as_dict(self) -> dict:
         return dict(t0_s=self.t0_s, r1_GBps=self.r1_GBps, rc_GBps=self.rc_GBps, c_res=self.c_res,
                     head_dim_exponent=self.head_dim_exponent, program_overhead_bytes=self.program_overhead_bytes,
                     merge_s=self.merge_s, merge_per_split_s=self.merge_per_split_s,
-                    merge_per_round_s=self.merge_per_round_s, merge_round_splits=self.merge_round_splits)
+                    merge_per_round_s=self.merge_per_round_s, merge_round_splits=self.merge_round_splits,
+                    one_split_rate_scale=self.one_split_rate_scale, l2_rate_scale=self.l2_rate_scale)
 
     def plateau_GBps(self, sm_count: int) -> float:
         return sm_count * self.c_res * self.rc_GBps
 
-    def time_s(self, programs, nbytes, sm_count: int, head_dim=128, splits=None):
+    def time_s(self, programs, nbytes, sm_count: int, head_dim=128, splits=None, l2_hit=None):
         """Seconds for one call of ``programs`` programs loading ``nbytes`` in total (vectorized). ``splits``: the
-        split count per call (adds ``merge_s + merge_per_split_s * splits`` where > 1)."""
+        split count per call (adds ``merge_s + merge_per_split_s * splits`` where > 1). ``l2_hit``: fraction of
+        the loads served from L2 (e.g. :func:`l2_hit_fraction`), default none."""
         p = np.maximum(np.asarray(programs, dtype=float), 1.0)
         nb = np.asarray(nbytes, dtype=float) + p * self.program_overhead_bytes
         t = fused_kernel_time_s(p, nb, sm_count, self.c_res, self.r1_GBps, self.rc_GBps, self.t0_s,
                                 head_dim=head_dim, head_dim_exponent=self.head_dim_exponent)
+        if splits is not None and self.one_split_rate_scale != 1.0:
+            one = np.asarray(splits, dtype=float) <= 1
+            t = np.where(one, self.t0_s + (t - self.t0_s) / self.one_split_rate_scale, t)
+        if l2_hit is not None and self.l2_rate_scale != 1.0:
+            h = np.clip(np.asarray(l2_hit, dtype=float), 0.0, 1.0)
+            t = self.t0_s + (t - self.t0_s) / (1.0 + h * (self.l2_rate_scale - 1.0))
         if splits is not None and (self.merge_s or self.merge_per_split_s or self.merge_per_round_s):
             ns = np.asarray(splits, dtype=float)
             t = t + np.where(ns > 1, self.merge_s + self.merge_per_split_s * ns
@@ -182,6 +197,13 @@ class OccupancyCurve:
         return traffic.evaluate("fused_occupancy", dict(
             P_prog=np.asarray(programs, dtype=float), N_SM=sm_count, c_res=self.c_res, r_1=self.r1_GBps * 1e9,
             r_c=self.rc_GBps * 1e9, W_prog=1.0, t_k0=0.0))
+
+
+def l2_hit_fraction(span_bytes, l2_bytes):
+    """Fraction of a call's loads served by L2 when its inputs are one of a rotating set spanning ``span_bytes``
+    in total, revisited in turn (a benchmark's rotation pool, or a step's whole KV): all of it when the span fits in
+    the L2, none when it does not (cyclic reuse over more than the cache thrashes it). Vectorized."""
+    return np.where(np.asarray(span_bytes, dtype=float) <= float(l2_bytes), 1.0, 0.0)
 
 
 def merge_rounds(splits, round_splits: int = 16):

@@ -169,7 +169,8 @@ def _r2_log(t, pred) -> float:
 
 def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choices=(2, 3, 4),
                   fit_head_dim=True, splits=None, overheads: bool = False,
-                  merge_in_rounds: bool = False) -> tuple[OccupancyCurve, dict]:
+                  merge_in_rounds: bool = False, one_split: bool = False,
+                  l2_hit=None, l2_rate_scale=None) -> tuple[OccupancyCurve, dict]:
     """Fit a fused kernel's :class:`OccupancyCurve` to measured calls.
 
     Parameters: t0, the sharing rate r_c, the lone-program rate r_1 = r_c * c_res^u with u in [0, 1] (a lone program
@@ -185,6 +186,14 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     hd = np.broadcast_to(np.asarray(head_dim, dtype=float), t_s.shape)
     sp = None if splits is None else np.asarray(splits, dtype=float)
     fit_e = fit_head_dim and np.unique(hd).size > 1
+    # one-split launches run the kernel's SPLIT=False specialization: its own per-program rate, fitted when the
+    # rows hold both kinds of launch
+    l2h = None if l2_hit is None else np.broadcast_to(np.asarray(l2_hit, dtype=float), t_s.shape)
+    # an L2-served rate, fitted when enough rows have their loads in L2 (>= 3) and enough do not
+    # (``l2_rate_scale`` given: held fixed, e.g. one value shared by several curves)
+    fit_l2 = (l2_rate_scale is None and l2h is not None and int(np.sum(l2h > 0.5)) >= 3
+              and int(np.sum(l2h < 0.5)) >= 3)
+    fit_s1 = (one_split and sp is not None and int(np.sum(sp <= 1)) >= 2 and int(np.sum(sp > 1)) >= 2)
     use_merge = overheads and sp is not None and bool(np.any(sp > 1))
     big = programs >= np.percentile(programs, 75)
     plateau0 = float(np.median(nbytes[big] / t_s[big])) / 1e9
@@ -203,12 +212,17 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
             k += 1
             if use_merge:
                 ms, mps = float(np.exp(th[k])), float(np.exp(th[k + 1]))
+            k += 2 if use_merge else 0
         mpr = 0.0
         if merge_in_rounds:
             mps, mpr = 0.0, mps
-        return OccupancyCurve(t0_s=float(t0), r1_GBps=float(rc * c ** u), rc_GBps=float(rc), c_res=int(c),
+        s1 = float(np.exp(th[k])) if fit_s1 else 1.0
+        k += 1 if fit_s1 else 0
+        sl2 = float(np.exp(th[k])) if fit_l2 else float(l2_rate_scale or 1.0)
+        return OccupancyCurve(l2_rate_scale=sl2, t0_s=float(t0), r1_GBps=float(rc * c ** u), rc_GBps=float(rc),
+                              c_res=int(c),
                               head_dim_exponent=float(e), program_overhead_bytes=w0, merge_s=ms,
-                              merge_per_split_s=mps, merge_per_round_s=mpr)
+                              merge_per_split_s=mps, merge_per_round_s=mpr, one_split_rate_scale=s1)
 
     results = []
     for c in c_res_choices:
@@ -223,10 +237,14 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
             if use_merge:
                 x0.append(np.log(2e-6)), lo.append(np.log(1e-9)), hi.append(np.log(1e-3))
                 x0.append(np.log(2e-8)), lo.append(np.log(1e-11)), hi.append(np.log(1e-4))
+        if fit_s1:
+            x0.append(0.0), lo.append(np.log(0.5)), hi.append(np.log(2.0))
+        if fit_l2:
+            x0.append(np.log(1.5)), lo.append(0.0), hi.append(np.log(4.0))
         x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
 
         def resid(th, c=c):
-            return np.log(make(th, c).time_s(programs, nbytes, sm_count, head_dim=hd, splits=sp) / t_s)
+            return np.log(make(th, c).time_s(programs, nbytes, sm_count, head_dim=hd, splits=sp, l2_hit=l2h) / t_s)
 
         r = _lsq(resid, x0, bounds=(lo, hi))
         results.append((r.cost, c, r.x))
@@ -234,7 +252,7 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     # parsimony: the fewest resident programs whose fit is within 1 % of the best
     cost, c, th = min((r for r in results if r[0] <= best * 1.01 + 1e-12), key=lambda x: x[1])
     curve = make(th, c)
-    pred = curve.time_s(programs, nbytes, sm_count, head_dim=hd, splits=sp)
+    pred = curve.time_s(programs, nbytes, sm_count, head_dim=hd, splits=sp, l2_hit=l2h)
     info = {"c_res_costs": {int(ci): round(float(co), 4) for co, ci, _ in results},
             "r2_log": _r2_log(t_s, pred), "n_points": int(t_s.size),
             "median_abs_pct_error": float(np.median(np.abs(pct_error(pred, t_s))))}

@@ -45,7 +45,7 @@ class _Tokens(click.ParamType):
 
 
 TOKENS = _Tokens()
-POSITIVE_INT = click.IntRange(min=1)
+POSITIVE_INT = click.IntRange(min=1, max=1 << 20)
 
 
 def _fail_lookup(e: Exception) -> None:
@@ -231,7 +231,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
               help="calibration YAML to use instead of the shipped one for this GPU.")
 @click.option("--runtime", default="kvmodel-graph", show_default=True,
-              help="which runtime's calibration to use (kvmodel-graph, hf-eager, hf-static-graph).")
+              type=click.Choice(["kvmodel-graph", "hf-eager", "hf-static-graph"]),
+              help="which runtime's calibration to use: our graph-captured step, or Hugging Face transformers' "
+                   "eager / static-cache CUDA-graph decode.")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), default=None,
               help="JSON from `kvmodel classify --out` (for --kv recommended).")
 @click.option("--tp", default=1, show_default=True, type=POSITIVE_INT,

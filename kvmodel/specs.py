@@ -367,6 +367,9 @@ class Workload(_Strict):
 # Parsing helpers
 # ----------------------------------------------------------------------------------------------------------------
 
+#: Largest context accepted (1 Gi tokens): far past any model, small enough for exact float64 byte counts.
+MAX_TOKENS = 1 << 30
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
 
@@ -385,6 +388,8 @@ def parse_tokens(text: str | int) -> int:
         value = int(f)
     if value <= 0:
         raise ValueError(f"token count must be positive, got {text!r}")
+    if value > MAX_TOKENS:
+        raise ValueError(f"token count {value:,} is above the supported maximum {MAX_TOKENS:,} (1 Gi tokens)")
     return value
 
 
@@ -544,51 +549,67 @@ def model_from_hf_config(path: Path | str) -> ModelSpec:
     missing = [k for k in need if k not in cfg]
     if missing:
         raise SpecError(f"{path}: missing field(s) {', '.join(missing)} (not a decoder config.json?)")
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // heads
+    def num(key: str, default=None, minimum: int = 1) -> int:
+        """An integer field of the config (bools and non-integral values refused), >= minimum."""
+        value = cfg.get(key, default)
+        if value is None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise SpecError(f"{path}: field '{key}': expected an integer, got {value!r}")
+        if int(value) < minimum:
+            raise SpecError(f"{path}: field '{key}': must be >= {minimum}, got {value!r}")
+        return int(value)
+
+    heads = num("num_attention_heads")
+    hidden = num("hidden_size")
+    kv = num("num_key_value_heads", heads)
+    head_dim = num("head_dim", hidden // heads) if cfg.get("head_dim") is not None else hidden // heads
+    if head_dim < 1:
+        raise SpecError(f"{path}: field 'head_dim': hidden_size / num_attention_heads is below 1")
     mtype = str(cfg.get("model_type", "")).lower()
     act = str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))).lower()
     kw = dict(
         name=str(cfg.get("_name_or_path") or path.parent.name or path.stem),
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
+        vocab_size=num("vocab_size"),
+        hidden_size=hidden,
+        num_layers=num("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=kv,
-        head_dim=int(head_dim),
-        intermediate_size=int(cfg["intermediate_size"]),
+        head_dim=head_dim,
+        intermediate_size=num("intermediate_size"),
         mlp="plain" if act in ("gelu_new", "gelu") and mtype in ("gpt2", "phi") else "gated",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", mtype in ("qwen2",))),
         qk_norm=mtype in ("qwen3", "gemma3", "gemma3_text", "qwen3_moe"),
         norms_per_layer=4 if mtype.startswith("gemma2") or mtype.startswith("gemma3") else 2,
-        max_context_tokens=int(cfg.get("max_position_embeddings", 131072)),
+        max_context_tokens=num("max_position_embeddings", 131072),
         published_params=1,
         published_params_source=f"computed from {path}",
     )
-    n_exp = cfg.get("num_local_experts") or cfg.get("n_routed_experts") or cfg.get("num_experts")
-    if n_exp:
-        kw["moe"] = MoESpec(
-            num_experts=int(n_exp),
-            top_k=int(cfg.get("num_experts_per_tok", 2)),
-            num_shared_experts=int(cfg.get("n_shared_experts") or 0),
-            expert_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
-            first_dense_layers=int(cfg.get("first_k_dense_replace") or 0),
-        )
-    if cfg.get("kv_lora_rank"):
-        kw["mla"] = MLASpec(
-            q_lora_rank=cfg.get("q_lora_rank"),
-            kv_lora_rank=int(cfg["kv_lora_rank"]),
-            qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
-            qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
-            v_head_dim=int(cfg["v_head_dim"]),
-        )
-    if cfg.get("sliding_window") and cfg.get("use_sliding_window", mtype.startswith("gemma")):
-        pattern = cfg.get("sliding_window_pattern")
-        n_slide = kw["num_layers"] - kw["num_layers"] // pattern if pattern else kw["num_layers"]
-        kw["sliding_window"] = SlidingWindow(window_tokens=int(cfg["sliding_window"]), num_sliding_layers=n_slide)
     try:
+        n_exp = cfg.get("num_local_experts") or cfg.get("n_routed_experts") or cfg.get("num_experts")
+        if n_exp:
+            kw["moe"] = MoESpec(
+                num_experts=num("num_local_experts" if cfg.get("num_local_experts") else
+                                "n_routed_experts" if cfg.get("n_routed_experts") else "num_experts"),
+                top_k=num("num_experts_per_tok", 2),
+                num_shared_experts=num("n_shared_experts", 0, minimum=0),
+                expert_intermediate_size=num("moe_intermediate_size", kw["intermediate_size"]),
+                first_dense_layers=num("first_k_dense_replace", 0, minimum=0),
+            )
+        if cfg.get("kv_lora_rank"):
+            q_lora = cfg.get("q_lora_rank")
+            kw["mla"] = MLASpec(
+                q_lora_rank=None if q_lora is None else num("q_lora_rank"),
+                kv_lora_rank=num("kv_lora_rank"),
+                qk_nope_head_dim=num("qk_nope_head_dim"),
+                qk_rope_head_dim=num("qk_rope_head_dim"),
+                v_head_dim=num("v_head_dim"),
+            )
+        if cfg.get("sliding_window") and cfg.get("use_sliding_window", mtype.startswith("gemma")):
+            pattern = num("sliding_window_pattern", 0, minimum=0)
+            n_slide = kw["num_layers"] - kw["num_layers"] // pattern if pattern else kw["num_layers"]
+            kw["sliding_window"] = SlidingWindow(window_tokens=num("sliding_window"), num_sliding_layers=n_slide)
         spec = ModelSpec(**kw)
     except ValidationError as e:
         raise SpecError(f"{path}: {_first_error(e)}") from None

@@ -269,17 +269,16 @@ def test_gemma3n_extensions():
 
 
 def test_synthetic_stand_ins_follow_the_study():
-    study_file = REPO.parent / "shared" / "data" / "knlp-v40-h100" / "model_configs.json"
-    study = json.loads(study_file.read_text()) if study_file.exists() else None
+    # the study's attention shapes, committed with their provenance (validation/data/knlp-v40-h100/PROVENANCE.md)
+    study = json.loads((REPO / "validation" / "data" / "knlp-v40-h100" / "model_configs.json").read_text())
     nem, mla = get_model("nemotron3_nano"), get_model("deepseek_mla")
     assert nem.synthetic and mla.synthetic
     assert (nem.num_heads, nem.num_kv_heads, nem.head_dim, nem.num_layers) == (32, 2, 128, 32)
     assert 29e9 < nem.published_params < 31e9  # "30B"
     assert (mla.num_heads, mla.num_kv_heads, mla.head_dim) == (16, 1, 128) and mla.mla is None
-    if study:
-        for key, m in (("nemotron3_nano", nem), ("deepseek_mla", mla)):
-            s = study[key]
-            assert (s["n_heads"], s["n_kv_heads"], s["head_dim"]) == (m.num_heads, m.num_kv_heads, m.head_dim)
+    for key, m in (("nemotron3_nano", nem), ("deepseek_mla", mla)):
+        s = study[key]
+        assert (s["n_heads"], s["n_kv_heads"], s["head_dim"]) == (m.num_heads, m.num_kv_heads, m.head_dim)
 
 
 def test_sliding_windows():

@@ -158,3 +158,31 @@ def test_explain_one_term_text_and_latex(run):
 def test_explain_unknown_term_suggests(run):
     res = run("explain", "kv_byte_per_token")
     assert res.exit_code == 2 and "kv_bytes_per_token" in res.output
+
+
+@pytest.mark.parametrize("patch, field", [({"num_attention_heads": 0}, "num_attention_heads"),
+                                          ({"hidden_size": "x"}, "hidden_size"),
+                                          ({"num_attention_heads": 4096}, "head_dim"),
+                                          ({"sliding_window": 512, "use_sliding_window": True,
+                                            "sliding_window_pattern": "x"}, "sliding_window_pattern")])
+def test_bad_config_json_values_name_the_field(run, tmp_path, patch, field):
+    cfg = {**dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=4, num_attention_heads=16,
+                  intermediate_size=5632), **patch}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    res = run("predict", "--gpu", "h200", "--model", str(p), "--ctx", "1k")
+    assert res.exit_code == 2 and f"field '{field}'" in res.output
+
+
+def test_runtime_typo_and_huge_context_are_usage_errors(run):
+    res = run("predict", "--gpu", "h200", "--model", "llama-3.1-8b", "--ctx", "1k", "--runtime", "hf-eagr")
+    assert res.exit_code == 2 and "hf-eager" in res.output
+    res = run("predict", "--gpu", "h200", "--model", "llama-3.1-8b", "--ctx", "99999999m")
+    assert res.exit_code == 2 and "supported maximum" in res.output
+
+
+def test_calibrated_runtime_is_named_in_the_output(run):
+    res = run("predict", "--gpu", "h200", "--model", "llama-3.1-8b", "--ctx", "4k", "--runtime", "hf-eager")
+    assert res.exit_code == 0 and "calibrated: H200-SXM / hf-eager" in res.output
+    res = run("predict", "--gpu", "h100", "--model", "llama-3.1-8b", "--ctx", "4k")
+    assert "uncalibrated" in res.output

@@ -8,7 +8,7 @@ A block is written in README.md as
     ```
 
 This script runs each command (argv split with shlex, no shell) and replaces the fenced block under it.
-``--check`` exits 1 if any block differs from what its command prints now (tests/test_readme.py uses it).
+``--check`` exits 1 if any block differs from what its command prints now (tests/test_packaging.py::test_readme_outputs_are_current uses it).
 """
 
 from __future__ import annotations

@@ -410,8 +410,12 @@ def _heat(ax, Bs, Ts, Z, label, log=False, fits=None, cmap="viridis", center=Non
     Zp = np.asarray(Z, dtype=float)
     if log and np.nanmin(Zp) > 0:
         norm = LogNorm(vmin=np.nanmin(Zp), vmax=np.nanmax(Zp))
-    elif center is not None and np.nanmin(Zp) < center < np.nanmax(Zp):
-        norm = TwoSlopeNorm(vcenter=center, vmin=np.nanmin(Zp), vmax=np.nanmax(Zp))
+    elif center is not None:
+        # keep the center on the neutral colour even when every value is on one side of it (all slowdowns
+        # must read as red, all speedups as blue)
+        lo, hi = np.nanmin(Zp), np.nanmax(Zp)
+        span = max(hi - center, center - lo, 1e-9)
+        norm = TwoSlopeNorm(vcenter=center, vmin=min(lo, center - 1e-3 * span), vmax=max(hi, center + 1e-3 * span))
     im = ax.pcolormesh(np.arange(len(Ts) + 1), np.arange(len(Bs) + 1), Zp, norm=norm, cmap=cmap, shading="flat")
     if fits is not None and (~fits).any():
         yy, xx = np.nonzero(~fits)

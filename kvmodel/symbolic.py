@@ -134,12 +134,26 @@ experts_touched = _def(
     "experts",
     "Expected distinct routed experts per MoE layer touched by B tokens each drawing k of E (uniform routing).",
 )
+n_exp = sp.Symbol("n_exp", **_nonneg)  # routed experts per MoE layer actually touched (a measured count)
+
+
+def _weights_streamed(touched):
+    return bw * (P_always + P_lm + B * h + L_moe * P_exp * touched)
+
+
 weight_bytes_streamed = _def(
     "weight_bytes_streamed",
-    bw * (P_always + P_lm + B * h + L_moe * P_exp * experts_touched),
+    _weights_streamed(experts_touched),
     "bytes",
     "Weights read per step: every always-active matrix once, the LM head once, B embedding rows gathered, and "
     "the routed experts some token picked. The embedding table itself is not streamed (unless tied, as LM head).",
+)
+weight_bytes_streamed_given_experts = _def(
+    "weight_bytes_streamed_given_experts",
+    _weights_streamed(n_exp),
+    "bytes",
+    "weight_bytes_streamed with the routed experts touched per MoE layer given (n_exp, e.g. counted from the "
+    "router's picks in a measured step) instead of the uniform-routing expectation.",
 )
 weight_bytes_paper = _def(
     "weight_bytes_paper",
@@ -273,9 +287,12 @@ tier_shortfall = _def(
 kv_heads_per_gpu = _def(
     "kv_heads_per_gpu", sp.ceiling(Hkv / N_tp), "heads",
     "KV heads each GPU holds under TP (replicated when H_kv < N).")
+allreduce_ring_factor = _def(
+    "allreduce_ring_factor", 2 * (N_tp - 1) / N_tp, "1",
+    "Bytes each GPU sends (and receives) per byte of message in a ring all-reduce over N GPUs.")
 allreduce_time = _def(
     "allreduce_time",
-    2 * L * (lat_ar + 2 * (N_tp - 1) / N_tp * B * h * ba / BW_link),
+    2 * L * (lat_ar + allreduce_ring_factor * B * h * ba / BW_link),
     "s",
     "Two ring all-reduces per layer of B x h activations: per call latency + 2(N-1)/N of the message over the "
     "link.",
@@ -417,10 +434,15 @@ attn_verify_P0 = _def(
 attn_verify_P5 = _def(
     "attn_bytes_verify_P5", _kvq_layer * _verify_rr + n_q * _qo, "bytes",
     "Verification attention, fused quantized KV (per layer): quantized bytes and metadata read once up to n_q times.")
+# the halves kept at 16 bits: SDPA reads them straight from the cache (no buffer), so a re-read pays them again
+_plain16_layer = B * T * Hkv * (d * (1 - _dequant_k) + dv * (1 - _dequant_v)) * 2
 attn_verify_P1 = _def(
-    "attn_bytes_verify_P1", _kvq_layer + _kv16_layer + _kv16_layer * _verify_rr + n_q * _qo, "bytes",
-    "Verification attention, non-fused (per layer): quantized KV read and dequantized into an FP16 buffer once, "
-    "the buffer read once up to n_q times.")
+    "attn_bytes_verify_P1",
+    _kvq_layer + _buf16_layer + _buf16_layer * _verify_rr + _plain16_layer * (_verify_rr - 1) + n_q * _qo,
+    "bytes",
+    "Verification attention, non-fused (per layer): quantized KV read once, the halves stored below 16 bits "
+    "dequantized into an FP16 buffer once, the buffer read once up to n_q times (a 16-bit half is read from the "
+    "cache, once per re-read). Equals attn_bytes_P1 at n_q = 1.")
 dequant_ops = _def(
     "dequant_ops", B * cached_token_layers * Hkv * (d + dv) * _verify_rr * sp.Symbol("c_dq", **_nonneg), "ops",
     "Scalar operations to dequantize the KV a verification reads (c_dq operations per element, per read).")

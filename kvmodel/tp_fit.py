@@ -59,9 +59,14 @@ LATENCY_BOUNDS_S = (0.0, 1e-2)
 BW_BOUNDS_GBPS = (0.01, 1e5)
 
 
-def ring_factor(n) -> float:
-    """Bytes each GPU sends (and receives) per byte of message in a ring all-reduce over ``n`` GPUs."""
-    return 2.0 * (n - 1) / n
+def ring_factor(n):
+    """Bytes each GPU sends (and receives) per byte of message in a ring all-reduce over ``n`` GPUs: the
+    ``allreduce_ring_factor`` of :mod:`kvmodel.symbolic` (the factor ``allreduce_time`` charges); a float for a
+    scalar ``n``, an array for an array."""
+    from kvmodel import traffic  # noqa: PLC0415 - sympy/lambdify only, no torch
+
+    out = np.asarray(traffic.evaluate("allreduce_ring_factor", {"N": np.asarray(n, dtype=float)}), dtype=float)
+    return float(out) if out.ndim == 0 else out
 
 
 @dataclass

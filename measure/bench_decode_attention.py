@@ -141,7 +141,10 @@ def bytes_moved(pipe, B, T, Hq, Hkv, d, kb, vb):
         G = Hq // Hkv
         return float(qo + fp16 + 2 * G * fp16), "fallback"
     if pipe == "P1":
-        return float(qo + quant + 2 * fp16), "fallback"
+        # the FP16 buffer holds only the halves stored below 16 bits (a 16-bit half is read from the cache),
+        # as kvmodel.symbolic's attn_bytes_P1
+        buf = B * T * Hkv * d * 2 * ((kb < 16) + (vb < 16))
+        return float(qo + quant + 2 * buf), "fallback"
     return float(qo + quant), "fallback"
 
 

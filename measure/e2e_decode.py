@@ -21,6 +21,7 @@ attention and the rest.
 
     python -m kvmodel.measure.e2e_decode --out validation/data/h200/e2e_decode.csv \
         --models Llama-3.1-8B --batches 1,16 --contexts 1k,32k --pipelines P0,P5 --read-ceiling 4400
+    python -m kvmodel.measure.e2e_decode --out validation/data/h200/e2e_decode.csv --fill-bytes   # bytes only
 
 torch/triton/transformers are imported lazily: the byte arithmetic here works on any machine.
 """
@@ -35,9 +36,10 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from kvmodel import traffic
 from kvmodel.architecture import param_breakdown
 from kvmodel.measure.results import ResultsFile
-from kvmodel.specs import ModelSpec, get_model, parse_tokens
+from kvmodel.specs import KVFormat, ModelSpec, get_model, parse_tokens
 
 E2E_FIELDS = [
     "model", "B", "T", "k_bits", "v_bits", "pipeline", "runtime", "median_s", "p10_s", "p90_s", "attn_s",
@@ -86,61 +88,130 @@ def resolve_model(name: str) -> ModelSpec:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _symbols(spec: ModelSpec, B=1, T=1, k_bits: int = 16, v_bits: int = 16, group: int = 32,
+             bytes_per_param: float = 2.0) -> dict:
+    """Symbol values of :mod:`kvmodel.symbolic` for this model, format and (B, T): the one place the byte counts
+    below come from (``kvmodel.traffic.model_symbols`` / ``kv_symbols``)."""
+    vals = dict(traffic.model_symbols(spec))
+    vals.update(traffic.kv_symbols(KVFormat(k_bits=k_bits, v_bits=v_bits, group_size=group)))
+    vals.update(B=B, T=T, b_w=bytes_per_param)
+    return vals
+
+
+#: extra KV-side bytes of a pipeline over its GQA-aware base: (formula, base formula), both per layer
+_PIPELINE_EXTRA = {
+    "P1": ("attn_bytes_P1", "attn_bytes_P5"),
+    "P1-expand": ("attn_bytes_P1_expand", "attn_bytes_P5"),
+    "P0-expand": ("attn_bytes_P0_expand", "attn_bytes_P0"),
+}
+
+
 def kv_bytes_per_token(spec: ModelSpec, k_bits: int, v_bits: int, group: int = 32) -> float:
-    """KV-cache bytes per token over all layers: data + one fp16 scale per group for 4/8-bit tensors."""
-    L, H, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
-
-    def one(bits):
-        meta = 0 if bits >= 16 else (d // group) * 2
-        return d * bits / 8 + meta
-
-    return L * H * (one(k_bits) + one(v_bits))
+    """KV-cache bytes per token over all layers (``kv_bytes_per_token``: data + per-group metadata)."""
+    return float(traffic.evaluate("kv_bytes_per_token", _symbols(spec, 1, 1, k_bits, v_bits, group)))
 
 
 def weight_bytes_per_step(spec: ModelSpec, B: int, bytes_per_param: float = 2.0,
                           experts_touched: Optional[float] = None) -> float:
-    """Weights one step streams: every decoder matrix once, the LM head once (the embedding when tied), and the
-    B gathered embedding rows. MoE: ``experts_touched`` routed experts per MoE layer (default: the expectation
-    E·(1 − (1 − k/E)^B))."""
-    pb = param_breakdown(spec)
-    total = pb.decoder_streamed_always + (pb.lm_head or pb.embedding)
-    if pb.num_moe_layers:
-        E, k = spec.moe.num_experts, spec.moe.top_k
-        touched = experts_touched if experts_touched is not None else E * (1 - (1 - k / E) ** B)
-        total += touched * pb.expert_each * pb.num_moe_layers
-    rows = B * spec.hidden_size if not spec.tie_embeddings else 0  # tied: the table is streamed whole already
-    return (total + rows) * bytes_per_param
+    """Weights one step streams (``weight_bytes_streamed``): every always-active matrix once, the LM head once
+    (the embedding table when tied), the B gathered embedding rows, and the routed experts touched — the
+    uniform-routing expectation, or ``experts_touched`` per MoE layer when counted
+    (``weight_bytes_streamed_given_experts``)."""
+    vals = _symbols(spec, B, 1, bytes_per_param=bytes_per_param)
+    if experts_touched is None:
+        return float(traffic.evaluate("weight_bytes_streamed", vals))
+    return float(traffic.evaluate("weight_bytes_streamed_given_experts", {**vals, "n_exp": experts_touched}))
+
+
+def pipeline_extra_bytes(spec: ModelSpec, B: int, T: int, k_bits: int, v_bits: int, pipeline: str,
+                         group: int = 32) -> float:
+    """Bytes ``pipeline`` moves beyond its fused / GQA-aware base, all layers: P1's FP16 buffer (written and read,
+    for the halves stored below 16 bits), P0-expand's per-query-head copy. The per-layer attention formulas are
+    linear in T with a T-free q/o term, so their difference summed over layers is the difference evaluated at
+    T = ``cached_token_layers`` (sliding-window layers contribute their window)."""
+    if pipeline not in _PIPELINE_EXTRA:
+        return 0.0
+    name, base = _PIPELINE_EXTRA[pipeline]
+    vals = _symbols(spec, B, T, k_bits, v_bits, group)
+    vals["T"] = traffic.evaluate("cached_token_layers", vals)
+    return float(traffic.evaluate(name, vals) - traffic.evaluate(base, vals))
 
 
 def step_bytes(spec: ModelSpec, B: int, T: int, k_bits: int = 16, v_bits: int = 16, pipeline: str = "P0",
-               group: int = 32, bytes_per_param: float = 2.0) -> dict:
-    """Compulsory bytes of one step at context T (read T cached tokens, write the new one), and the bytes the
-    pipeline actually moves for KV (P1: + an FP16 buffer written and read; P0-expand: K/V expanded per query
-    head, written and read)."""
-    w = weight_bytes_per_step(spec, B, bytes_per_param)
-    per_tok = kv_bytes_per_token(spec, k_bits, v_bits, group)
-    kv = B * (T + 1) * per_tok
-    fp16_tok = kv_bytes_per_token(spec, 16, 16)
-    if pipeline == "P1":
-        pipe = kv + 2 * B * T * fp16_tok
-    elif pipeline == "P0-expand":
-        pipe = kv + 2 * B * T * fp16_tok * spec.gqa_ratio
-    else:
-        pipe = kv
+               group: int = 32, bytes_per_param: float = 2.0, experts_touched: Optional[float] = None) -> dict:
+    """Compulsory bytes of one step at context T, from :mod:`kvmodel.symbolic`: ``bytes_weights`` =
+    ``weight_bytes_streamed``, ``bytes_kv`` = ``kv_read_bytes`` (T cached tokens; windowed layers their window)
+    + ``kv_write_bytes`` (the new token), ``bytes_total`` = their sum; ``bytes_kv_pipeline`` adds what the
+    pipeline moves beyond that (:func:`pipeline_extra_bytes`)."""
+    w = weight_bytes_per_step(spec, B, bytes_per_param, experts_touched)
+    vals = _symbols(spec, B, T, k_bits, v_bits, group, bytes_per_param)
+    kv = float(traffic.evaluate("kv_read_bytes", vals) + traffic.evaluate("kv_write_bytes", vals))
+    pipe = kv + pipeline_extra_bytes(spec, B, T, k_bits, v_bits, pipeline, group)
     return {"bytes_weights": w, "bytes_kv": kv, "bytes_kv_pipeline": pipe, "bytes_total": w + kv}
 
 
 def kv_cache_alloc_bytes(spec: ModelSpec, B: int, T: int, k_bits: int, v_bits: int, group: int = 32,
                          pipeline: str = "P0", slack_tokens: int = 1) -> float:
-    """Device memory the cache (and, for P1/P0-expand, the per-layer scratch buffers) takes."""
-    per_tok = kv_bytes_per_token(spec, k_bits, v_bits, group)
-    total = B * (T + slack_tokens) * per_tok
-    layer_fp16 = B * (T + 1) * spec.num_kv_heads * spec.head_dim * 2 * 2
-    if pipeline == "P1":
-        total += layer_fp16
-    elif pipeline == "P0-expand":
-        total += layer_fp16 * spec.gqa_ratio
+    """Device memory the cache (and, for P1/P0-expand, one layer's scratch buffers) takes in this harness, which
+    caches T + ``slack_tokens`` tokens in every layer (it does not implement sliding windows). The scratch is half
+    the pipeline's extra traffic of one layer at T + 1 tokens (it is written once and read once)."""
+    total = B * (T + slack_tokens) * kv_bytes_per_token(spec, k_bits, v_bits, group)
+    if pipeline in _PIPELINE_EXTRA:
+        name, base = _PIPELINE_EXTRA[pipeline]
+        vals = _symbols(spec, B, T + 1, k_bits, v_bits, group)
+        total += float(traffic.evaluate(name, vals) - traffic.evaluate(base, vals)) / 2
     return total
+
+
+def _num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def fill_bytes(path, ceiling_GBps: Optional[float] = None) -> int:
+    """Recompute the derived byte columns of an ``e2e_decode.csv`` in place with :func:`step_bytes`
+    (:mod:`kvmodel.symbolic`): ``bytes_weights``, ``bytes_kv``, ``bytes_kv_pipeline``, ``bytes_total``, and
+    ``floor_s`` = bytes_total / read ceiling, ``pct_of_floor`` = 100 · floor_s / median_s where the row has a
+    ceiling (its ``read_ceiling_GBps``, else ``ceiling_GBps``) and a median. Measured columns (``median_s``,
+    ``p10_s``, ``p90_s``, ``attn_s``, status, note) are never changed. MoE rows keep the uniform-routing
+    expectation (the measured expert count is not in the file). Written atomically; returns the rows updated."""
+    import csv  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from kvmodel.atomic import atomic_write_text  # noqa: PLC0415
+
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)  # one row per line; each keeps its own line ending
+    if not lines:
+        return 0
+    fields = next(csv.reader([lines[0]]))
+    out, n = [lines[0]], 0
+    for line in lines[1:]:
+        body = line.rstrip("\r\n")
+        if not body:
+            out.append(line)
+            continue
+        r = dict(zip(fields, next(csv.reader([body]))))
+        spec = resolve_model(r["model"])
+        sb = step_bytes(spec, int(r["B"]), int(r["T"]), int(r["k_bits"]), int(r["v_bits"]), r["pipeline"],
+                        int(r.get("group") or 32))
+        for k, v in sb.items():
+            r[k] = repr(float(v))
+        ceiling = _num(r.get("read_ceiling_GBps")) or ceiling_GBps
+        if ceiling:
+            floor_s = sb["bytes_total"] / (ceiling * 1e9)
+            r["floor_s"] = repr(floor_s)
+            med = _num(r.get("median_s"))
+            if med:
+                r["pct_of_floor"] = repr(100.0 * floor_s / med)
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator=line[len(body):]).writerow([r[k] for k in fields])
+        out.append(buf.getvalue())
+        n += 1
+    atomic_write_text(path, "".join(out))
+    return n
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -878,8 +949,8 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
                 ta = time_graph([attn_only], min_time_s=0.1, max_replays=20, min_replays=5)
                 row["attn_s"] = ta.median_s
             if n_touched is not None:
-                row["bytes_weights"] = weight_bytes_per_step(spec, c.B, experts_touched=n_touched)
-                row["bytes_total"] = row["bytes_weights"] + row["bytes_kv"]
+                row.update(step_bytes(spec, c.B, c.T, c.k_bits, c.v_bits, c.pipeline, group,
+                                      experts_touched=n_touched))
                 if ceiling:
                     row["floor_s"] = row["bytes_total"] / (ceiling * 1e9)
                     row["pct_of_floor"] = 100.0 * row["floor_s"] / t.median_s
@@ -989,6 +1060,9 @@ def self_check(atol: float = 2e-2) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="End-to-end decode step sweep (kvmodel-graph and HF runtimes)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--fill-bytes", action="store_true",
+                    help="only recompute the byte, floor_s and pct_of_floor columns of --out from kvmodel.symbolic "
+                         "(measured columns untouched); needs no GPU")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
     ap.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)))
     ap.add_argument("--contexts", default="1k,4k,16k,32k")
@@ -1003,6 +1077,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--self-check", action="store_true")
     ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this many seconds")
     a = ap.parse_args(argv)
+    if a.fill_bytes:
+        print(f"updated {fill_bytes(a.out, a.read_ceiling)} rows of {a.out}", flush=True)
+        return 0
     from kvmodel.measure.probes import GPUUnavailable, read_ceiling_GBps  # noqa: PLC0415
 
     try:

@@ -189,15 +189,16 @@ def local_spec(spec: ModelSpec, plan: ShardPlan) -> ModelSpec:
 
 def tp_weight_bytes_per_gpu(spec: ModelSpec, tp: int, B: int, bytes_per_param: float = 2.0) -> float:
     """Weight bytes one rank streams per step: its shard of every layer matrix (+ biases), the replicated norms,
-    its LM-head rows (ceil(V/N): rank 0, the largest shard) and the B gathered embedding rows (tied at tp = 1:
-    the e2e convention, the table is counted once as the LM head)."""
+    its LM-head rows (ceil(V/N): rank 0, the largest shard) and the B gathered embedding rows (also when tied,
+    as ``weight_bytes_streamed`` of :mod:`kvmodel.symbolic` counts them; at tp = 1 this equals
+    :func:`kvmodel.measure.e2e_decode.weight_bytes_per_step`)."""
     p = shard_plan(spec, tp)
     h, d = spec.hidden_size, spec.head_dim
     qkv = (p.q_heads + 2 * p.kv_heads) * d
     mlp = (2 if spec.mlp == "gated" else 1) * p.intermediate * h + p.intermediate * h
     layer = qkv * h + (qkv if spec.qkv_bias else 0) + h * p.q_heads * d + mlp + spec.norms_per_layer * h
     lm = p.vocab_shard * h if tp > 1 else spec.vocab_size * h
-    rows = 0 if (spec.tie_embeddings and tp == 1) else B * h
+    rows = B * h
     return (spec.num_layers * layer + h + lm + rows) * bytes_per_param
 
 
@@ -215,7 +216,7 @@ def tp_step_bytes(
     traffic (2 per layer, each of B × hidden × 2 bytes)."""
     p = shard_plan(spec, tp)
     w = tp_weight_bytes_per_gpu(spec, tp, B, bytes_per_param)
-    kv = B * (T + 1) * e2e.kv_bytes_per_token(local_spec(spec, p), k_bits, v_bits, group)
+    kv = e2e.step_bytes(local_spec(spec, p), B, T, k_bits, v_bits, "P0", group)["bytes_kv"]
     return {
         "bytes_weights_per_gpu": w,
         "bytes_kv_per_gpu": kv,

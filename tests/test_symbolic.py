@@ -176,3 +176,33 @@ def test_every_formula_lambdifies_and_has_doc():
         vals.update({k: v for k, v in _vals().items() if k in vals})
         out = traffic.evaluate(name, vals)
         assert np.all(np.isfinite(np.asarray(out, dtype=float))) or name == "max_context", name
+
+
+@pytest.mark.parametrize("kb,vb", [(4, 4), (16, 4), (4, 16), (8, 4), (16, 16)])
+def test_verify_P1_matches_P1_at_one_query_and_buffers_only_quantized_halves(kb, vb):
+    """attn_bytes_verify_P1 uses the same per-half FP16 buffer as attn_bytes_P1 (none for a 16-bit half)."""
+    v = _vals(B=4, T=4096, **_fmt_vals(kb, vb, 32))
+    p1 = traffic.evaluate("attn_bytes_P1", v)
+    assert traffic.evaluate("attn_bytes_verify_P1", {**v, "n_q": 1, "eta": 0}) == pytest.approx(p1)
+    assert traffic.evaluate("attn_bytes_verify_P1", {**v, "n_q": 5, "eta": 0.5}) > p1
+    # eta = 1, n_q = 3: quantized read + buffer write once, then every half read 3 times at FP16
+    B, T, Hkv, d = 4, 4096, 8, 128
+    quant = B * T * traffic.evaluate("kv_bytes_per_token_layer", v)
+    buf = B * T * Hkv * d * 2 * ((kb < 16) + (vb < 16))
+    plain = B * T * Hkv * d * 2 * ((kb == 16) + (vb == 16))
+    qo = 2 * B * 32 * 128 * 2
+    got = traffic.evaluate("attn_bytes_verify_P1", {**v, "n_q": 3, "eta": 1})
+    assert got == pytest.approx(quant + buf + 3 * buf + 2 * plain + 3 * qo)
+
+
+def test_weights_given_experts_and_ring_factor():
+    v = _vals(B=16, P_exp=1_000_000, E=64, k=4, L_moe=10)
+    expect = traffic.evaluate("experts_touched", v)
+    assert traffic.evaluate("weight_bytes_streamed_given_experts", {**v, "n_exp": expect}) == pytest.approx(
+        traffic.evaluate("weight_bytes_streamed", v))
+    assert traffic.evaluate("weight_bytes_streamed_given_experts", {**v, "n_exp": 0}) == pytest.approx(
+        traffic.evaluate("weight_bytes_streamed", {**v, "L_moe": 0}))
+    assert traffic.evaluate("allreduce_ring_factor", {"N": 8}) == pytest.approx(1.75)
+    t = traffic.evaluate("allreduce_time", {"L": 1, "lambda_ar": 0, "N": 4, "B": 1, "h": 1000, "b_a": 2,
+                                            "BW_link": 1e9})
+    assert t == pytest.approx(2 * 1.5 * 2000 / 1e9)

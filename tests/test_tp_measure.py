@@ -546,3 +546,18 @@ def test_predict_tp_rows_uses_fitted_link():
     assert p["pct_error"] == pytest.approx(100 * (p["predicted_s"] / 0.004 - 1))
     summ = tp_fit.error_summary([p])
     assert summ["tp2"]["n"] == 1 and summ["all"]["median_abs_pct"] == pytest.approx(abs(p["pct_error"]))
+
+
+def test_ring_factor_is_the_symbolic_allreduce_factor():
+    """tp_fit's ring factor is the one allreduce_time charges (kvmodel.symbolic), not a copy."""
+    import sympy as sp
+
+    from kvmodel import symbolic as S
+
+    for n in (2, 4, 8):
+        # allreduce_time = 2 L (lambda + f(N) B h b_a / BW): recover f(N) numerically
+        vals = {"L": 1, "lambda_ar": 0, "N": n, "B": 1, "h": 1, "b_a": 1, "BW_link": 1}
+        t = float(S.allreduce_time.subs({s: vals[s.name] for s in S.allreduce_time.free_symbols}))
+        assert tp_fit.ring_factor(n) == pytest.approx(t / 2) == pytest.approx(2 * (n - 1) / n)
+    arr = tp_fit.ring_factor(np.array([2, 4]))
+    assert arr.shape == (2,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -121,8 +122,15 @@ def test_published_claims(study):
         assert r["verdict"] != "error", r
         assert "DESIGN.md" in r["source"]
         assert r["assumptions"]
-    assert "2.76" in rows["amdahl_example"]["kvmodel"]
+    assert "2.76" in rows["amdahl_example"]["kvmodel"] and "mis-computed" in rows["amdahl_example"]["verdict"]
     assert "662" in rows["hill_card"]["kvmodel"]
+    # verdicts follow the numbers: the card's gamma lies outside the refit's 95 % CI, its R2 is not reproduced
+    fm, card = study["hill"]["fit_measured"], published.hill_card()
+    lo, hi = fm["ci95"]["gamma"]
+    assert ("outside" in rows["hill_card"]["verdict"]) == (not lo <= card["gamma"] <= hi)
+    assert f"gamma {card['gamma']}" in rows["hill_card"]["verdict"]
+    assert "not reproduced" in rows["hill_card"]["verdict"]
+    assert "not reproduced by traffic alone" in rows["speculation_rho"]["verdict"]
     assert rows["kv_fraction_7b_2k"]["verdict"].startswith("reproduced")
     t = rows["tiering_shortfall_128k"]["details"]
     assert min(x["shortfall_study_x"] for x in t) > 5 and max(x["shortfall_study_x"] for x in t) < 5000
@@ -204,16 +212,88 @@ def test_validate_end_to_end(tmp_path, synthetic):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
-def test_validate_cli_without_h200_data(tmp_path):
-    r = CliRunner().invoke(cli, ["validate", "--out", str(tmp_path / "r"), "--no-plots", "--quiet"])
+COMMITTED_SUMMARY = Path(__file__).resolve().parents[1] / "validation" / "report" / "summary.json"
+
+
+@pytest.fixture(scope="module")
+def committed_run(tmp_path_factory):
+    """`kvmodel validate --no-plots` on the committed data, into a temporary folder (~12 s)."""
+    out = tmp_path_factory.mktemp("validate")
+    r = CliRunner().invoke(cli, ["validate", "--out", str(out), "--no-plots", "--quiet"])
     assert r.exit_code == 0, r.output
-    j = json.loads((tmp_path / "r" / "summary.json").read_text())
-    for k in ("attention_median_abs_pct_error", "attention_max_abs_pct_error", "e2e_median_abs_pct_error"):
-        assert k in j
-    if j["attention_median_abs_pct_error"] is None:
-        assert j["attention_reason"]
+    return json.loads((out / "summary.json").read_text()), (out / "REPORT.md").read_text()
+
+
+def _headline(j: dict) -> dict:
+    """The numbers README and REPORT quote: H200 (both models), H100 held-out, Hill fit."""
+    keys = [f"{m}{k}_{s}_abs_pct_error" for m in ("", "predict_") for k, s in (
+        ("attention", "median"), ("attention", "max"), ("attention", "p90"), ("e2e", "median"), ("e2e", "max"))]
+    out = {k: j[k] for k in keys}
+    out["predict_e2e_p90_abs_pct_error"] = j["predict_e2e_p90_abs_pct_error"]
+    h = j["h100_study"]
+    for s in ("median_abs_pct", "p90_abs_pct", "max_abs_pct"):
+        out[f"h100 all {s}"] = h["heldout_all_pipelines"][s]
+        for pl, v in h["heldout_per_pipeline"].items():
+            out[f"h100 {pl} {s}"] = v["all held-out"][s]
+    for k in ("Smax", "B_half", "gamma", "R2", "n"):
+        out[f"hill {k}"] = j["hill"]["h100_measured"][k]
+    return out
+
+
+def test_validate_committed_data_matches_committed_summary(committed_run):
+    """CI re-runs the validation on the committed data: every H200 result must be available (no null escape) and
+    the headline numbers must equal validation/report/summary.json (to its rounding)."""
+    j, md = committed_run
+    for k in ("attention_reason", "e2e_reason", "predict_reason"):
+        assert j[k] is None, (k, j[k])
+    assert j["h200_attention"]["available"] and j["h200_e2e"]["available"]
+    assert j["h200_predict_heldout"]["available"]
     assert j["hill"]["h100_measured"]["n"] == 662
-    assert "Headline" in (tmp_path / "r" / "REPORT.md").read_text()
+    assert "Headline" in md and "kvmodel predict (shipped model, calibrated on the training split)" in md
+    committed = json.loads(COMMITTED_SUMMARY.read_text())
+    new, old = _headline(j), _headline(committed)
+    for k, v in old.items():
+        assert v is not None, k
+        assert new[k] == pytest.approx(v, abs=0.011, rel=1e-4), (k, new[k], v)
+    assert j["hill"]["card"] == published.hill_card() == committed["hill"]["card"]
+
+
+def test_validate_missing_h200_data_is_null(tmp_path, monkeypatch, study):
+    """Deliberately missing H200 files: the report still runs, with null numbers and a reason."""
+    from kvmodel.validation import report
+
+    monkeypatch.setattr(report.h100_study, "run", lambda: study)
+    s = run_validation(tmp_path / "r", plots=False, log=lambda m: None, attention_file=tmp_path / "none.csv",
+                       e2e_file=tmp_path / "none.csv")
+    assert s["attention_median_abs_pct_error"] is None and "not present" in s["attention_reason"]
+    assert s["e2e_median_abs_pct_error"] is None and s["e2e_reason"]
+    assert s["predict_attention_median_abs_pct_error"] is None and s["predict_reason"]
+
+
+def test_validate_propagates_heldout_errors(tmp_path, monkeypatch, study):
+    """Anything but missing data is an error, not a null in the report."""
+    from kvmodel.validation import report
+
+    monkeypatch.setattr(report.h100_study, "run", lambda: study)
+
+    def boom(*a, **k):
+        raise ValueError("broken data")
+
+    monkeypatch.setattr(report.heldout, "run_attention", boom)
+    with pytest.raises(ValueError, match="broken data"):
+        run_validation(tmp_path / "r", plots=False, log=lambda m: None)
+
+
+def test_dequant_bytes_from_traffic():
+    """The validation model's dequantize-step bytes come from kvmodel.traffic: P1 - P0 (quantized read + FP16 buffer
+    write); P1 - P5 is the buffer's write + read, only for halves below 16 bits."""
+    ab = traffic.attention_layer_bytes
+    B, T, Hq, Hkv, d = 4, 1024, 32, 8, 128
+    for kb, vb, nq in ((4, 4, 2), (16, 4, 1), (8, 4, 2), (16, 16, 0)):
+        buf = ab("P1", B, T, Hq, Hkv, d, kb, vb) - ab("P5", B, T, Hq, Hkv, d, kb, vb)
+        assert buf == pytest.approx(nq * 2 * (2 * B * T * Hkv * d))
+        packed = sum(B * T * Hkv * (d * b / 8 + d / 32 * 2) for b in (kb, vb) if b < 16)
+        assert heldout.dequant_bytes(B, T, Hq, Hkv, d, kb, vb) == pytest.approx(packed + buf / 2)
 
 
 def test_atomic_write_and_stats(tmp_path):
@@ -236,6 +316,6 @@ def test_kernel_config_port_matches_measured_splits():
     d = H.load_attention()
     if d is None:
         pytest.skip("no H200 grid committed")
-    p = d[(d.pipeline == "P5") & (d.variant == "")].head(200)
+    p = d[(d.pipeline == "P5") & (d.variant == "")]
     ns = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, 132) for r in p.itertuples()]
     assert np.array_equal(np.asarray(ns, float), p.num_splits.to_numpy(float))

@@ -119,7 +119,7 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
     d["bytes_P0"] = ab("P0", B, T, Hq, Hkv, hd)
     d["bytes_P0x"] = ab("P0-expand", B, T, Hq, Hkv, hd)
     d["bytes_P5"] = ab("P5", B, T, Hq, Hkv, hd, kb, vb, g)
-    d["bytes_dq"] = dequant_bytes(B, T, Hkv, hd, kb, vb, g)
+    d["bytes_dq"] = dequant_bytes(B, T, Hq, Hkv, hd, kb, vb, g)
     vals = {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv, "d": hd, "d_v": hd, "d_q": hd, "b_a": 2, "b_k": kb, "b_v": vb,
             "g": g, "m_k": np.where(kb >= 16, 0, 2), "m_v": np.where(vb >= 16, 0, 2)}
     d["bytes_P5_perq"] = traffic.evaluate("attn_bytes_P5_nosplit_loads", vals)
@@ -139,17 +139,14 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
     return d.reset_index(drop=True)
 
 
-def dequant_bytes(B, T, Hkv, d, k_bits, v_bits, group=32):
-    """Bytes of the non-fused pipeline's dequantize step: each *quantized* half (K or V) is read packed with its
-    scales and written as FP16; a 16-bit half is used in place. (``attn_bytes_P1`` counts the FP16 buffer for both
-    halves, which over-counts K16/V4-style formats; see the report.)"""
-    B, T, Hkv, d, kb, vb, g = (np.asarray(x, dtype=float) for x in (B, T, Hkv, d, k_bits, v_bits, group))
-
-    def half(bits):
-        q = np.where(bits < 16, d * bits / 8 + np.ceil(d / g) * 2, 0.0)
-        return np.where(bits < 16, q + 2 * d, 0.0)
-
-    return B * T * Hkv * (half(kb) + half(vb))
+def dequant_bytes(B, T, Hq, Hkv, d, k_bits, v_bits, group=32):
+    """Bytes of the non-fused pipeline's dequantize step (quantized read + FP16 staging-buffer write), from the
+    traffic model: ``attn_bytes_P1 - attn_bytes_P0``. attn_bytes_P1 charges the buffer (write + read) only for the
+    halves stored below 16 bits (``attn_bytes_P1 - attn_bytes_P5`` is exactly that write + read); the SDPA read that
+    follows is the P0 traffic, so the difference is what the dequantize kernel moves (0 for a 16-bit half, used in
+    place)."""
+    ab = traffic.attention_layer_bytes
+    return ab("P1", B, T, Hq, Hkv, d, k_bits, v_bits, group) - ab("P0", B, T, Hq, Hkv, d)
 
 
 def _by_dim(curves: dict, hd):
@@ -210,7 +207,7 @@ class AttentionCalibration:
         if pipeline == "P1":
             c = self.dequant
             return (self._p0_time(ab("P0", B, T, Hq, Hkv, d), d)
-                    + curve_time_s(dequant_bytes(B, T, Hkv, d, k_bits, v_bits, group), c.t0_s, c.bw_GBps,
+                    + curve_time_s(dequant_bytes(B, T, Hq, Hkv, d, k_bits, v_bits, group), c.t0_s, c.bw_GBps,
                                    c.knee_bytes, c.sharpness))
         if pipeline == "P5":
             # the kernel's block shape and split count for each call (its own rules, ported)
@@ -477,43 +474,116 @@ def predict_e2e(cal: E2ECalibration, d: pd.DataFrame, peak_flops: float) -> np.n
     return out
 
 
-def shipped_predictions(d: pd.DataFrame, format_keyed: bool = False) -> tuple[Optional[np.ndarray], str]:
-    """kvmodel as shipped (kvmodel.predict.step_time_s with the shipped H200 calibration, else uncalibrated).
+def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None) -> tuple[np.ndarray, str]:
+    """kvmodel as shipped: :func:`kvmodel.predict.step_time_s` per row with calibration ``cal`` (default: the
+    shipped H200 kvmodel-graph calibration). Predict looks each attention op up as
+    ``attention:<P>:k<b>v<b>:d<d>``, then coarser keys (:meth:`kvmodel.timing.TimeModel.attention_op`).
 
-    ``format_keyed``: the proposed predict fix, each row's attention op looked up as 'attention:<pipeline>:k<b>v<b>'
-    ('attention:P5-fp16' for FP16 P5) before 'attention:<pipeline>' (the calibration has these curves; predict
-    reads only the last).
-    """
+    No shipped calibration is an explicit "uncalibrated" label, not an error; any other failure propagates."""
+    from kvmodel.calibration import find_calibration
     from kvmodel.predict import step_time_s
     from kvmodel.specs import KVFormat, get_gpu
     from kvmodel.timing import TimeModel
 
     gpu = get_gpu("h200")
-    cal, label = None, "uncalibrated (datasheet x 0.85)"
-    try:
-        from kvmodel.calibration import find_calibration
-
+    if cal is None:
         cal = find_calibration(gpu.name, runtime="kvmodel-graph")
-        if cal is not None:
+        if cal is None:
+            label = "uncalibrated (datasheet x 0.85): no shipped H200 kvmodel-graph calibration"
+        else:
             label = f"shipped calibration ({cal.date or 'undated'}; fitted on all data, not held out)"
-    except Exception:  # noqa: BLE001 - the calibration module is optional here
-        cal = None
-    if format_keyed:
-        label += ", format-keyed attention curves"
+    tm = TimeModel(gpu, cal)
     out = np.full(len(d), np.nan)
     for (name, pl, kb, vb), g in d.groupby(["model", "pipeline", "k_bits", "v_bits"]):
         if pl not in ("P0", "P0-expand", "P1", "P5"):
             continue
-        tm = TimeModel(gpu, cal)
-        if format_keyed and cal is not None:
-            for key in (f"attention:{pl}:k{int(kb)}v{int(vb)}", f"attention:{pl}-fp16" if kb == vb == 16 else ""):
-                if key in tm.curves:
-                    tm.curves = {**tm.curves, f"attention:{pl}": tm.curves[key]}
-                    break
         idx = d.index.get_indexer(g.index)
         out[idx] = step_time_s(tm, get_model(name), KVFormat(k_bits=int(kb), v_bits=int(vb)), g["B"].to_numpy(float),
                                g["T"].to_numpy(float), pl)
     return out, label
+
+
+def predict_attention_shipped(cal, d: pd.DataFrame) -> np.ndarray:
+    """Seconds of one attention-layer call as :func:`kvmodel.predict.attention_time_s` charges each layer: the
+    TimeModel's most specific attention curve (``tm.attention_op``) over ``attention_layer_bytes`` with the
+    roofline FLOP check (2*B*Hq*(d + d)*T)."""
+    from kvmodel.specs import get_gpu
+    from kvmodel.timing import TimeModel
+
+    tm = TimeModel(get_gpu("h200"), cal)
+    out = np.full(len(d), np.nan)
+    ab = traffic.attention_layer_bytes
+    for (pl, kb, vb, hd), g in d.groupby(["pipeline", "k_bits", "v_bits", "d"]):
+        if pl not in ("P0", "P0-expand", "P1", "P5"):
+            continue
+        fp16 = pl.startswith("P0")
+        op = tm.attention_op(pl, 16 if fp16 else int(kb), 16 if fp16 else int(vb), int(hd))
+        B, T, Hq, Hkv = (g[c].to_numpy(float) for c in ("B", "T", "Hq", "Hkv"))
+        grp = g["group"].to_numpy(float) if "group" in g.columns else 32
+        nbytes = ab(pl, B, T, Hq, Hkv, float(hd), kb, vb, grp)
+        flops = 2.0 * B * Hq * (2 * float(hd)) * T
+        out[d.index.get_indexer(g.index)] = tm.op_time(op, nbytes, flops)
+    return out
+
+
+def run_predict_heldout(attention: dict, e2e: dict, attention_path: Optional[Path] = None,
+                        e2e_path: Optional[Path] = None) -> dict:
+    """Held-out accuracy of the SHIPPED predictor (:mod:`kvmodel.predict` with a :class:`Calibration` fitted by
+    :func:`kvmodel.calibration.fit_calibration`), on the same split as the validation model.
+
+    The calibration is fitted from a temporary folder holding the committed ``probes.csv`` (bandwidth and GEMV
+    probes: no attention or step rows) and only the *training* rows of ``decode_attention.csv`` (the attention
+    split's calibration models x contexts) and of ``e2e_decode.csv`` (kvmodel-graph rows of the e2e split's
+    calibration models x contexts), in the files' own formats. Held-out attention rows are predicted per layer
+    (:func:`predict_attention_shipped`), held-out steps with :func:`kvmodel.predict.step_time_s`."""
+    import shutil
+    import tempfile
+
+    from kvmodel.calibration import fit_calibration
+
+    if not (attention.get("available") and e2e.get("available")):
+        return {"available": False, "reason": "needs both H200 files (decode_attention.csv and e2e_decode.csv)"}
+    att_path = Path(attention_path) if attention_path else data_path(*ATTENTION_FILE)
+    e2e_path_ = Path(e2e_path) if e2e_path else data_path(*E2E_FILE)
+    probes = att_path.parent / "probes.csv"
+    if not probes.exists():
+        return {"available": False, "reason": f"{probes} not present (the calibration needs the probes)"}
+    sa, se = attention["split_detail"], e2e["split_detail"]
+    raw_a = pd.read_csv(att_path)
+    raw_a = raw_a[raw_a["T"].isin(sa["train_contexts"]) & (raw_a["model"] != sa["heldout_model"])]
+    raw_e = pd.read_csv(e2e_path_)
+    rt = raw_e["runtime"] if "runtime" in raw_e.columns else pd.Series("kvmodel-graph", index=raw_e.index)
+    raw_e = raw_e[(rt == "kvmodel-graph") & raw_e["T"].isin(se["train_contexts"])
+                  & (raw_e["model"] != se["heldout_model"])]
+    with tempfile.TemporaryDirectory(prefix="kvmodel-heldout-cal-") as tmp:
+        tmp = Path(tmp)
+        shutil.copy(probes, tmp / "probes.csv")
+        raw_a.to_csv(tmp / "decode_attention.csv", index=False)
+        raw_e.to_csv(tmp / "e2e_decode.csv", index=False)
+        cal = fit_calibration(tmp, gpu="h200", runtime="kvmodel-graph",
+                              command="kvmodel.validation.heldout.run_predict_heldout (training split only)")
+    fa = attention["frame"]
+    fa = fa[(fa.role != "train") & (fa.variant == "")].copy()
+    fa["pred_s"] = predict_attention_shipped(cal, fa)
+    fa = fa[np.isfinite(fa.pred_s)]
+    fe = e2e["frame"]
+    fe = fe[fe.role != "train"].copy()
+    fe["pred_s"], _ = shipped_predictions(fe, cal, "held-out calibration")
+    fe = fe[np.isfinite(fe.pred_s)]
+    return {
+        "available": True,
+        "model": "kvmodel predict (shipped model: TimeModel curves per op class, attention curve looked up by "
+                 "pipeline/format/head dim; step = overheads + weights + attention), calibrated by "
+                 "kvmodel.calibration.fit_calibration on the training split only",
+        "n_train_attention_rows": int(len(raw_a)), "n_train_e2e_rows": int(len(raw_e)),
+        "calibration_ops": sorted(cal.ops), "step_overhead_s": cal.step_overhead_s,
+        "layer_overhead_s": cal.layer_overhead_s,
+        "attention": error_stats(fa.pred_s, fa.median_s),
+        "attention_per_pipeline_format": grouped_stats(fa.assign(meas_s=fa.median_s), ["pipeline", "format"]),
+        "e2e": error_stats(fe.pred_s, fe.median_s),
+        "e2e_per_pipeline_format": grouped_stats(fe.assign(meas_s=fe.median_s), ["pipeline", "format"]),
+        "e2e_per_role": grouped_stats(fe.assign(meas_s=fe.median_s), "role"),
+    }
 
 
 def run_e2e(path: Optional[Path] = None, attention: Optional[dict] = None) -> dict:
@@ -535,8 +605,6 @@ def run_e2e(path: Optional[Path] = None, attention: Optional[dict] = None) -> di
     ours["meas_s"] = ours["median_s"]
     shipped, shipped_label = shipped_predictions(ours)
     ours["shipped_s"] = shipped
-    keyed, keyed_label = shipped_predictions(ours, format_keyed=True)
-    ours["shipped_keyed_s"] = keyed
     held = ours[(ours.role != "train") & np.isfinite(ours.pred_s)]
     return {
         "available": True, "split": desc, "split_detail": split, "calibration": cal.to_dict(),
@@ -548,7 +616,6 @@ def run_e2e(path: Optional[Path] = None, attention: Optional[dict] = None) -> di
         "shipped": {"label": shipped_label, "all_rows": error_stats(ours.shipped_s, ours.meas_s),
                     "per_pipeline_format": grouped_stats(ours[np.isfinite(ours.shipped_s)], ["pipeline", "format"],
                                                          pred="shipped_s")},
-        "shipped_format_keyed": {"label": keyed_label, "all_rows": error_stats(ours.shipped_keyed_s, ours.meas_s)},
         "frame": ours, "cal": cal,
     }
 

@@ -289,7 +289,8 @@ def _hill_section(r: dict, h200_hill: Optional[dict]) -> str:
     byb = pd.DataFrame(h["by_batch"])
     L = ["## 2. The Hill law: fit and mechanism", "",
          "`kvmodel fit-hill validation/data/knlp-v40-h100/bench_results_summary.csv --min-batch 4` (P0/P5 decode):", ""]
-    rows = [{"fit": "published card", "Smax": 3.75, "B_half": 5.1, "gamma": 1.32, "R2": 0.80, "n": None}]
+    card = published.hill_card()
+    rows = [{"fit": "published card", **{k: card[k] for k in ("Smax", "B_half", "gamma", "R2")}, "n": None}]
     for lab, x in (("public data (measured S)", fm), ("kvmodel's predicted S, same configs", fp)):
         rows.append({"fit": lab, **{k: x[k] for k in ("Smax", "B_half", "gamma", "R2", "n")},
                      "95% CI Smax": f"{x['ci95']['Smax'][0]:.2f}-{x['ci95']['Smax'][1]:.2f}",
@@ -364,8 +365,37 @@ def _published_section(rows: list[dict]) -> str:
     return "\n".join(L)
 
 
-def _h200_section(att: dict, e2e: dict) -> str:
-    L = ["## 4. Held-out accuracy on our H200 measurements", ""]
+def _predict_text(pr: dict) -> list:
+    """The shipped predictor (kvmodel predict) held out on the same split."""
+    L = ["### kvmodel predict (shipped model, calibrated on the training split)", ""]
+    if not pr.get("available"):
+        return L + [f"Not available: {pr.get('reason')}.", ""]
+    a, e = pr["attention"], pr["e2e"]
+    L += [f"This is the model `kvmodel predict` runs: {pr['model']}. Its calibration was fitted by "
+          "`kvmodel.calibration.fit_calibration` from the committed probes.csv plus only the training rows "
+          f"({pr['n_train_attention_rows']} decode_attention.csv rows, {pr['n_train_e2e_rows']} e2e_decode.csv "
+          "kvmodel-graph rows written to a temporary folder); the held-out rows below are the same rows as the "
+          "validation model's. Attention per layer is `TimeModel.op_time(tm.attention_op(pipeline, k_bits, v_bits, "
+          "d), attention_layer_bytes, flops)`, as `kvmodel.predict.attention_time_s` charges one layer; steps are "
+          "`kvmodel.predict.step_time_s`.", "",
+          md_table([_stats_row("kvmodel predict: H200 attention, held-out", a),
+                    _stats_row("kvmodel predict: H200 end-to-end, held-out", e)], STAT_COLS), "",
+          "Per pipeline and format (attention):", "",
+          md_table([_stats_row(k, v) for k, v in pr["attention_per_pipeline_format"].items()], STAT_COLS), "",
+          "Per pipeline and format (end-to-end):", "",
+          md_table([_stats_row(k, v) for k, v in pr["e2e_per_pipeline_format"].items()], STAT_COLS), "",
+          "The shipped model times every fused (P5) call with one bytes curve per (format, head dim); the "
+          "validation model above times it by occupancy per kernel block shape (kernel_config), which the "
+          "shipped TimeModel does not use. That is where the two differ most (P5 rows).", ""]
+    return L
+
+
+def _h200_section(att: dict, e2e: dict, pr: Optional[dict] = None) -> str:
+    L = ["## 4. Held-out accuracy on our H200 measurements", "",
+         "Two models are held to the same split. **Validation model** (`kvmodel.validation.heldout`: per-head-dim "
+         "P0 curves, a P1 dequantize curve, P5 by occupancy per kernel block shape, its own step composition): "
+         "the tables directly below. **kvmodel predict** (the shipped model, calibrated on the training split): "
+         "the subsection after them.", ""]
     if not att.get("available"):
         L += [f"**Not available:** {att['reason']}. The code path is built and tested on synthetic data in the "
               "benchmark's format (`tests/test_validation.py`); it runs as soon as the file is committed.", ""]
@@ -400,11 +430,14 @@ def _h200_section(att: dict, e2e: dict) -> str:
                   md_table([_stats_row(k, v) for k, v in sp.items()], STAT_COLS), ""]
         L += ["`predict` looks each attention call's curve up by pipeline, K/V format and head dim "
               "('attention:P5:k4v4:d128', then 'attention:P5:k4v4', then 'attention:P5'), so each kernel "
-              "variant is timed by its own measured efficiency. The tables below are the held-out split "
-              "(calibrated on the split's training rows only), per model and per pipeline/format:", ""]
+              "variant is timed by its own measured efficiency. The tables below are the **validation model**'s "
+              "held-out split (calibrated on the split's training rows only), per model and per pipeline/format:",
+              ""]
         L += [md_table([_stats_row(k, s) for k, s in e2e["per_model"].items()], STAT_COLS), ""]
         L += [md_table([_stats_row(k, s) for k, s in e2e["per_pipeline_format"].items()], STAT_COLS), ""]
         L += ["![H200 e2e predicted vs measured](h200_e2e_pred_vs_meas.png)", ""]
+    if pr is not None:
+        L += _predict_text(pr)
     return "\n".join(L)
 
 
@@ -566,10 +599,10 @@ def _misses_section(r: dict, att: dict) -> str:
               "512 programs with 2 splits are predicted within 2 %, but the one-split (SPLIT = False) launches run "
               "~19 % slower per token; INT8 at one split does not. Mechanism not identified (the one-split kernel "
               "is a separate compile; its SASS has not been inspected).",
-              "- **P1 with a 16-bit half** (K16/V4): `attn_bytes_P1` charges an FP16 buffer write + read for both "
-              "halves, but the pipeline dequantizes only the quantized half (kvmodel.validation.heldout."
-              "dequant_bytes counts that). Fix in symbolic.py: the P1 buffer term per half, "
-              "2*B*T*Hkv*d*[b < 16] for K and for V, instead of 2*kv16."]
+              "- **P1 with a 16-bit half** (K16/V4): `attn_bytes_P1` charges the FP16 staging buffer (write + "
+              "read) only for the halves stored below 16 bits; the validation model's dequantize-step bytes are "
+              "`attn_bytes_P1 - attn_bytes_P0` (kvmodel.validation.heldout.dequant_bytes), so no formula is "
+              "re-typed here."]
     return "\n".join(L)
 
 
@@ -613,20 +646,18 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
     log("published claims ...")
     pub = published.compare_all({"h100": h100})
     log("H200 held-out ...")
-    try:
-        att = heldout.run_attention(attention_file)
-    except Exception as e:  # malformed or partial data must not sink the rest of the report
-        att = {"available": False, "reason": f"decode_attention.csv could not be evaluated: {type(e).__name__}: {e}"}
-    try:
-        e2e = heldout.run_e2e(e2e_file, att)
-    except Exception as e:  # noqa: BLE001
-        e2e = {"available": False, "reason": f"e2e_decode.csv could not be evaluated: {type(e).__name__}: {e}"}
+    # missing files come back as {"available": False, "reason": ...}; any other error propagates
+    att = heldout.run_attention(attention_file)
+    e2e = heldout.run_e2e(e2e_file, att)
+    log("kvmodel predict, held out ...")
+    pr = heldout.run_predict_heldout(att, e2e, attention_file, e2e_file)
     if rerun_peers:
         e2e_df = heldout.load_e2e(e2e_file)
         cfgs = peers.configs_from_e2e(e2e_df) if e2e_df is not None else peers.default_configs()
         peers.run_peers(cfgs, peers_file, log=log)
     pc = peers.compare(e2e["frame"] if e2e.get("available") else None, peers.load_peers(peers_file))
     h200_hill = _h200_hill(att)
+    card = published.hill_card()
     regime = {}
     if plots:
         log("plots ...")
@@ -637,7 +668,6 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
         plot_error_hist(held[held.pipeline.isin(["P0", "P1", "P5"])], out_dir / "h100_error_hist.png",
                         "Study H100 sweep, held-out error distribution")
         plot_residuals(held, out_dir / "h100_residuals.png", "Study H100 sweep: held-out residuals vs B, T, G, d")
-        card = next((c["published"] for c in published.load_claims() if c["kind"] == "hill"), None)
         plot_hill(h100["hill"], out_dir / "hill_h100.png", "Study H100 sweep: speedup vs batch", card)
         plot_occupancy(h100["hill"], out_dir / "occupancy_h100.png")
         regime = plot_regime_map(out_dir / "regime_map.png")
@@ -663,14 +693,24 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
         "e2e_median_abs_pct_error": e2e["overall"]["median_abs_pct"] if e2e.get("available") else None,
         "e2e_max_abs_pct_error": e2e["overall"]["max_abs_pct"] if e2e.get("available") else None,
         "e2e_reason": None if e2e.get("available") else e2e["reason"],
+        "headline_model": "validation model (kvmodel.validation.heldout: per kernel block shape); the predict_* "
+                          "keys are kvmodel predict (the shipped model) calibrated on the same training split",
+        "predict_attention_median_abs_pct_error": pr["attention"]["median_abs_pct"] if pr.get("available") else None,
+        "predict_attention_p90_abs_pct_error": pr["attention"]["p90_abs_pct"] if pr.get("available") else None,
+        "predict_attention_max_abs_pct_error": pr["attention"]["max_abs_pct"] if pr.get("available") else None,
+        "predict_e2e_median_abs_pct_error": pr["e2e"]["median_abs_pct"] if pr.get("available") else None,
+        "predict_e2e_p90_abs_pct_error": pr["e2e"]["p90_abs_pct"] if pr.get("available") else None,
+        "predict_e2e_max_abs_pct_error": pr["e2e"]["max_abs_pct"] if pr.get("available") else None,
+        "predict_reason": None if pr.get("available") else pr["reason"],
         "targets": heldout.TARGETS,
         "h100_study": {"split": h100["split"], "heldout_per_pipeline": h100["per_pipeline_heldout"],
                        "heldout_all_pipelines": h100["heldout_all_pipelines"],
                        "calibration": h100["calibration"]},
         "hill": {"h100_measured": h100["hill"]["fit_measured"], "h100_kvmodel": h100["hill"]["fit_model"],
                  "h100_kvmodel_vs_measured_R2_per_config": h100["hill"]["model_vs_measured_speedup_R2_per_config"],
-                 "h100_by_batch": h100["hill"]["by_batch"], "h200": h200_hill},
-        "h200_attention": att, "h200_e2e": e2e, "peers": pc,
+                 "h100_by_batch": h100["hill"]["by_batch"], "h200": h200_hill,
+                 "card": card, "card_file": published.HILL_CARD_FILE},
+        "h200_attention": att, "h200_e2e": e2e, "h200_predict_heldout": pr, "peers": pc,
         "published": [{k: v for k, v in r.items() if k != "details"} for r in pub],
         "regime_map": regime,
     }
@@ -682,21 +722,33 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
     hl = [_stats_row(f"H100 study, held-out {pl}", s["all held-out"])
           for pl, s in h100["per_pipeline_heldout"].items()]
     if att.get("available"):
-        hl.append(_stats_row("H200 attention, held-out", att["overall"]))
+        hl.append(_stats_row("H200 attention, held-out — validation model (per kernel block shape)",
+                             att["overall"]))
     if e2e.get("available"):
-        hl.append(_stats_row("H200 end-to-end, held-out", e2e["overall"]))
+        hl.append(_stats_row("H200 end-to-end, held-out — validation model (per kernel block shape)",
+                             e2e["overall"]))
+    if pr.get("available"):
+        hl.append(_stats_row("H200 attention, held-out — kvmodel predict (shipped model, calibrated on the "
+                             "training split)", pr["attention"]))
+        hl.append(_stats_row("H200 end-to-end, held-out — kvmodel predict (shipped model, calibrated on the "
+                             "training split)", pr["e2e"]))
     md += [md_table(hl, STAT_COLS), ""]
     if not att.get("available"):
         md += [f"- H200 attention: null ({att['reason']})."]
     if not e2e.get("available"):
         md += [f"- H200 end-to-end: null ({e2e['reason']})."]
+    md += ["- summary.json: `attention_*` and `e2e_*` are the validation model (section 4, "
+           "`kvmodel.validation.heldout`: P5 timed by occupancy per kernel block shape, its own step composition); "
+           "`predict_attention_*` and `predict_e2e_*` are `kvmodel predict`, the shipped model, calibrated by "
+           "`kvmodel.calibration` on the same training rows (section 4, last subsection)."]
     fm = h100["hill"]["fit_measured"]
     md += [f"- Hill fit on the public H100 data (P0/P5, B >= 4): Smax {fm['Smax']:.2f}, B_half {fm['B_half']:.2f}, "
-           f"gamma {fm['gamma']:.2f}, R2 {fm['R2']:.3f}, n = {fm['n']} (card: 3.75, 5.1, 1.32, R2 0.80).",
+           f"gamma {fm['gamma']:.2f}, R2 {fm['R2']:.3f}, n = {fm['n']} (card, {published.HILL_CARD_FILE}: "
+           f"{card['Smax']}, {card['B_half']}, {card['gamma']}, R2 {card['R2']}).",
            f"- kvmodel's mechanistic speedup explains R2 "
            f"{h100['hill']['model_vs_measured_speedup_R2_per_config']:.2f} of the per-configuration H100 speedups.",
            "", "![regime map](regime_map.png)", "",
-           _h100_section(h100), _hill_section(h100, h200_hill), _published_section(pub), _h200_section(att, e2e),
+           _h100_section(h100), _hill_section(h100, h200_hill), _published_section(pub), _h200_section(att, e2e, pr),
            _peers_section(pc), _misses_section(h100, att), "",
            "## Reproduce", "", "```", "kvmodel validate --out validation/report",
            "kvmodel fit-hill validation/data/knlp-v40-h100/bench_results_summary.csv --min-batch 4 --json",

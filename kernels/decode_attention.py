@@ -383,6 +383,12 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
     return best
 
 
+#: Version of the fused decode-attention kernel and its defaults, as kernels/NOTES.md names them (v1: halves path,
+#: synchronous scale loads; v2: v_full option; v3: constant-stride async scales, block shape by launch size,
+#: chunked split merge). Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change
+#: that alters what is measured.
+KERNEL_VERSION = "v3"
+
 LARGE_WORK = 1 << 20  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
 

@@ -18,13 +18,15 @@ by non-negative least squares on relative error, refined with a robust (soft-L1)
 the decomposition :func:`kvmodel.predict.allreduce_latency_default_s` uses (``DEFAULT_ALLREDUCE_LAUNCH_S`` +
 2(N−1)·``link.latency_s``).
 
-What ``predict`` can consume today: ``predict(gpu, model, workload, tp=N, allreduce_latency_s=terms.latency_s(N))``
-(λ), and ``kvmodel.predict.allreduce_time_s(model, B, N, terms.interconnect(link), terms.latency_s(N))`` (λ and
-BW, through an :class:`~kvmodel.specs.Interconnect` copy carrying the fitted bandwidth). ``step_time_s`` / ``predict``
-take the bandwidth from the catalog link; :meth:`LinkTerms.calibration_entry` is the block a calibration file
-would hold once the schema has a place for it (see docs/tensor_parallel.md).
+How ``predict`` consumes the fit: a calibration's ``tp_link`` (:class:`~kvmodel.specs.TPLinkCalibration`, exactly
+:meth:`LinkTerms.calibration_entry`) gives λ and BW per degree (``kvmodel.predict.allreduce_terms``: the degree's
+own fit when it was measured, else launch + 2(N−1)·hop and the joint BW). :func:`calibration_with_link` fills it
+into a calibration, and ``--calibration-out`` writes that calibration (atomically). Without a calibration,
+``predict(..., tp=N, allreduce_latency_s=terms.latency_s(N))`` overrides λ alone, and
+``kvmodel.predict.allreduce_time_s(model, B, N, terms.interconnect(link), terms.latency_s(N))`` takes both.
 
-    python -m kvmodel.tp_fit validation/data/h200-tp/allreduce.csv [--mode graph] [--out tp_link.yaml]
+    python -m kvmodel.tp_fit validation/data/h200-tp/allreduce.csv [--mode graph] [--out tp_link.yaml] \
+        [--calibration-out hardware/calibrations/h200-kvmodel-graph.yaml]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "points_from_probe_rows",
     "points_from_tp_rows",
     "link_terms_yaml",
+    "calibration_with_link",
     "predict_tp_rows",
     "error_summary",
     "summarize",
@@ -134,11 +137,11 @@ class LinkTerms:
         return base.model_copy(update=upd)
 
     def predict_kwargs(self, tp: int) -> dict:
-        """Keyword arguments ``predict`` / ``step_time_s`` accept today."""
+        """Keyword arguments of ``predict`` / ``step_time_s`` that override λ (without a calibrated ``tp_link``)."""
         return {"tp": tp, "allreduce_latency_s": self.latency_s(tp)}
 
     def calibration_entry(self) -> dict:
-        """Plain data for a calibration file (proposed ``Calibration.tp_link``)."""
+        """Plain data for a calibration file's ``tp_link`` block (:class:`~kvmodel.specs.TPLinkCalibration`)."""
         return {
             "bw_GBps": _r(self.bw_GBps),
             "launch_s": _r(self.launch_s),
@@ -426,6 +429,25 @@ def link_terms_yaml(terms: LinkTerms) -> str:
     )
 
 
+def calibration_with_link(cal, terms: LinkTerms):
+    """A copy of calibration ``cal`` (:class:`~kvmodel.specs.Calibration`) with ``tp_link`` set from ``terms``
+    (validated; a joint fit without a hop term records hop_latency_s = 0, i.e. λ = launch_s at every degree
+    that was not measured itself)."""
+    from kvmodel.specs import TPLinkCalibration  # noqa: PLC0415
+
+    entry = dict(terms.calibration_entry())
+    if entry.get("hop_latency_s") is None:
+        entry["hop_latency_s"] = 0.0
+    if entry.get("launch_s") is None:
+        entry["launch_s"] = 0.0
+    if entry.get("bw_GBps") is None:
+        raise ValueError("the link fit has no joint bandwidth; cannot fill a calibration's tp_link")
+    link = TPLinkCalibration.model_validate(entry)
+    note = f"tp_link fitted by kvmodel.tp_fit ({terms.source or 'measured'})"
+    notes = cal.notes if note in (cal.notes or "") else ((cal.notes + " " if cal.notes else "") + note)
+    return cal.model_copy(update={"tp_link": link, "notes": notes})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Fit all-reduce latency and bandwidth (TP link terms)")
     ap.add_argument("csv", nargs="+", help="allreduce_probe CSV(s), or tp_decode CSV(s) with --from-steps")
@@ -435,7 +457,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="write the terms as YAML here (atomically)")
     ap.add_argument("--compare", default=None, help="tp_decode CSV: print prediction error with the fitted terms")
     ap.add_argument("--gpu", default="h200", help="catalog GPU of --compare")
-    ap.add_argument("--calibration", default=None, help="calibration YAML for --compare (default: the shipped one of --gpu)")
+    ap.add_argument("--calibration", default=None,
+                    help="calibration YAML for --compare and --calibration-out (default: the shipped one of --gpu)")
+    ap.add_argument("--calibration-out", default=None,
+                    help="write --calibration (or the shipped one of --gpu) with tp_link filled from this fit here "
+                         "(atomically; may be the same file)")
     a = ap.parse_args(argv)
     from kvmodel.calibration import read_csv_rows  # noqa: PLC0415
 
@@ -452,6 +478,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from kvmodel.measure.results import atomic_write_text  # noqa: PLC0415 - plain file I/O, no torch
 
         atomic_write_text(a.out, link_terms_yaml(terms))
+    if a.calibration_out:
+        from kvmodel.calibration import find_calibration, load_calibration, write_calibration  # noqa: PLC0415
+        from kvmodel.specs import SpecError, get_gpu  # noqa: PLC0415
+
+        try:
+            base = load_calibration(a.calibration) if a.calibration else find_calibration(get_gpu(a.gpu).name)
+            if base is None:
+                raise ValueError(f"no shipped calibration for {a.gpu!r}; give --calibration")
+            path = write_calibration(calibration_with_link(base, terms), a.calibration_out)
+        except (ValueError, KeyError, SpecError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {path} (tp_link: {len(terms.per_tp)} degrees)")
     if a.compare:
         from kvmodel.calibration import find_calibration, load_calibration  # noqa: PLC0415
         from kvmodel.specs import get_gpu  # noqa: PLC0415

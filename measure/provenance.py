@@ -86,9 +86,62 @@ def torch_info() -> dict[str, Any]:
     return info
 
 
+def git_commit(cwd: Optional[str] = None, timeout_s: float = 10.0) -> Optional[str]:
+    """``git rev-parse HEAD`` of the checkout this package runs from (or ``cwd``); None when that is not a git
+    checkout (an installed wheel), git is missing, or it fails."""
+    from pathlib import Path  # noqa: PLC0415
+
+    exe = shutil.which("git")
+    if not exe:
+        return None
+    where = cwd or str(Path(__file__).resolve().parent)
+    try:
+        out = subprocess.run([exe, "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    if out.returncode != 0 or len(sha) != 40:
+        return None
+    return sha
+
+
+def git_dirty(cwd: Optional[str] = None, timeout_s: float = 10.0) -> Optional[bool]:
+    """True when tracked files differ from HEAD (the measured code is not exactly ``git_commit``); None when
+    unknown."""
+    from pathlib import Path  # noqa: PLC0415
+
+    exe = shutil.which("git")
+    if not exe:
+        return None
+    where = cwd or str(Path(__file__).resolve().parent)
+    try:
+        out = subprocess.run([exe, "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                             capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return bool(out.stdout.strip())
+
+
+def kernel_version() -> str:
+    """``KERNEL_VERSION`` of :mod:`kvmodel.kernels.decode_attention` (imports torch and triton); "" when the kernels
+    cannot be imported."""
+    mod = sys.modules.get("kvmodel.kernels.decode_attention")
+    if mod is None:
+        try:
+            mod = importlib.import_module("kvmodel.kernels.decode_attention")
+        except Exception:  # noqa: BLE001 - no torch/triton: nothing to record
+            return ""
+    return str(getattr(mod, "KERNEL_VERSION", ""))
+
+
 def collect_provenance(command: Optional[list[str] | str] = None, extra: Optional[dict] = None,
-                       with_torch: bool = True) -> dict[str, Any]:
-    """Everything worth recording about where and how a measurement ran (no host name)."""
+                       with_torch: bool = True, with_kernels: Optional[bool] = None) -> dict[str, Any]:
+    """Everything worth recording about where and how a measurement ran (no host name): versions, GPU, clocks,
+    date, command, ``git_commit`` (None outside a git checkout) and ``git_dirty``, and — with ``with_kernels``
+    (default: ``with_torch``) — ``kernel_version``, the fused decode-attention kernel's version."""
     if command is None:
         command = sys.argv
     cmd = command if isinstance(command, str) else shlex.join(str(c) for c in command)
@@ -106,6 +159,10 @@ def collect_provenance(command: Optional[list[str] | str] = None, extra: Optiona
     prov["transformers"] = _version("transformers") if with_torch else ""
     prov["numpy"] = _version("numpy")
     prov["kvmodel"] = _version("kvmodel")
+    prov["git_commit"] = git_commit()
+    prov["git_dirty"] = git_dirty() if prov["git_commit"] else None
+    if with_torch if with_kernels is None else with_kernels:
+        prov["kernel_version"] = kernel_version()
     smi = nvidia_smi_query()
     prov["gpu_name"] = smi.get("name") or prov.get("device_name", "")
     prov["driver"] = smi.get("driver_version", "")

@@ -220,9 +220,6 @@ def test_pipelines_agree():
     q = torch.randn(2, 8, 64, generator=g).half().to(DEV)
     ref = run_pipeline_reference("P5", q, cache)
     for name in PIPELINES:
-        if name != "P5" and DEV == "cpu":
-            # CPU SDPA in fp16: allowed where torch supports it; compare loosely
-            pass
         out = run_pipeline(name, q, cache)
         assert out.shape == (2, 8, 64) and out.dtype == torch.float16
         assert (out.float() - ref).abs().max().item() < 5e-3, name
@@ -420,3 +417,38 @@ def test_dequantize_fp16_kernel(bits, group, asym):
     ref = dequantize(qt, torch.float16, 65)
     assert out.shape == (2, 3, 65, 128) and out.dtype == torch.float16
     assert torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the model's port
+def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
+    """kvmodel.timing ports the kernel's default_config / choose_num_splits / LARGE_WORK (the analytic core imports
+    no torch). A kernel change that is not mirrored in the model fails here."""
+    import numpy as np
+
+    import importlib
+
+    from kvmodel import timing
+
+    da = importlib.import_module("kvmodel.kernels.decode_attention")  # the module (the package exports a function)
+    assert timing.KERNEL_LARGE_WORK == da.LARGE_WORK
+    sms = 132
+    n = 0
+    for kb, vb, d, B, Hkv, T in itertools.product((4, 8, 16), (4, 8, 16), (64, 128, 256), (1, 2, 4, 16, 64, 128),
+                                                  (1, 2, 4, 8), (1, 63, 64, 1000, 4096, 32767, 32768, 131072)):
+        want = da.default_config(kb, vb, d, B, Hkv, T)
+        got = timing.kernel_config(kb, vb, d, B, Hkv, T)
+        key = (kb, vb, d, B, Hkv, T)
+        assert (got["block_n"], got["num_warps"], got["programs_per_sm"]) == (
+            want["block_n"], want["num_warps"], want["programs_per_sm"]), key
+        assert got["large"] == (B * Hkv * T >= da.LARGE_WORK), key
+        splits = da.choose_num_splits(B, Hkv, T, want["block_n"], sms, want["programs_per_sm"])
+        assert float(timing.kernel_split_count(kb, vb, d, B, Hkv, T, sms)) == splits, key
+        n += 1
+    assert n == 3 * 3 * 3 * 6 * 4 * 8
+    # split_count is choose_num_splits for any tile size / occupancy (vectorized over B*Hkv and T)
+    BH = np.array([1, 8, 32, 512, 1024])
+    for block_n, pps, sm in itertools.product((16, 32, 64, 128), (1, 4, 9, 12), (78, 132)):
+        for T in (1, 100, 4096, 65536, 131072):
+            got = timing.split_count(BH, T, sm, block_n=block_n, programs_per_sm=pps)
+            want = [da.choose_num_splits(int(b), 1, T, block_n, sm, pps) for b in BH]
+            assert list(got) == want, (block_n, pps, sm, T)

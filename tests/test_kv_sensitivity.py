@@ -542,7 +542,9 @@ def test_smollm2_classifier_short():
     assert lm.source == "gguf" and lm.model.config.model_type == "llama" and lm.vocab_size == 49152
     r = ks.run_ratio_classifier(lm.model, n_prompts=2, prompt_len=256, vocab_size=lm.vocab_size)
     assert r["logit_error_int6"] > 0 and r["logit_error_int8"] > 0 and math.isfinite(r["ratio"])
-    assert r["recommended_kv"] in ("k8v4", "int4")
+    # the recommendation follows the ratio against tau (k8v4 only when the keys are flagged)
+    assert r["needs_higher_precision_keys"] == (r["ratio"] > r["tau"])
+    assert r["recommended_kv"] == ("k8v4" if r["ratio"] > r["tau"] else "int4")
     text = ks.tokenize_text(lm.tokenizer, ks.sample_text_path())
     assert len(text) > 4000
     q = ks.evaluate_kv_quality(lm.model, text[:300], [(8, 8), (2, 2)], window=300)

@@ -110,3 +110,26 @@ def test_provenance_written_beside_and_history_kept(tmp_path):
 def test_provenance_with_torch_does_not_raise():
     prov = collect_provenance(command="x")
     assert "cuda_available" in prov
+
+
+def test_provenance_records_git_commit_and_kernel_version(tmp_path):
+    import subprocess
+
+    from kvmodel.measure import provenance as P
+
+    prov = collect_provenance(command="x", with_torch=False)
+    assert "git_commit" in prov and "kernel_version" not in prov  # no torch: no kernel import
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(P.__file__), capture_output=True,
+                          text=True).stdout.strip()
+    if head:  # running from a git checkout
+        assert prov["git_commit"] == head and isinstance(prov["git_dirty"], bool)
+    assert P.git_commit(cwd=str(tmp_path)) is None  # not a git checkout
+    assert P.git_dirty(cwd=str(tmp_path)) is None
+    prov = collect_provenance(command="x", with_torch=False, with_kernels=True)
+    try:
+        import importlib
+
+        want = importlib.import_module("kvmodel.kernels.decode_attention").KERNEL_VERSION
+    except ImportError:
+        want = ""
+    assert prov["kernel_version"] == want

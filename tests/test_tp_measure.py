@@ -561,3 +561,32 @@ def test_ring_factor_is_the_symbolic_allreduce_factor():
         assert tp_fit.ring_factor(n) == pytest.approx(t / 2) == pytest.approx(2 * (n - 1) / n)
     arr = tp_fit.ring_factor(np.array([2, 4]))
     assert arr.shape == (2,)
+
+
+def test_calibration_out_fills_tp_link_and_predict_uses_it(tmp_path):
+    """`python -m kvmodel.tp_fit ... --calibration-out` writes a calibration whose tp_link is the fit, and
+    predict's all-reduce terms then come from it."""
+    from kvmodel.calibration import find_calibration, load_calibration
+    from kvmodel.measure.results import ResultsFile as RF
+    from kvmodel.predict import allreduce_terms
+    from kvmodel.timing import TimeModel
+
+    rows = _synthetic_rows(lambda n: 4e-6 + 2 * (n - 1) * 1e-6, 120.0, tps=(2, 4), noise=0.0)
+    csv_path = tmp_path / "allreduce.csv"
+    rf = RF(csv_path, ["tp", "backend", "mode", "B", "hidden"], fieldnames=list(rows[0]))
+    for r in rows:
+        rf.append(r)
+    out = tmp_path / "h200-kvmodel-graph.yaml"
+    assert tp_fit.main([str(csv_path), "--gpu", "h200", "--calibration-out", str(out)]) == 0
+    cal = load_calibration(out)
+    base = find_calibration("h200")
+    assert cal.tp_link is not None and sorted(cal.tp_link.per_tp) == [2, 4]
+    lat2, bw2 = cal.tp_link.terms(2)
+    assert lat2 == pytest.approx(6e-6, rel=1e-3) and bw2 == pytest.approx(120.0, rel=1e-3)
+    assert cal.ops == base.ops and cal.read_bw_GBps == base.read_bw_GBps  # the rest of the calibration kept
+    tm = TimeModel(get_gpu("h200"), cal)
+    link, lat = allreduce_terms(tm, 4)
+    assert lat == pytest.approx(cal.tp_link.terms(4)[0]) and link.bandwidth_per_direction_GBps == pytest.approx(
+        cal.tp_link.terms(4)[1])
+    # no base calibration for an unknown GPU: a clean error
+    assert tp_fit.main([str(csv_path), "--gpu", "no-such-gpu", "--calibration-out", str(tmp_path / "x.yaml")]) == 2

@@ -38,7 +38,7 @@ import yaml
 from scipy.optimize import least_squares, nnls
 
 from kvmodel.specs import BandwidthCurve, Calibration, GPUSpec, SpecError, get_gpu, load_yaml_spec
-from kvmodel.timing import DEFAULT_FLOP_EFFICIENCY, curve_time_s
+from kvmodel.timing import DEFAULT_FLOP_EFFICIENCY, curve_time_s, kernel_config, kernel_config_key
 
 RUNTIMES = ("kvmodel-graph", "hf-eager", "hf-static-graph")
 MiB = 1024**2
@@ -268,7 +268,11 @@ def attention_points_from_grid(grid_rows: Sequence[dict]) -> dict[str, tuple[lis
         p = (r.get("pipeline") or "").strip()
         if not (b and t and p):
             continue
-        _add_point(pts, p, r.get("k_bits"), r.get("v_bits"), b, t, head_dim=r.get("d"))
+        shape = None
+        if p == "P5" and all(_f(r, k) for k in ("B", "Hkv", "T", "d")):
+            cfg = kernel_config(_f(r, "k_bits"), _f(r, "v_bits"), _f(r, "d"), _f(r, "B"), _f(r, "Hkv"), _f(r, "T"))
+            shape = kernel_config_key(cfg)
+        _add_point(pts, p, r.get("k_bits"), r.get("v_bits"), b, t, head_dim=r.get("d"), shape=shape)
     return pts
 
 
@@ -286,7 +290,8 @@ def attention_points_from_e2e(e2e_rows: Sequence[dict]) -> dict[str, tuple[list,
     return pts
 
 
-def _add_point(pts: dict, pipeline: str, k_bits, v_bits, nbytes: float, seconds: float, head_dim=None) -> None:
+def _add_point(pts: dict, pipeline: str, k_bits, v_bits, nbytes: float, seconds: float, head_dim=None,
+               shape: Optional[str] = None) -> None:
     """File one attention measurement under its pooled op (``attention:P5``, ``attention:P5-fp16``) and, for a
     quantized format, under ``attention:P5:k4v4`` too; with a head dim, also under ``...:d<d>`` keys (kernels
     differ in efficiency per head dim: SDPA at d=256, the instruction-bound quantized loop)."""
@@ -305,6 +310,8 @@ def _add_point(pts: dict, pipeline: str, k_bits, v_bits, nbytes: float, seconds:
         keys.append(f"{op}:k{kb}v{vb}")
     if d is not None:
         keys.append(f"{keys[-1]}:d{d}" if quantized else f"{op}:d{d}")
+        if shape:  # the fused kernel's block shape (kernel_config): two programs with different costs per token
+            keys.append(f"{keys[-1]}:{shape}")
     for k in keys:
         xs, ts = pts.setdefault(k, ([], []))
         xs.append(nbytes)

@@ -17,7 +17,7 @@ from kvmodel import traffic
 from kvmodel.architecture import param_breakdown, weight_calls
 from kvmodel.specs import GiB, GPUSpec, KVFormat, ModelSpec, Workload
 from kvmodel.symbolic import PIPELINE_FORMULAS
-from kvmodel.timing import TimeModel
+from kvmodel.timing import KERNEL_LARGE_WORK, TimeModel, kernel_config, kernel_config_key
 
 #: Memory reserved beside weights and KV (CUDA context, activations, allocator slack), bytes.
 DEFAULT_WORKSPACE_BYTES = 2 * GiB
@@ -61,6 +61,36 @@ def weights_time_s(tm: TimeModel, model: ModelSpec, B, weight_bytes_per_param: f
     return t
 
 
+def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: int, token_heads, nbytes, flops):
+    """Seconds of one attention call from its bytes and FLOPs, on the most specific calibrated curve.
+
+    The fused kernel (P5) runs one of two compiled block shapes, chosen by its launch size (``token_heads`` =
+    B x KV heads x T, the kernel's own rule, ported as :func:`kvmodel.timing.kernel_config`); each shape has its own
+    curve where the calibration has one."""
+    if pipeline != "P5":
+        return tm.op_time(tm.attention_op(pipeline, fmt.k_bits, fmt.v_bits, head_dim), nbytes, flops)
+    large = np.asarray(token_heads, dtype=float) >= KERNEL_LARGE_WORK
+    t_small, t_large = (
+        tm.op_time(tm.attention_op("P5", fmt.k_bits, fmt.v_bits, head_dim, kernel_config_key(
+            kernel_config(fmt.k_bits, fmt.v_bits, head_dim, 1, 1, KERNEL_LARGE_WORK if flag else 1))),
+            nbytes, flops)
+        for flag in (False, True))
+    return np.where(large, t_large, t_small)
+
+
+def attention_call_time_s(tm: TimeModel, pipeline: str, kv: KVFormat, B, T, Hq, Hkv, head_dim):
+    """Predicted seconds of ONE attention-layer call (the unit the decode-attention benchmark times): bytes from
+    :func:`kvmodel.traffic.attention_layer_bytes`, FLOPs 2*B*Hq*2d*T, and the curve :func:`attention_time_s`
+    charges each layer. Vectorized over B and T."""
+    fmt = FP16 if pipeline.startswith("P0") else kv
+    B = np.asarray(B, dtype=float)
+    T = np.asarray(T, dtype=float)
+    nbytes = traffic.attention_layer_bytes(pipeline, B, T, Hq, Hkv, head_dim, fmt.k_bits, fmt.v_bits,
+                                           fmt.group_size, fmt.asymmetric)
+    flops = 2.0 * B * Hq * (2.0 * head_dim) * T
+    return _attention_op_time(tm, pipeline, fmt, head_dim, B * Hkv * T, nbytes, flops)
+
+
 def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: str, tp: int = 1):
     """Seconds for one step's attention over all layers (windowed layers read min(T, W) tokens).
 
@@ -75,13 +105,18 @@ def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeli
     if tp != 1:
         vals.update(tp_head_values(vals, tp))
     name = PIPELINE_FORMULAS[pipeline]
-    op = tm.attention_op(pipeline, fmt.k_bits, fmt.v_bits, model.k_dim_cached)
+    d = model.k_dim_cached
     L, L_s, W = vals["L"], vals["L_s"], vals["W"]
     flops_per_tok = 2.0 * B * vals["H_q"] * (vals["d"] + max(vals["d_v"], vals["d_q"]))
-    t = (L - L_s) * tm.op_time(op, traffic.evaluate(name, {**vals, "T": T}), flops_per_tok * T)
+
+    def layer_time(T_layer):
+        nbytes = traffic.evaluate(name, {**vals, "T": T_layer})
+        return _attention_op_time(tm, pipeline, fmt, d, B * vals["H_kv"] * T_layer, nbytes,
+                                  flops_per_tok * T_layer)
+
+    t = (L - L_s) * layer_time(T)
     if L_s:
-        Tw = np.minimum(T, W)
-        t = t + L_s * tm.op_time(op, traffic.evaluate(name, {**vals, "T": Tw}), flops_per_tok * Tw)
+        t = t + L_s * layer_time(np.minimum(T, W))
     return t
 
 

@@ -95,15 +95,19 @@ class TimeModel:
         c = self.calibration
         return f"calibrated: {c.gpu} / {c.runtime} ({c.date}, {c.device_name or 'device'})"
 
-    def attention_op(self, pipeline: str, k_bits: int = 16, v_bits: int = 16, head_dim: int | None = None) -> str:
+    def attention_op(self, pipeline: str, k_bits: int = 16, v_bits: int = 16, head_dim: int | None = None,
+                     shape: str | None = None) -> str:
         """The most specific attention curve this model has for a pipeline, K/V format and head dim.
 
-        Order: ``attention:<P>:k<kb>v<vb>:d<d>`` then ``attention:<P>:k<kb>v<vb>`` (per-format calibrations of a
+        Order (``:<shape>`` = the fused kernel's block shape, when given and calibrated, before the rest):
+        ``attention:<P>:k<kb>v<vb>:d<d>`` then ``attention:<P>:k<kb>v<vb>`` (per-format calibrations of a
         quantized format), or ``attention:<P>-fp16:d<d>`` then ``attention:<P>-fp16`` (a quantized pipeline's
         kernel run at 16/16); then ``attention:<P>:d<d>``, ``attention:<P>``; op_time falls back to
         attention:P0 after that."""
         names = []
         suffix = [f":d{head_dim}", ""] if head_dim else [""]
+        if head_dim and shape:  # the fused kernel's block shape (kernel_config_key), most specific of all
+            suffix = [f":d{head_dim}:{shape}"] + suffix
         if k_bits < 16 or v_bits < 16:
             names += [f"attention:{pipeline}:k{k_bits}v{v_bits}{x}" for x in suffix]
         elif pipeline in ("P1", "P5"):

@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from kvmodel import traffic
-from kvmodel.specs import BandwidthCurve, get_model
+from kvmodel.predict import attention_call_time_s
+from kvmodel.specs import BandwidthCurve, KVFormat, get_model
 from kvmodel.timing import (OccupancyCurve, curve_time_s, kernel_config, kernel_config_key, kernel_split_count,
                             l2_hit_fraction, split_count)
 
@@ -504,25 +505,20 @@ def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None) 
 
 
 def predict_attention_shipped(cal, d: pd.DataFrame) -> np.ndarray:
-    """Seconds of one attention-layer call as :func:`kvmodel.predict.attention_time_s` charges each layer: the
-    TimeModel's most specific attention curve (``tm.attention_op``) over ``attention_layer_bytes`` with the
-    roofline FLOP check (2*B*Hq*(d + d)*T)."""
+    """Seconds of one attention-layer call exactly as kvmodel predicts it
+    (:func:`kvmodel.predict.attention_call_time_s`: the most specific calibrated curve, the fused kernel's block
+    shape chosen by its own size rule)."""
     from kvmodel.specs import get_gpu
     from kvmodel.timing import TimeModel
 
     tm = TimeModel(get_gpu("h200"), cal)
     out = np.full(len(d), np.nan)
-    ab = traffic.attention_layer_bytes
-    for (pl, kb, vb, hd), g in d.groupby(["pipeline", "k_bits", "v_bits", "d"]):
+    for (pl, kb, vb, hd, grp), g in d.groupby(["pipeline", "k_bits", "v_bits", "d", "group"]):
         if pl not in ("P0", "P0-expand", "P1", "P5"):
             continue
-        fp16 = pl.startswith("P0")
-        op = tm.attention_op(pl, 16 if fp16 else int(kb), 16 if fp16 else int(vb), int(hd))
+        kv = KVFormat(k_bits=int(kb), v_bits=int(vb), group_size=int(grp))
         B, T, Hq, Hkv = (g[c].to_numpy(float) for c in ("B", "T", "Hq", "Hkv"))
-        grp = g["group"].to_numpy(float) if "group" in g.columns else 32
-        nbytes = ab(pl, B, T, Hq, Hkv, float(hd), kb, vb, grp)
-        flops = 2.0 * B * Hq * (2 * float(hd)) * T
-        out[d.index.get_indexer(g.index)] = tm.op_time(op, nbytes, flops)
+        out[d.index.get_indexer(g.index)] = attention_call_time_s(tm, pl, kv, B, T, Hq, Hkv, int(hd))
     return out
 
 
@@ -573,7 +569,7 @@ def run_predict_heldout(attention: dict, e2e: dict, attention_path: Optional[Pat
     return {
         "available": True,
         "model": "kvmodel predict (shipped model: TimeModel curves per op class, attention curve looked up by "
-                 "pipeline/format/head dim; step = overheads + weights + attention), calibrated by "
+                 "pipeline/format/head dim and fused-kernel block shape; step = overheads + weights + attention), calibrated by "
                  "kvmodel.calibration.fit_calibration on the training split only",
         "n_train_attention_rows": int(len(raw_a)), "n_train_e2e_rows": int(len(raw_e)),
         "calibration_ops": sorted(cal.ops), "step_overhead_s": cal.step_overhead_s,

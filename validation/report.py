@@ -375,8 +375,9 @@ def _predict_text(pr: dict) -> list:
           "`kvmodel.calibration.fit_calibration` from the committed probes.csv plus only the training rows "
           f"({pr['n_train_attention_rows']} decode_attention.csv rows, {pr['n_train_e2e_rows']} e2e_decode.csv "
           "kvmodel-graph rows written to a temporary folder); the held-out rows below are the same rows as the "
-          "validation model's. Attention per layer is `TimeModel.op_time(tm.attention_op(pipeline, k_bits, v_bits, "
-          "d), attention_layer_bytes, flops)`, as `kvmodel.predict.attention_time_s` charges one layer; steps are "
+          "validation model's. Attention per call is `kvmodel.predict.attention_call_time_s` (the curve "
+          "`attention_time_s` charges each layer: the most specific calibrated curve by pipeline, format, head "
+          "dim and, for the fused kernel, the block shape its own launch-size rule picks); steps are "
           "`kvmodel.predict.step_time_s`.", "",
           md_table([_stats_row("kvmodel predict: H200 attention, held-out", a),
                     _stats_row("kvmodel predict: H200 end-to-end, held-out", e)], STAT_COLS), "",

@@ -385,9 +385,12 @@ def _predict_text(pr: dict) -> list:
           md_table([_stats_row(k, v) for k, v in pr["attention_per_pipeline_format"].items()], STAT_COLS), "",
           "Per pipeline and format (end-to-end):", "",
           md_table([_stats_row(k, v) for k, v in pr["e2e_per_pipeline_format"].items()], STAT_COLS), "",
-          "The shipped model times every fused (P5) call with one bytes curve per (format, head dim); the "
-          "validation model above times it by occupancy per kernel block shape (kernel_config), which the "
-          "shipped TimeModel does not use. That is where the two differ most (P5 rows).", ""]
+          "The shipped model times every fused (P5) call with one saturating bytes curve per (format, head dim, "
+          "block shape); the validation model above adds what a bytes curve cannot express — program waves "
+          "and occupancy per block shape, the one-split program, and L2-served benchmark calls (the smallest "
+          "calls' rotated input copies fit in the 50 MB L2, which a real decode step's KV never does). That is "
+          "where the two differ most: the small P5 calls of the microbenchmark. On whole decode steps, where "
+          "neither L2 hits nor tiny launches occur, the shipped model's held-out error is the table above.", ""]
     return L
 
 

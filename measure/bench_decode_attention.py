@@ -484,7 +484,9 @@ def main(argv=None):
     ap.add_argument("--formats", nargs="+", default=[f"{k}/{v}" for k, v in FORMATS])
     ap.add_argument("--max-seconds", type=float, default=480.0, help="stop starting rows after this")
     ap.add_argument("--target-s", type=float, default=0.04, help="timed seconds per row (approximately)")
-    ap.add_argument("--max-sets", type=int, default=32, help="most input copies rotated through")
+    ap.add_argument("--max-sets", type=int, default=1024,
+                    help="most input copies rotated through (enough that even the smallest calls span 4x the L2; "
+                         "the committed v3 grid used 32, so its smallest d=64 calls were L2-served)")
     ap.add_argument("--mem-fraction", type=float, default=0.8)
     ap.add_argument("--p5-config", default=None, help="block_n,num_warps,num_stages[,v_full] for P5 (default: built-in)")
     ap.add_argument("--probe", action="store_true", help="print a P5 tuning table instead of the grid")

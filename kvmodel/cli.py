@@ -291,9 +291,10 @@ def gpus(as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<16}{'aliases':<28}{'mem GiB':>8}{'GB/s':>8}{'FP16 TF':>9}{'SMs':>5}  calibrated")
+    w = max(len(d["name"]) for d in rows) + 2
+    click.echo(f"{'name':<{w}}{'aliases':<28}{'mem GiB':>8}{'GB/s':>8}{'FP16 TF':>9}{'SMs':>5}  calibrated")
     for d in rows:
-        click.echo(f"{d['name']:<16}{', '.join(d['aliases'][:3]):<28}{d['memory_capacity_GiB']:>8g}"
+        click.echo(f"{d['name']:<{w}}{', '.join(d['aliases'][:3]):<28}{d['memory_capacity_GiB']:>8g}"
                    f"{d['memory_bandwidth_GBps']:>8g}{d['fp16_dense_TFLOPS']:>9g}{d['sm_count']:>5}  "
                    f"{'yes' if d['calibrated'] else 'no'}")
 

@@ -292,9 +292,10 @@ def gpus(as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     w = max(len(d["name"]) for d in rows) + 2
-    click.echo(f"{'name':<{w}}{'aliases':<28}{'mem GiB':>8}{'GB/s':>8}{'FP16 TF':>9}{'SMs':>5}  calibrated")
+    aw = max(len(", ".join(d["aliases"][:3])) for d in rows) + 2
+    click.echo(f"{'name':<{w}}{'aliases':<{aw}}{'mem GiB':>8}{'GB/s':>8}{'FP16 TF':>9}{'SMs':>5}  calibrated")
     for d in rows:
-        click.echo(f"{d['name']:<{w}}{', '.join(d['aliases'][:3]):<28}{d['memory_capacity_GiB']:>8g}"
+        click.echo(f"{d['name']:<{w}}{', '.join(d['aliases'][:3]):<{aw}}{d['memory_capacity_GiB']:>8g}"
                    f"{d['memory_bandwidth_GBps']:>8g}{d['fp16_dense_TFLOPS']:>9g}{d['sm_count']:>5}  "
                    f"{'yes' if d['calibrated'] else 'no'}")
 

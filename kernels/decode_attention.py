@@ -202,6 +202,80 @@ if triton is not None:
                 return tl.reshape(x, (BLOCK_N, D))
 
     @triton.jit
+    def _load_v_pairs(base, s_base, z_base, n0, end, stride_t, stride_st,
+                      D: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      MAGIC: tl.constexpr, ASM: tl.constexpr):
+        """One 4-bit V tile in the token_pair layout (byte (i, c) = tokens n0+2i (low nibble) and n0+2i+1 (high
+        nibble) of channel c; n0 even) → fp16 [BLOCK_N, D] in natural token and channel order. The two nibbles of a
+        byte are the two consecutive tokens (k, k+1) of the P·V contraction, which the mma B fragment holds as one
+        fp16x2 register, so no transposed byte reads are needed."""
+        HB: tl.constexpr = BLOCK_N // 2
+        NG: tl.constexpr = D // GROUP
+        i = tl.arange(0, HB)
+        r3 = (n0 // 2 + i)[:, None, None]
+        mrow = ((n0 + 2 * i) < end)[:, None, None]
+        gh = tl.arange(0, NG)[None, :, None]
+        w = tl.arange(0, GROUP)[None, None, :]
+        b = tl.load(base + r3 * stride_t + gh * GROUP + w, mask=mrow, other=0)  # [HB, NG, GROUP]
+        # scales of tokens (2i, 2i+1): [HB, 2, NG], contiguous per pair (constant stride NG under SC); a token past
+        # `end` gets scale (and zero) 0, so its nibble (valid code, maybe another token's) dequantizes to 0
+        tok = n0 + 2 * i[:, None, None] + tl.arange(0, 2)[None, :, None]
+        g2 = tl.arange(0, NG)[None, None, :]
+        sm = tok < end
+        se, so = tl.split(tl.permute(tl.load(s_base + tok * stride_st + g2, mask=sm, other=0.0), (0, 2, 1)))
+        if ASYM:
+            ze, zo = tl.split(tl.permute(tl.load(z_base + tok * stride_st + g2, mask=sm, other=0.0), (0, 2, 1)))
+        else:
+            ze = se
+            zo = so
+        lo, hi = _nibbles_f16(b, MAGIC, ASM)
+        ve = _dequant(lo, se[:, :, None], ze[:, :, None], 4, ASYM, MAGIC)
+        vo = _dequant(hi, so[:, :, None], zo[:, :, None], 4, ASYM, MAGIC)
+        v = tl.permute(tl.join(ve, vo), (0, 3, 1, 2))  # [HB, 2, NG, GROUP]
+        return tl.reshape(v, (BLOCK_N, D))
+
+    @triton.jit
+    def _load_v_octets(base, s_base, z_base, n0, end, stride_t, stride_st,
+                       D: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MAGIC: tl.constexpr, ASM: tl.constexpr, SC: tl.constexpr):
+        """One 4-bit V tile in the token_octet layout: per 8 tokens (n0 + 8r + k) and channel c one 32-bit word,
+        byte m = token m (low nibble) | token m + 4 (high nibble). The word's low nibbles unpack (LOP3 + 2 PRMT)
+        to the fp16x2 pairs (t0, t1), (t2, t3) and its high nibbles to (t4, t5), (t6, t7): the 8 consecutive k of
+        one n that an mma B fragment (kWidth 8) holds, read with one 32-bit shared-memory load. → fp16 [BLOCK_N, D]."""
+        R: tl.constexpr = BLOCK_N // 8
+        NG: tl.constexpr = D // GROUP
+        r = tl.arange(0, R)
+        mrow = ((n0 + 8 * r) < end)[:, None]
+        f = tl.arange(0, 4 * D)[None, :]  # one contiguous row of 4·D bytes per 8 tokens
+        b = tl.load(base + (n0 // 8 + r)[:, None] * stride_t + f, mask=mrow, other=0)
+        b = tl.reshape(b, (R, NG, GROUP, 4))
+        # scales of the 8 tokens (token n0 + 8r + 4e + m, group g): [R, 8·NG] → [R, NG, 1, 4] for e = 0 and e = 1
+        f8 = tl.arange(0, 8 * NG)[None, :]
+        tok = n0 + 8 * r[:, None] + f8 // NG
+        sm = tok < end
+        if SC:  # contiguous: 8·NG scales per octet, one run the pipeliner can copy asynchronously
+            so = (n0 + 8 * r[:, None]) * NG + f8
+        else:
+            so = tok * stride_st + f8 % NG
+        s8 = tl.permute(tl.reshape(tl.load(s_base + so, mask=sm, other=0.0), (R, 2, 4, NG)), (0, 3, 2, 1))
+        s_lo, s_hi = tl.split(s8)
+        s_lo = s_lo[:, :, None, :]
+        s_hi = s_hi[:, :, None, :]
+        if ASYM:
+            z8 = tl.permute(tl.reshape(tl.load(z_base + so, mask=sm, other=0.0), (R, 2, 4, NG)), (0, 3, 2, 1))
+            z_lo, z_hi = tl.split(z8)
+            z_lo = z_lo[:, :, None, :]
+            z_hi = z_hi[:, :, None, :]
+        else:
+            z_lo = s_lo
+            z_hi = s_hi
+        lo, hi = _nibbles_f16(b, MAGIC, ASM)
+        v_lo = _dequant(lo, s_lo, z_lo, 4, ASYM, MAGIC)
+        v_hi = _dequant(hi, s_hi, z_hi, 4, ASYM, MAGIC)
+        v = tl.permute(tl.join(v_lo, v_hi), (0, 4, 3, 1, 2))  # [R, 2, 4, NG, GROUP]
+        return tl.reshape(v, (BLOCK_N, D))
+
+    @triton.jit
     def _attn_split_kernel(
         Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL,
         T, tokens_per_split, qk_scale,
@@ -214,6 +288,7 @@ if triton is not None:
         K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
         V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
+        VTP: tl.constexpr = False,
     ):
         pid_s = tl.program_id(0)
         pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
@@ -232,7 +307,7 @@ if triton is not None:
         else:
             qa_ch = j
             qb_ch = j + HALF_D
-        if V_FULL:
+        if V_FULL or VTP:
             oa_ch = j  # unused halves: acc is full width
             ob_ch = j + HALF_D
         elif V_BITS == 4:
@@ -266,7 +341,7 @@ if triton is not None:
 
         m_i = tl.full([M_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([M_PAD], tl.float32)
-        if V_FULL:
+        if V_FULL or VTP:
             acc = tl.zeros([M_PAD, D], tl.float32)
         else:
             acc_a = tl.zeros([M_PAD, HALF_D], tl.float32)
@@ -292,7 +367,13 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
             p16 = p.to(tl.float16)
-            if V_FULL:
+            if VTP == 2:
+                v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
+                acc = tl.dot(p16, v, acc * alpha[:, None])
+            elif VTP:
+                v = _load_v_pairs(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
+                acc = tl.dot(p16, v, acc * alpha[:, None])
+            elif V_FULL:
                 v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
                                  ASM)
                 acc = tl.dot(p16, v, acc * alpha[:, None])
@@ -303,7 +384,7 @@ if triton is not None:
                 acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        if V_FULL:
+        if V_FULL or VTP:
             # split the full-width accumulator into the two stored halves (channels [0, D/2) and [D/2, D))
             acc = acc / l_safe[:, None]
             acc_a, acc_b = tl.split(tl.permute(tl.reshape(acc, (M_PAD, 2, HALF_D)), (0, 2, 1)))
@@ -550,6 +631,11 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         async_scales = contiguous
     elif async_scales and not contiguous:
         raise ValueError("async_scales needs scales contiguous along tokens (stride(2) == head_dim / group)")
+    vtp = v.token_pair
+    if k.token_pair:
+        raise ValueError("the token_pair layout is supported for V only")
+    if vtp and (block_n < 32 or block_n % 2):
+        raise ValueError("a token_pair V cache needs block_n >= 32")
     grid = (num_splits, prog_heads, B)
     _attn_split_kernel[grid](
         q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l,
@@ -561,7 +647,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         Hq * num_splits * d, num_splits * d, d,
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
-        K_FULL=bool(k_full),
+        K_FULL=bool(k_full), VTP=vtp,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:

@@ -6,6 +6,10 @@ Format (one tensor, K or V, each with its own bit width):
 * 8 bits: ``data`` is uint8 ``[B, Hkv, T_max, d]``.
 * 4 bits: ``data`` is uint8 ``[B, Hkv, T_max, d/2]``, two values per byte along head_dim, the even channel in
   the low nibble.
+* 4 bits, ``layout="token_pair"`` (opt-in, used for V by the v4 candidate kernel path): ``data`` is uint8
+  ``[B, Hkv, ceil(T_max/2), d]``, one byte per channel of two consecutive tokens: token 2i in the low nibble,
+  token 2i+1 in the high nibble, so the P·V contraction over tokens reads packed bytes along its own axis.
+  Scales are unchanged (per token and channel group).
 * For 4 and 8 bits, ``scales`` (and, when asymmetric, ``zeros``) are fp16 ``[B, Hkv, T_max, d/group]``: one per
   group of ``group`` consecutive channels per token per KV head.
 
@@ -38,6 +42,14 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 SUPPORTED_BITS = (4, 8, 16)
 SUPPORTED_GROUPS = (32, 64, 128)
+LAYOUTS = ("channel", "token_pair")  # 4-bit packing: two channels of a token per byte (default) or two tokens
+
+
+def _check_layout(layout: str, bits: int) -> str:
+    """The effective layout: ``token_pair`` applies to 4-bit data only (8/16-bit data is stored as always)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout if bits == 4 else "channel"
 
 
 def _check_bits_group(bits: int, group: int, d: int) -> None:
@@ -66,10 +78,22 @@ class QuantizedTensor:
     group: int
     asym: bool
     head_dim: int
+    layout: str = "channel"  # "token_pair": 4-bit, two tokens of one channel per byte (see the module docstring)
+
+    @property
+    def token_pair(self) -> bool:
+        return self.layout == "token_pair"
+
+    @property
+    def tokens(self) -> int:
+        """Token slots (T_max) along dim -2 (for token_pair data: of the scales, the data has ceil(T_max/2) rows)."""
+        if self.token_pair:
+            return self.scales.shape[-2]
+        return self.data.shape[-2]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape[:-1]) + (self.head_dim,)
+        return tuple(self.data.shape[:-2]) + (self.tokens, self.head_dim)
 
     def bytes_per_token(self) -> int:
         """Stored bytes per token and head (data + metadata)."""
@@ -99,7 +123,7 @@ class QuantizedKVCache:
 
     @property
     def max_tokens(self) -> int:
-        return self.k.data.shape[2]
+        return self.k.tokens
 
     @property
     def head_dim(self) -> int:
@@ -134,8 +158,13 @@ def _round_half_up(y: torch.Tensor) -> torch.Tensor:
     return torch.floor(y + 0.5)
 
 
-def quantize(x: torch.Tensor, bits: int, group: int = 32, asym: bool = False) -> QuantizedTensor:
-    """Quantize ``x [..., d]`` (any float dtype) into the cache format. Torch reference."""
+def quantize(x: torch.Tensor, bits: int, group: int = 32, asym: bool = False,
+             layout: str = "channel") -> QuantizedTensor:
+    """Quantize ``x [..., d]`` (any float dtype) into the cache format. Torch reference.
+
+    ``layout="token_pair"`` (4 bits; needs ``x [..., T, d]``): tokens 2i and 2i+1 of a channel share a byte (low,
+    high nibble); an odd T leaves the last high nibble 0."""
+    layout = _check_layout(layout, bits)
     if not torch.is_floating_point(x):
         raise ValueError(f"x must be a floating tensor, got {x.dtype}")
     d = x.shape[-1]
@@ -165,9 +194,26 @@ def quantize(x: torch.Tensor, bits: int, group: int = 32, asym: bool = False) ->
         q = _round_half_up(y).clamp(-qmax, qmax) + 2 ** (bits - 1)
         zeros = None
     q = q.reshape(*x.shape[:-1], d).to(torch.uint8)
-    if bits == 4:
+    if bits == 4 and layout == "token_pair":
+        if q.dim() < 2:
+            raise ValueError("token_pair layout needs x [..., T, d]")
+        if q.shape[-2] % 2:
+            q = torch.nn.functional.pad(q, (0, 0, 0, 1))
+        q = q[..., 0::2, :] | (q[..., 1::2, :] << 4)
+    elif bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return QuantizedTensor(q.contiguous(), scale16.contiguous(), zeros, bits, group, asym, d)
+    return QuantizedTensor(q.contiguous(), scale16.contiguous(), zeros, bits, group, asym, d, layout)
+
+
+def to_token_pair(qt: QuantizedTensor) -> QuantizedTensor:
+    """The same 4-bit tensor re-packed in the ``token_pair`` layout (codes and scales unchanged)."""
+    if qt.bits != 4 or qt.token_pair:
+        return qt
+    q = unpack_codes(qt).to(torch.uint8)  # [..., T, d]
+    if q.shape[-2] % 2:
+        q = torch.nn.functional.pad(q, (0, 0, 0, 1))
+    data = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).contiguous()
+    return QuantizedTensor(data, qt.scales, qt.zeros, qt.bits, qt.group, qt.asym, qt.head_dim, "token_pair")
 
 
 def unpack_codes(qt: QuantizedTensor) -> torch.Tensor:
@@ -175,6 +221,9 @@ def unpack_codes(qt: QuantizedTensor) -> torch.Tensor:
     if qt.bits == 16:
         raise ValueError("16-bit data has no codes")
     q = qt.data.to(torch.int32)
+    if qt.bits == 4 and qt.token_pair:
+        q = torch.stack([q & 0xF, q >> 4], dim=-2).reshape(*q.shape[:-2], 2 * q.shape[-2], qt.head_dim)
+        return q[..., : qt.tokens, :]
     if qt.bits == 4:
         q = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(*q.shape[:-1], qt.head_dim)
     return q
@@ -185,9 +234,10 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float16, length: 
     if qt.bits == 16:
         out = qt.data if length is None else qt.data[..., :length, :]
         return out.to(dtype)
-    data = qt.data if length is None else qt.data[..., :length, :]
+    rows = length if length is None or not qt.token_pair else -(-length // 2)
+    data = qt.data if length is None else qt.data[..., :rows, :]
     scales = qt.scales if length is None else qt.scales[..., :length, :]
-    sub = QuantizedTensor(data, scales, None, qt.bits, qt.group, qt.asym, qt.head_dim)
+    sub = QuantizedTensor(data, scales, None, qt.bits, qt.group, qt.asym, qt.head_dim, qt.layout)
     q = unpack_codes(sub).float()
     d = qt.head_dim
     qg = q.reshape(*q.shape[:-1], d // qt.group, qt.group)
@@ -201,28 +251,34 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float16, length: 
 
 
 def empty_quantized(shape_prefix: tuple[int, ...], d: int, bits: int, group: int, asym: bool,
-                    device: torch.device | str = "cpu") -> QuantizedTensor:
-    """Allocate (uninitialized) storage for ``[*shape_prefix, d]`` in the cache format."""
+                    device: torch.device | str = "cpu", layout: str = "channel") -> QuantizedTensor:
+    """Allocate (uninitialized) storage for ``[*shape_prefix, d]`` in the cache format (``shape_prefix`` ends
+    with the token count)."""
     _check_bits_group(bits, group, d)
+    layout = _check_layout(layout, bits)
     if bits == 16:
         return QuantizedTensor(torch.empty(*shape_prefix, d, dtype=torch.float16, device=device), None, None,
                                16, group, asym, d)
-    data = torch.empty(*shape_prefix, packed_dim(d, bits), dtype=torch.uint8, device=device)
+    if layout == "token_pair":
+        data = torch.empty(*shape_prefix[:-1], -(-shape_prefix[-1] // 2), d, dtype=torch.uint8, device=device)
+    else:
+        data = torch.empty(*shape_prefix, packed_dim(d, bits), dtype=torch.uint8, device=device)
     scales = torch.empty(*shape_prefix, d // group, dtype=torch.float16, device=device)
     zeros = torch.empty_like(scales) if asym else None
-    return QuantizedTensor(data, scales, zeros, bits, group, asym, d)
+    return QuantizedTensor(data, scales, zeros, bits, group, asym, d, layout)
 
 
 def empty_cache(B: int, Hkv: int, max_tokens: int, d: int, k_bits: int, v_bits: int, group: int = 32,
-                asym: bool = False, device: torch.device | str = "cpu") -> QuantizedKVCache:
-    """A preallocated, empty (length 0) cache of ``max_tokens`` slots."""
+                asym: bool = False, device: torch.device | str = "cpu", v_layout: str = "channel") -> QuantizedKVCache:
+    """A preallocated, empty (length 0) cache of ``max_tokens`` slots (``v_layout="token_pair"``: 4-bit V packed
+    two tokens per byte, the v4 candidate layout)."""
     k = empty_quantized((B, Hkv, max_tokens), d, k_bits, group, asym, device)
-    v = empty_quantized((B, Hkv, max_tokens), d, v_bits, group, asym, device)
+    v = empty_quantized((B, Hkv, max_tokens), d, v_bits, group, asym, device, v_layout)
     return QuantizedKVCache(k, v, 0)
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_bits: int, v_bits: int, group: int = 32, asym: bool = False,
-                max_tokens: int | None = None) -> QuantizedKVCache:
+                max_tokens: int | None = None, v_layout: str = "channel") -> QuantizedKVCache:
     """Build a cache holding ``k, v [B, Hkv, T, d]`` (T valid tokens, optionally ``max_tokens`` slots)."""
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"k and v must both be [B, Hkv, T, d], got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -231,7 +287,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_bits: int, v_bits: int, grou
         pad = (0, 0, 0, max_tokens - T)
         k = torch.nn.functional.pad(k, pad)
         v = torch.nn.functional.pad(v, pad)
-    return QuantizedKVCache(quantize(k, k_bits, group, asym), quantize(v, v_bits, group, asym), T)
+    return QuantizedKVCache(quantize(k, k_bits, group, asym), quantize(v, v_bits, group, asym, v_layout), T)
 
 
 def dequantize_kv(cache: QuantizedKVCache, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,9 +325,16 @@ def append_kv_reference(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: tor
     p = _check_append(cache, k_new, v_new, pos)
     for qt, x in ((cache.k, k_new), (cache.v, v_new)):
         new = quantize(x, qt.bits, qt.group, qt.asym)
+        codes = unpack_codes(new).to(torch.uint8) if qt.token_pair else None  # [B, Hkv, d]
         for b in range(cache.batch):
             t = int(p[b])
+            if qt.token_pair:  # nibble read-modify-write: even token low nibble, odd token high nibble
+                old = qt.data[b, :, t // 2]
+                qt.data[b, :, t // 2] = (old & 0xF0) | codes[b] if t % 2 == 0 else (old & 0x0F) | (codes[b] << 4)
+                continue
             qt.data[b, :, t] = new.data[b]
+        for b in range(cache.batch):
+            t = int(p[b])
             if qt.scales is not None:
                 qt.scales[b, :, t] = new.scales[b]
             if qt.zeros is not None:
@@ -298,8 +361,11 @@ if triton is not None:
         return tl.where(sb > 0, q, 0.0 if ASYM else 2.0 ** (BITS - 1))
 
     @triton.jit
-    def _append_one(x_ptr, d_ptr, s_ptr, z_ptr, d_off, s_off,
-                    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr):
+    def _append_one(x_ptr, d_ptr, s_ptr, z_ptr, d_off, s_off, t,
+                    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+                    TP: tl.constexpr = False):
+        """Quantize one token. TP (4-bit token_pair layout): d_off is the start of the pair row t // 2, and the
+        codes go into its low (t even) or high (t odd) nibbles by a read-modify-write of the row's d bytes."""
         if BITS == 16:
             offs = tl.arange(0, D)
             tl.store(d_ptr + d_off + offs, tl.load(x_ptr + offs))
@@ -326,7 +392,13 @@ if triton is not None:
             s = s16.to(tl.float32)
             qe = _quant_group_codes(xe, s, z, BITS, ASYM).to(tl.uint8)
             qo = _quant_group_codes(xo, s, z, BITS, ASYM).to(tl.uint8)
-            if BITS == 4:
+            if TP:
+                pe = d_ptr + d_off + g * GROUP + 2 * j
+                sh = (t % 2).to(tl.uint8) * 4
+                keep = tl.where(t % 2 == 0, 0xF0, 0x0F).to(tl.uint8)  # the other token's nibble
+                tl.store(pe, (tl.load(pe) & keep) | (qe << sh))
+                tl.store(pe + 1, (tl.load(pe + 1) & keep) | (qo << sh))
+            elif BITS == 4:
                 tl.store(d_ptr + d_off + g * HALF + j, qe | (qo << 4))
             else:
                 tl.store(d_ptr + d_off + g * GROUP + 2 * j, qe)
@@ -339,17 +411,20 @@ if triton is not None:
                        skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
                        svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
                        D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-                       GROUP: tl.constexpr, ASYM: tl.constexpr):
+                       GROUP: tl.constexpr, ASYM: tl.constexpr, K_TP: tl.constexpr = False,
+                       V_TP: tl.constexpr = False):
         b = tl.program_id(0)
         h = tl.program_id(1)
         t = tl.load(Pos + b).to(tl.int64)
         b64 = b.to(tl.int64)
         h64 = h.to(tl.int64)
         src = b64 * stride_nb + h64 * stride_nh
-        _append_one(K_new + src, KD, KS, KZ, b64 * skd_b + h64 * skd_h + t * skd_t,
-                    b64 * sks_b + h64 * sks_h + t * sks_t, D, K_BITS, GROUP, ASYM)
-        _append_one(V_new + src, VD, VS, VZ, b64 * svd_b + h64 * svd_h + t * svd_t,
-                    b64 * svs_b + h64 * svs_h + t * svs_t, D, V_BITS, GROUP, ASYM)
+        tk = t // 2 if K_TP else t
+        tv = t // 2 if V_TP else t
+        _append_one(K_new + src, KD, KS, KZ, b64 * skd_b + h64 * skd_h + tk * skd_t,
+                    b64 * sks_b + h64 * sks_h + t * sks_t, t, D, K_BITS, GROUP, ASYM, K_TP)
+        _append_one(V_new + src, VD, VS, VZ, b64 * svd_b + h64 * svd_h + tv * svd_t,
+                    b64 * svs_b + h64 * svs_h + t * svs_t, t, D, V_BITS, GROUP, ASYM, V_TP)
 
 
 def _meta_strides(qt: QuantizedTensor) -> tuple[int, int, int]:
@@ -383,7 +458,7 @@ def append_kv(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: torch.Tensor,
         *k.data.stride()[:3], *_meta_strides(k),
         *v.data.stride()[:3], *_meta_strides(v),
         D=cache.head_dim, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
-        num_warps=1,
+        K_TP=k.token_pair, V_TP=v.token_pair, num_warps=1,
     )
 
 
@@ -393,7 +468,7 @@ if triton is not None:
     @triton.jit
     def _dequant_kernel(D_ptr, S_ptr, Z_ptr, Out, T, s_dh, s_dt, s_sh, s_st, s_oh, s_ot,
                         D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
-                        BLOCK_T: tl.constexpr):
+                        BLOCK_T: tl.constexpr, TP: tl.constexpr = False):
         bh = tl.program_id(0).to(tl.int64)  # flattened (batch, head)
         t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         tm = (t < T)[:, None, None]
@@ -403,7 +478,15 @@ if triton is not None:
         s = tl.load(S_ptr + bh * s_sh + t3 * s_st + gh, mask=tm, other=0.0).to(tl.float32)
         if ASYM:
             z = tl.load(Z_ptr + bh * s_sh + t3 * s_st + gh, mask=tm, other=0.0).to(tl.float32)
-        if BITS == 4:
+        if TP:  # token_pair: byte (t // 2, channel) holds token t in its low (t even) or high (t odd) nibble
+            w = tl.arange(0, GROUP)[None, None, :]
+            b = tl.load(D_ptr + bh * s_dh + (t3 // 2) * s_dt + gh * GROUP + w, mask=tm, other=0)
+            c = ((b >> ((t3 % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
+            if ASYM:
+                x = c * s + z
+            else:
+                x = (c - 8.0) * s
+        elif BITS == 4:
             W: tl.constexpr = GROUP // 2
             w = tl.arange(0, W)[None, None, :]
             b = tl.load(D_ptr + bh * s_dh + t3 * s_dt + gh * W + w, mask=tm, other=0)
@@ -446,6 +529,6 @@ def dequantize_fp16(qt: QuantizedTensor, length: int | None = None, out: torch.T
     _dequant_kernel[(B * H, triton.cdiv(T, block_t))](
         qt.data, qt.scales, qt.zeros if qt.zeros is not None else qt.scales, out, T,
         qt.data.stride(1), qt.data.stride(2), qt.scales.stride(1), qt.scales.stride(2), out.stride(1), out.stride(2),
-        D=d, BITS=qt.bits, GROUP=qt.group, ASYM=qt.asym, BLOCK_T=block_t, num_warps=4,
+        D=d, BITS=qt.bits, GROUP=qt.group, ASYM=qt.asym, BLOCK_T=block_t, TP=qt.token_pair, num_warps=4,
     )
     return out

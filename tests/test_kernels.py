@@ -44,16 +44,23 @@ B_VALUES = (1, 3)
 ABS_FLOOR = 2e-3
 
 
-def _make_cache(B, Hkv, T, d, kb, vb, group, asym, seed, slack=5):
+def _make_cache(B, Hkv, T, d, kb, vb, group, asym, seed, slack=5, v_layout="channel"):
     """Random K/V (fresh per seed; scaled, with an outlier channel) quantized into a cache with ``slack``
-    poisoned slots past T (NaN for fp16 data, random bytes otherwise): the kernel must never read them."""
+    poisoned slots past T (NaN for fp16 data, random bytes otherwise): the kernel must never read them. With
+    ``v_layout="token_pair"`` (4-bit V) the pair rows past T and, for odd T, the high nibbles of the last valid
+    row are poisoned."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(B, Hkv, T, d, generator=g) * (0.5 + torch.rand(1, generator=g).item())
     v = torch.randn(B, Hkv, T, d, generator=g)
     k[..., seed % d] *= 4.0  # an outlier channel, as real keys have
-    cache = quantize_kv(k.half(), v.half(), kb, vb, group, asym, max_tokens=T + slack)
+    cache = quantize_kv(k.half(), v.half(), kb, vb, group, asym, max_tokens=T + slack, v_layout=v_layout)
     for qt in (cache.k, cache.v):
         tail = qt.data[:, :, T:]
+        if qt.token_pair:
+            tail = qt.data[:, :, (T + 1) // 2:]
+            if T % 2:
+                last = qt.data[:, :, T // 2]
+                last.copy_((last & 0x0F) | (torch.randint(0, 16, last.shape, generator=g, dtype=torch.uint8) << 4))
         if qt.bits == 16:
             tail.fill_(float("nan"))
         else:
@@ -89,8 +96,8 @@ def _p1_reference_error(q, cache, ref):
     return (o.float() - ref).abs().max().item()
 
 
-def check_attention(B, G, Hkv, d, T, kb, vb, group=32, asym=False, seed=0, **opts):
-    cache, g = _make_cache(B, Hkv, T, d, kb, vb, group, asym, seed)
+def check_attention(B, G, Hkv, d, T, kb, vb, group=32, asym=False, seed=0, v_layout="channel", **opts):
+    cache, g = _make_cache(B, Hkv, T, d, kb, vb, group, asym, seed, v_layout=v_layout)
     Hq = G * Hkv
     q = (torch.randn(B, Hq, d, generator=g) * 1.5).half().to(DEV)
     ref = decode_attention_reference(q, cache)
@@ -256,6 +263,79 @@ def test_launcher_validation():
         quantize(torch.randn(2, 64), bits=3)
     with pytest.raises(ValueError):
         quantize(torch.randn(2, 48), bits=4, group=32)
+
+
+# ------------------------------------------------------------------------- token_pair 4-bit V (v4 candidate)
+@pytest.mark.parametrize("block_n,num_warps", [(32, 1), (64, 4)])
+def test_decode_attention_token_pair_v(block_n, num_warps):
+    """4-bit V packed two tokens per byte: every K width, odd and even T (incl. T = 1), asym, splits, no GQA."""
+    cases = [(1, 4, 64, 1, 4, 32, False, {}), (2, 3, 128, 7, 16, 64, True, {}), (1, 2, 64, 64, 8, 32, False, {}),
+             (2, 4, 64, 65, 4, 64, True, dict(num_splits=3)), (1, 7, 128, 130, 4, 32, False, {}),
+             (1, 2, 256, 33, 4, 128, False, dict(gqa_shared=False))]
+    for i, (B, G, d, T, kb, group, asym, opts) in enumerate(cases):
+        check_attention(B, G, 1, d, T, kb, 4, group, asym, seed=90 + i + block_n, v_layout="token_pair",
+                        block_n=block_n, num_warps=num_warps, **opts)
+
+
+def test_token_pair_layout_roundtrip_and_p1():
+    """token_pair stores the same codes as the channel layout (dequantize agrees bit for bit, also over a prefix
+    of odd length), 8/16-bit V ignore it, and the P1 path (Triton dequantize + SDPA) reads it."""
+    from kvmodel.kernels import dequantize_fp16
+    from kvmodel.kernels.quant import to_token_pair
+
+    g = torch.Generator().manual_seed(7)
+    for T, asym in ((1, False), (6, True), (9, False)):
+        x = torch.randn(2, 3, T, 128, generator=g).half()
+        a = quantize(x, 4, 32, asym)
+        b = quantize(x, 4, 32, asym, layout="token_pair")
+        assert b.data.shape == (2, 3, (T + 1) // 2, 128) and b.tokens == T and b.shape == a.shape
+        assert torch.equal(dequantize(a), dequantize(b))
+        assert torch.equal(to_token_pair(a).data, b.data)
+        n = max(1, T - 2)
+        assert torch.equal(dequantize(a, length=n), dequantize(b, length=n))
+        for t in (b.data, b.scales) + ((b.zeros,) if asym else ()):
+            t.data = t.data.to(DEV)
+        assert torch.equal(dequantize_fp16(b, n).cpu(), dequantize(a, torch.float16, n))
+    assert quantize(torch.randn(4, 64), 8, 32, layout="token_pair").layout == "channel"
+    with pytest.raises(ValueError):
+        quantize(torch.randn(4, 64), 4, 32, layout="tokens")
+    cache, g = _make_cache(2, 2, 77, 64, 4, 4, 32, False, seed=13, v_layout="token_pair")
+    q = torch.randn(2, 8, 64, generator=g).half().to(DEV)
+    ref = run_pipeline_reference("P1", q, cache)
+    for name in ("P1", "P5"):
+        assert (run_pipeline(name, q, cache).float() - ref).abs().max().item() < 5e-3, name
+
+
+@pytest.mark.parametrize("kb,asym", [(4, False), (16, True)])
+def test_token_pair_append_then_attend(kb, asym):
+    """Append (nibble read-modify-write of the pair byte) from an odd and an even prefix equals quantizing the
+    whole sequence at once, in the Triton kernel and the torch reference, and attends like the channel layout."""
+    g = torch.Generator().manual_seed(21 + kb)
+    B, Hkv, d, T0, steps = 2, 2, 64, 19, 4
+    k = torch.randn(B, Hkv, T0 + steps, d, generator=g).half()
+    v = torch.randn(B, Hkv, T0 + steps, d, generator=g).half()
+    full = _to(quantize_kv(k, v, kb, 4, 32, asym, v_layout="token_pair"), DEV)
+    inc = _to(quantize_kv(k[:, :, :T0], v[:, :, :T0], kb, 4, 32, asym, max_tokens=T0 + steps,
+                          v_layout="token_pair"), DEV)
+    ref = _to(quantize_kv(k[:, :, :T0], v[:, :, :T0], kb, 4, 32, asym, max_tokens=T0 + steps,
+                          v_layout="token_pair"), DEV)
+    for t in range(T0, T0 + steps):
+        kt, vt = k[:, :, t].contiguous().to(DEV), v[:, :, t].contiguous().to(DEV)
+        append_kv(inc, kt, vt, t)
+        append_kv_reference(ref, kt, vt, t)
+        inc.length = ref.length = t + 1
+    for c in (inc, ref):
+        assert torch.equal(c.v.data, full.v.data) and torch.equal(c.v.scales, full.v.scales)
+        assert torch.equal(c.k.data, full.k.data)
+    # per-batch positions of different parity in one step (one writer per byte)
+    pos = torch.tensor([T0 + steps - 2, T0 + steps - 1])
+    kt, vt = (torch.randn(B, Hkv, d, generator=g).half().to(DEV) for _ in range(2))
+    append_kv(inc, kt, vt, pos)
+    append_kv_reference(ref, kt, vt, pos)
+    assert torch.equal(inc.v.data, ref.v.data) and torch.equal(inc.v.scales, ref.v.scales)
+    q = torch.randn(B, 4, d, generator=g).half().to(DEV)
+    chan = _to(quantize_kv(k, v, kb, 4, 32, asym), DEV)
+    assert torch.allclose(decode_attention(q, full).float(), decode_attention(q, chan).float(), atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------- quantization
@@ -457,8 +537,9 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
 @settings(max_examples=20, deadline=None)
 @given(B=st.integers(1, 3), G=st.integers(1, 8), d=st.sampled_from([64, 128, 256]), T=st.integers(1, 300),
        kb=st.sampled_from([4, 8, 16]), vb=st.sampled_from([4, 8, 16]), asym=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_decode_attention_random_shapes(B, G, d, T, kb, vb, asym, seed):
+       seed=st.integers(0, 2**31 - 1), token_pair=st.booleans())
+def test_decode_attention_random_shapes(B, G, d, T, kb, vb, asym, seed, token_pair):
     """Any small shape, format and fresh random data: the fused kernel stays within the pass rule of the
-    torch dequantize + SDPA path against the float32 reference (hypothesis draws new cases every run)."""
-    check_attention(B, G, 1, d, T, kb, vb, 32, asym, seed=seed)
+    torch dequantize + SDPA path against the float32 reference (hypothesis draws new cases every run; 4-bit V
+    in either layout)."""
+    check_attention(B, G, 1, d, T, kb, vb, 32, asym, seed=seed, v_layout="token_pair" if token_pair else "channel")

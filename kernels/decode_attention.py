@@ -631,8 +631,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         async_scales = contiguous
     elif async_scales and not contiguous:
         raise ValueError("async_scales needs scales contiguous along tokens (stride(2) == head_dim / group)")
-    vtp = v.token_pair
-    if k.token_pair:
+    vtp = 2 if v.layout == "token_octet" else int(v.token_pair)  # token_octet: experiment, see probe_v4.py
+    if k.layout != "channel":
         raise ValueError("the token_pair layout is supported for V only")
     if vtp and (block_n < 32 or block_n % 2):
         raise ValueError("a token_pair V cache needs block_n >= 32")

@@ -277,6 +277,23 @@ def test_decode_attention_token_pair_v(block_n, num_warps):
                         block_n=block_n, num_warps=num_warps, **opts)
 
 
+def test_decode_attention_token_octet_v_experiment():
+    """The kernel-only token_octet V path (kernels/probe_v4.py builds its caches) on the same pass rule."""
+    from kvmodel.kernels.probe_v4 import to_token_octet
+
+    for i, (B, G, d, T, kb, group, asym, opts) in enumerate([(1, 4, 64, 7, 4, 32, False, {}),
+                                                              (2, 3, 128, 65, 16, 64, True, dict(num_splits=3)),
+                                                              (1, 4, 128, 130, 4, 32, False, dict(block_n=32,
+                                                                                                  num_warps=1))]):
+        cache, g = _make_cache(B, 1, T, d, kb, 4, group, asym, seed=110 + i)
+        q = (torch.randn(B, G, d, generator=g) * 1.5).half().to(DEV)
+        ref = decode_attention_reference(q, cache)
+        base = _p1_reference_error(q, cache, ref)
+        cache.v = to_token_octet(cache.v)
+        err = (decode_attention(q, cache, **opts).float() - ref).abs().max().item()
+        assert err <= 2.0 * base + ABS_FLOOR, (i, err, base)
+
+
 def test_token_pair_layout_roundtrip_and_p1():
     """token_pair stores the same codes as the channel layout (dequantize agrees bit for bit, also over a prefix
     of odd length), 8/16-bit V ignore it, and the P1 path (Triton dequantize + SDPA) reads it."""

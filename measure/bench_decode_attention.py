@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
 MODELS = {  # name: (Hq, Hkv, d)
     "llama-3.1-8b": (32, 8, 128),

@@ -154,7 +154,7 @@ def _run_interpreted(func_name: str):
 
 def _naive_step(torch, model, spec, ids, cache_k, cache_v, T):
     F = torch.nn.functional
-    h, d, Hq, Hkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    d, Hq, Hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
     G = Hq // Hkv
 
     def rms(x, w):

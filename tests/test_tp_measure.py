@@ -550,7 +550,6 @@ def test_predict_tp_rows_uses_fitted_link():
 
 def test_ring_factor_is_the_symbolic_allreduce_factor():
     """tp_fit's ring factor is the one allreduce_time charges (kvmodel.symbolic), not a copy."""
-    import sympy as sp
 
     from kvmodel import symbolic as S
 

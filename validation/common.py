@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from kvmodel.specs import BandwidthCurve
-from kvmodel.timing import OccupancyCurve, curve_time_s, fused_kernel_time_s
+from kvmodel.timing import OccupancyCurve, curve_time_s
 
 
 def package_dir() -> Path:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvmodel import traffic
-from kvmodel.specs import KVFormat, ModelSpec, SpecError, parse_kv_format
+from kvmodel.specs import KVFormat, ModelSpec, load_yaml_spec, parse_kv_format
 
 
 class LayerRule(BaseModel):
@@ -189,21 +188,7 @@ def policy_attention_time_s(tm, model: ModelSpec, policy, B, T, pipeline: str = 
 
 def load_policy(path: str | Path) -> KVPolicy:
     """Read a policy YAML; any problem becomes a SpecError naming the file and the field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: malformed YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level")
-    try:
-        return KVPolicy.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise SpecError(f"{path}: invalid KV policy: field '{loc}': {err['msg']}") from None
+    return load_yaml_spec(path, KVPolicy)
 
 
 def check_policy(policy: KVPolicy, model: ModelSpec) -> None:

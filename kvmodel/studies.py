@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvmodel import traffic
 from kvmodel.policies import (
@@ -45,9 +45,9 @@ from kvmodel.specs import (
     GPUSpec,
     KVFormat,
     ModelSpec,
-    SpecError,
     get_gpu,
     get_model,
+    load_yaml_spec,
     parse_kv_format,
     parse_tokens,
 )
@@ -191,23 +191,10 @@ class StudySpec(BaseModel):
 
 
 def load_study(path: str | Path) -> StudySpec:
-    import yaml
-
+    """Read a study YAML (yaml.safe_load, validated with extra="forbid"); problems become SpecErrors naming the
+    file and the field."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: malformed YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level")
-    try:
-        spec = StudySpec.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise SpecError(f"{path}: invalid study: field '{loc}': {err['msg']}") from None
+    spec = load_yaml_spec(path, StudySpec)
     # resolve relative policy paths against the study file
     kv = [str(path.parent / k) if k.endswith((".yaml", ".yml")) and not Path(k).is_absolute() else k
           for k in spec.kv]

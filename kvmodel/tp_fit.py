@@ -41,6 +41,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
+from kvmodel.calibration import _f, _ok  # the shared CSV-row helpers (numeric field, usable measurement)
+
 __all__ = [
     "LinkFit",
     "LinkTerms",
@@ -252,16 +254,6 @@ def _fit_joint(points: dict) -> tuple[float, float, float, float, float]:
     return launch, hop, bw, r2, med
 
 
-def _f(r: dict, k: str) -> Optional[float]:
-    try:
-        v = float(r.get(k, ""))
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _ok(r: dict) -> bool:
-    return r.get("status", "ok") in ("ok", "ok-eager", "") and (_f(r, "median_s") or 0) > 0
 
 
 def points_from_probe_rows(

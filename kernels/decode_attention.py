@@ -277,8 +277,8 @@ if triton is not None:
 
     @triton.jit
     def _attn_split_kernel(
-        Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL,
-        T, tokens_per_split, qk_scale,
+        Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter,
+        T, tokens_per_split, qk_scale, num_splits,
         stride_qb, stride_qh,
         skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
         svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
@@ -288,7 +288,8 @@ if triton is not None:
         K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
         V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
-        VTP: tl.constexpr = False,
+        VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
+        MERGE_SB: tl.constexpr = 1,
     ):
         pid_s = tl.program_id(0)
         pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
@@ -398,10 +399,52 @@ if triton is not None:
             lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
             pl = PartL + (pid_b * stride_pb + head.to(tl.int64) * stride_ph + pid_s * stride_ps) // D
             tl.store(pl, lse, mask=row_ok)
+            if FUSE_MERGE:
+                # the last program of this (sequence, head group) to finish merges all splits: no second launch.
+                # Barrier, then one gpu-scope acq_rel atomic (CUTLASS's semaphore pattern) publishes this CTA's
+                # partials; the merge reads them with .cg (L2, never a stale L1 line).
+                tl.debug_barrier()
+                cnt_ptr = Counter + pid_b * tl.num_programs(1) + pid_h
+                prev = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+                if prev == num_splits - 1:
+                    _merge_rows(PartO, PartL, Out, pid_b, pid_h * HPP, HPP, num_splits, stride_pb, stride_ph,
+                                stride_ps, stride_ob, stride_oh, D, MERGE_RB, MERGE_SB)
+                    tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
         else:
             o = Out + pid_b * stride_ob + head[:, None].to(tl.int64) * stride_oh
             tl.store(o + oa_ch[None, :], acc_a.to(tl.float16), mask=row_ok[:, None])
             tl.store(o + ob_ch[None, :], acc_b.to(tl.float16), mask=row_ok[:, None])
+
+    @triton.jit
+    def _merge_rows(PartO, PartL, Out, b, h0, n_rows: tl.constexpr, num_splits, stride_pb, stride_ph, stride_ps,
+                    stride_ob, stride_oh, D: tl.constexpr, RB: tl.constexpr, SB: tl.constexpr):
+        """Out[b, h0 + r] = Σ_s w_s · PartO[b, h0 + r, s] (w_s ∝ 2^lse_s, fp32) for r < n_rows, RB rows × SB
+        splits × D per step (one round of loads in flight)."""
+        c = tl.arange(0, D)
+        for r0 in tl.static_range(0, n_rows, RB):
+            r = r0 + tl.arange(0, RB)
+            r_ok = r < n_rows
+            base = b * stride_pb + (h0 + r).to(tl.int64) * stride_ph  # [RB]
+            m = tl.full([RB], float("-inf"), tl.float32)
+            l = tl.zeros([RB], tl.float32)
+            acc = tl.zeros([RB, D], tl.float32)
+            for s0 in range(0, num_splits, SB):
+                sp = s0 + tl.arange(0, SB)
+                ok = r_ok[:, None] & (sp < num_splits)[None, :]  # [RB, SB]
+                lse = tl.load(PartL + (base[:, None] + sp[None, :] * stride_ps) // D, mask=ok,
+                              other=float("-inf"), cache_modifier=".cg")
+                o = tl.load(PartO + base[:, None, None] + sp[None, :, None] * stride_ps + c[None, None, :],
+                            mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m, tl.max(lse, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows: no NaN from -inf - -inf
+                alpha = tl.math.exp2(m - m_use)
+                w = tl.math.exp2(lse - m_use[:, None])
+                acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
+                l = l * alpha + tl.sum(w, 1)
+                m = m_new
+            l = tl.where(l > 0, l, 1.0)
+            tl.store(Out + b * stride_ob + (h0 + r)[:, None].to(tl.int64) * stride_oh + c[None, :],
+                     (acc / l[:, None]).to(tl.float16), mask=r_ok[:, None])
 
     @triton.jit
     def _merge_kernel(PartO, PartL, Out, num_splits, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
@@ -466,9 +509,10 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 
 #: Version of the fused decode-attention kernel and its defaults, as kernels/NOTES.md names them (v1: halves path,
 #: synchronous scale loads; v2: v_full option; v3: constant-stride async scales, block shape by launch size,
-#: chunked split merge). Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change
-#: that alters what is measured.
-KERNEL_VERSION = "v3"
+#: chunked split merge; v4: the split merge fused into the split kernel's last program per head group).
+#: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
+#: measured.
+KERNEL_VERSION = "v4"
 
 LARGE_WORK = 1 << 20  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
@@ -558,12 +602,18 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      num_stages: int | None = None, magic: bool | None = None,
                      sm_scale: float | None = None, out: torch.Tensor | None = None,
                      workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
-                     async_scales: bool | None = None) -> torch.Tensor:
+                     async_scales: bool | None = None, merge: str = "fused",
+                     maxnreg: int | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
     ``gqa_shared=False``: one program per query head (each re-reads its KV head; the ablation).
-    ``workspace``: optional dict reused across calls for the split partials (avoids allocation).
+    ``workspace``: optional dict reused across calls for the split partials and merge counters (avoids an
+    allocation and a memset per call; one workspace per stream: its counters must not be shared by concurrent
+    launches).
+    ``merge``: "fused" (default) — the last program of each head group to finish merges the splits (one launch);
+    "kernel" — a second merge launch (v3; the ablation).
+    ``maxnreg``: register cap per thread passed to the compiler (probe option; spills below ~160 for 4/4).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -605,7 +655,18 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         out = torch.empty(B, Hq, d, dtype=torch.float16, device=q.device)
     elif out.shape != (B, Hq, d) or out.dtype != torch.float16 or out.stride(-1) != 1:
         raise ValueError("out must be a [B, Hq, d] fp16 tensor contiguous in d")
+    if merge not in ("fused", "kernel"):
+        raise ValueError(f"merge must be 'fused' or 'kernel', got {merge!r}")
     split = num_splits > 1
+    fuse = split and merge == "fused"
+    counter = out  # unused unless fused
+    if fuse:
+        ckey = ("merge_counter", B, prog_heads, q.device)
+        counter = None if workspace is None else workspace.get(ckey)
+        if counter is None:
+            counter = torch.zeros(B * prog_heads, dtype=torch.int32, device=q.device)  # reset by the kernel
+            if workspace is not None:
+                workspace[ckey] = counter
     if split:
         key = (B, Hq, num_splits, d, q.device)
         ws = None if workspace is None else workspace.get(key)
@@ -636,10 +697,12 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         raise ValueError("the token_pair layout is supported for V only")
     if vtp and (block_n < 32 or block_n % 2):
         raise ValueError("a token_pair V cache needs block_n >= 32")
+    merge_sb = min(16, triton.next_power_of_2(num_splits))
+    merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step
     grid = (num_splits, prog_heads, B)
     _attn_split_kernel[grid](
-        q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l,
-        T, tokens_per_split, sm_scale * LOG2E,
+        q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l, counter,
+        T, tokens_per_split, sm_scale * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         *k.data.stride()[:3], *kst,
         *v.data.stride()[:3], *vst,
@@ -647,10 +710,10 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         Hq * num_splits * d, num_splits * d, d,
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
-        K_FULL=bool(k_full), VTP=vtp,
-        num_warps=num_warps, num_stages=num_stages,
+        K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
-    if split:
+    if split and not fuse:
         _merge_kernel[(B * Hq,)](
             part_o, part_l, out, num_splits, Hq * num_splits * d, num_splits * d, d,
             out.stride(0), out.stride(1), Hq, D=d, BLOCK_S=4 if num_splits <= 4 else 16,

@@ -372,34 +372,58 @@ def run_grid(args, rf, ceil):
                         log(f"{model:13s} B={B:3d} T={T:6d} {kb:2d}/{vb:2d} {pipe:9s} {variant:7s} "
                             f"{med * 1e6:9.1f} us  {gbps:7.0f} GB/s ({row['pct_read_ceiling']:5.1f}%)"
                             f"  [{time.time() - t_start:5.0f}s]")
-                    del caches, qs, outs, wss
+                    del caches, qs, outs, wss, fp16
                     torch.cuda.empty_cache()
     return n_rows
 
 
-# P5 variants the probe compares: name -> decode_attention options ("v1" = the synchronous scale loads of v1/v2)
+# P5 variants the probe compares: name -> decode_attention options ("v1" = the synchronous scale loads of v1/v2;
+# "dflt" = the built-in defaults; "mk" = a separate merge launch as in v3; "r128" = maxnreg 128; "sN" = N splits)
 PROBE_VARIANTS = {
-    "v1": dict(block_n=64, num_warps=4, num_stages=3, async_scales=False, k_full=False, v_full=False),
+    "v1": dict(block_n=64, num_warps=4, num_stages=3, async_scales=False, k_full=False, v_full=False,
+               merge="kernel"),
+    "dflt": dict(),
+    "mk": dict(merge="kernel"),
     "a64x4": dict(block_n=64, num_warps=4, num_stages=3),
+    "a64x4mk": dict(block_n=64, num_warps=4, num_stages=3, merge="kernel"),
     "a64x4s4": dict(block_n=64, num_warps=4, num_stages=4),
     "a128x4": dict(block_n=128, num_warps=4, num_stages=3),
-    "a128x8": dict(block_n=128, num_warps=8, num_stages=3),
     "a64x2": dict(block_n=64, num_warps=2, num_stages=3),
     "a32x2": dict(block_n=32, num_warps=2, num_stages=3),
     "a32x1": dict(block_n=32, num_warps=1, num_stages=3),
-    "a64x4vf": dict(block_n=64, num_warps=4, num_stages=3, v_full=True),
+    "a32x1mk": dict(block_n=32, num_warps=1, num_stages=3, merge="kernel"),
+    "a32x1st2": dict(block_n=32, num_warps=1, num_stages=2),
+    "a32x1st4": dict(block_n=32, num_warps=1, num_stages=4),
+    "a32x1r128": dict(block_n=32, num_warps=1, num_stages=3, maxnreg=128),
+    "a32x1r128st2": dict(block_n=32, num_warps=1, num_stages=2, maxnreg=128),
     "a32x4": dict(block_n=32, num_warps=4, num_stages=3),
+    "a64x4sp32": dict(block_n=64, num_warps=4, num_stages=3, num_splits=32),
+    "a32x4sp32": dict(block_n=32, num_warps=4, num_stages=3, num_splits=32),
+    "a32x4sp64": dict(block_n=32, num_warps=4, num_stages=3, num_splits=64),
+    "a32x1sp64": dict(block_n=32, num_warps=1, num_stages=3, num_splits=64),
 }
-# (model, B, T, (kb, vb), variants); P0 is timed beside every 16/16 case, P1 beside the first quantized one
+_SMALL = ["mk", "dflt", "a32x1", "a32x2", "a64x2"]  # is the large-launch shape already better below LARGE_WORK?
+# (model, B, T, (kb, vb), variants); P0 is timed beside every case (P1 too for quantized ones); v4 questions:
+# fused vs separate merge, the B=1 latency path, LARGE_WORK, stages / maxnreg for the (32, 1) shape
 PROBE_CASES = [
-    ("llama-3.1-8b", 32, 32768, (4, 4), ["v1", "a64x4", "a64x4s4", "a128x4", "a128x8", "a64x2", "a32x2", "a32x1",
-                                          "a64x4vf"]),
-    ("llama-3.1-8b", 32, 32768, (16, 16), ["v1", "a128x4", "a32x4"]),
-    ("llama-3.1-8b", 1, 4096, (4, 4), ["v1", "a64x4", "a128x4", "a64x2", "a32x2", "a32x1", "a32x4"]),
-    ("llama-3.1-8b", 1, 4096, (16, 16), ["v1", "a32x4"]),
-    ("gemma-3-12b", 32, 32768, (4, 4), ["v1", "a64x4", "a128x8", "a32x4", "a32x2", "a32x1"]),
-    ("gemma-3-12b", 32, 32768, (16, 16), ["v1", "a32x4"]),
-    ("llama-3.1-8b", 32, 32768, (8, 8), ["v1", "a64x4", "a32x2"]),
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["v1", "mk", "dflt", "a32x1", "a32x2", "a32x4", "a64x4sp32", "a32x4sp32",
+                                        "a32x4sp64", "a32x1sp64"]),
+    ("llama-3.1-8b", 1, 4096, (16, 16), ["mk", "dflt", "a32x4", "a32x4sp32"]),
+    ("gemma-3-12b", 1, 4096, (4, 4), ["mk", "dflt", "a32x2", "a32x4", "a32x4sp32"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["mk", "dflt", "a32x1", "a32x4", "a32x4sp32"]),
+    ("llama-3.1-8b", 1, 32768, (4, 4), ["mk", "dflt", "a32x1", "a32x4"]),
+    ("llama-3.1-8b", 8, 4096, (4, 4), _SMALL),
+    ("llama-3.1-8b", 16, 4096, (4, 4), _SMALL),
+    ("llama-3.1-8b", 4, 16384, (4, 4), _SMALL),
+    ("qwen2.5-0.5b", 64, 4096, (4, 4), _SMALL),
+    ("qwen2.5-7b", 16, 4096, (4, 4), _SMALL),
+    ("gemma-3-12b", 8, 4096, (4, 4), ["mk", "dflt", "a32x2", "a64x2"]),
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["v1", "mk", "dflt", "a32x1st2", "a32x1st4", "a32x1r128",
+                                          "a32x1r128st2", "a32x2", "a64x4"]),
+    ("llama-3.1-8b", 32, 32768, (16, 4), ["mk", "dflt", "a32x1r128", "a32x1st2"]),
+    ("llama-3.1-8b", 32, 32768, (16, 16), ["mk", "dflt", "a128x4"]),
+    ("gemma-3-12b", 32, 32768, (4, 4), ["mk", "dflt", "a32x1", "a32x2"]),
+    ("qwen2.5-0.5b", 64, 16384, (4, 4), ["mk", "dflt", "a32x1r128"]),
 ]
 
 
@@ -414,7 +438,7 @@ def _probe_compile(spec):
     try:
         c = make_cache(2, Hkv, 512, d, kb, vb, "cuda")
         q = torch.randn(2, Hq, d, dtype=torch.float16, device="cuda")
-        decode_attention(q, c, num_splits=2, **PROBE_VARIANTS[name])
+        decode_attention(q, c, **{"num_splits": 2, **PROBE_VARIANTS[name]})
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001
@@ -440,14 +464,17 @@ def probe(args, ceil):
     for model, B, T, (kb, vb), names in PROBE_CASES:
         Hq, Hkv, d = MODELS[model]
         ws = cache_bytes(B, Hkv, T, d, kb, vb)
-        n_sets = max(1, min(16, math.ceil(4 * L2_BYTES / ws)))
-        caches = [make_cache(B, Hkv, T, d, kb, vb, "cuda") for _ in range(n_sets)]
+        n_sets = max(1, min(64, math.ceil(4 * L2_BYTES / ws)))
+        caches = [make_cache(B, Hkv, T, d, kb, vb, "cuda", gen_seed=i) for i in range(n_sets)]
         qs = [torch.randn(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
         outs = [torch.empty(B, Hq, d, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
         wss = [dict() for _ in range(n_sets)]
-        base = ("P0", lambda i: p0(qs[i], caches[i])) if (kb, vb) == (16, 16) else \
-            ("P1", lambda i: p1(qs[i], caches[i]))
-        runs = [base] + [(n, (lambda i, o=PROBE_VARIANTS[n]: decode_attention(qs[i], caches[i], out=outs[i],
+        fp16 = caches if (kb, vb) == (16, 16) else [make_cache(B, Hkv, T, d, 16, 16, "cuda", gen_seed=i)
+                                                     for i in range(min(n_sets, max(1, 4 * n_sets // 14)))]
+        base = [("P0", lambda i: p0(qs[i], fp16[i % len(fp16)]))]
+        if (kb, vb) != (16, 16):
+            base.append(("P1", lambda i: p1(qs[i], caches[i])))
+        runs = base + [(n, (lambda i, o=PROBE_VARIANTS[n]: decode_attention(qs[i], caches[i], out=outs[i],
                                                                              workspace=wss[i], **o))) for n in names]
         line = []
         for name, fn in runs:
@@ -466,7 +493,7 @@ def probe(args, ceil):
                                           pct_read_ceiling=pct, read_GBps=ceil["read_GBps"])) + "\n")
                 out.flush()
         log(f"PROBE {model} B={B} T={T} {kb}/{vb}: " + " | ".join(line))
-        del caches, qs, outs, wss
+        del caches, qs, outs, wss, fp16
         torch.cuda.empty_cache()
     if out:
         out.close()

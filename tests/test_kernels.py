@@ -151,6 +151,30 @@ def test_decode_attention_options(num_splits, gqa_shared):
                     gqa_shared=gqa_shared, block_n=32)
 
 
+@pytest.mark.parametrize("merge", ["fused", "kernel"])
+@pytest.mark.parametrize("G,d,num_splits", [(4, 64, 5), (7, 128, 3), (16, 64, 2), (1, 256, 4)])
+def test_split_merge_fused_and_separate(merge, G, d, num_splits):
+    check_attention(2, G, 2, d, 150, 4, 4, seed=60 + G + num_splits, num_splits=num_splits, block_n=32,
+                    merge=merge)
+
+
+def test_fused_merge_resets_its_counters_across_calls():
+    """A workspace reused across calls (as under CUDA-graph replay) must give the same answer every call: the
+    last program of each head group resets its counter after merging."""
+    cache, g = _make_cache(2, 2, 300, 64, 4, 4, 32, False, seed=71)
+    q = (torch.randn(2, 8, 64, generator=g) * 1.5).half().to(DEV)
+    ws = {}
+    first = decode_attention(q, cache, num_splits=4, block_n=32, workspace=ws).clone()
+    counters = [v for k, v in ws.items() if k[0] == "merge_counter"]
+    assert len(counters) == 1 and int(counters[0].abs().sum()) == 0
+    for _ in range(2):
+        again = decode_attention(q, cache, num_splits=4, block_n=32, workspace=ws)
+        assert torch.equal(again, first)
+    assert int(counters[0].abs().sum()) == 0
+    with pytest.raises(ValueError, match="merge"):
+        decode_attention(q, cache, merge="later")
+
+
 @pytest.mark.parametrize("v_full", [False, True])
 def test_decode_attention_v_layouts(v_full):
     for i, (kb, vb) in enumerate(BIT_PAIRS):

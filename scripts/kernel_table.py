@@ -3,6 +3,9 @@
 Reads validation/data/h200/decode_attention.csv (+ its provenance JSON) and prints, per attention shape, the
 median time of each pipeline at a few (batch, context) points, its speedup over SDPA FP16 (P0) and its achieved
 bandwidth (the bytes the model says the pipeline must move / time) as a share of the measured read ceiling.
+Where validation/data/h200/decode_attention_peer.csv exists (``measure/bench_flashinfer.py``: FlashInfer paged
+decode, FP16 and FP8-e4m3 KV, with its own P0 in the same run), three columns are added: FlashInfer FP16 and FP8
+(speedup vs that run's P0) and the P5 4/4 speedup over FlashInfer FP16 (time of FI FP16 / time of P5 4/4).
 Run: ``python scripts/kernel_table.py``.
 """
 
@@ -16,31 +19,63 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "validation" / "data" / "h200" / "decode_attention.csv"
+PEER = DATA.with_name("decode_attention_peer.csv")
 POINTS = [(1, 4096), (8, 32768), (32, 32768), (16, 131072)]
 COLUMNS = [("P0", 16, 16, "P0 FP16 (SDPA)"), ("P5", 16, 16, "P5 16/16"), ("P5", 8, 8, "P5 8/8"),
            ("P5", 8, 4, "P5 8/4"), ("P5", 4, 4, "P5 4/4"), ("P1", 4, 4, "P1 4/4"), ("P0-expand", 16, 16, "P0-expand")]
+PEER_COLUMNS = [("FI-FP16", "FlashInfer FP16"), ("FI-FP8", "FlashInfer FP8")]
+VS_PEER = "P5 4/4 vs FlashInfer FP16"
 
 
-def main() -> int:
-    d = pd.read_csv(DATA)
+def _read_prov(csv_path: Path) -> dict:
+    p = csv_path.with_suffix(".provenance.json")
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _time(pt: pd.DataFrame, pipe: str, kb: int | None = None, vb: int | None = None) -> float | None:
+    r = pt[pt.pipeline == pipe]
+    if kb is not None:
+        r = r[(r.k_bits == kb) & (r.v_bits == vb)]
+    return float(r.median_s.iloc[0]) if not r.empty else None
+
+
+def render(data: Path = DATA, peer: Path | None = PEER) -> str:
+    """The table as text; the peer columns only where ``peer`` exists."""
+    out: list[str] = []
+    d = pd.read_csv(data)
     d = d[(d["variant"].fillna("default") == "default")]
-    prov = json.loads(DATA.with_suffix(".provenance.json").read_text())
+    prov = json.loads(data.with_suffix(".provenance.json").read_text())
+    p = pd.read_csv(peer) if peer is not None and Path(peer).exists() else None
     ceiling = d["read_ceiling_GBps"].median()
-    print(f"H200 decode attention, one layer; median of CUDA-graph replays; read ceiling {ceiling:.0f} GB/s "
-          f"(measured in the same run). {prov.get('gpu', prov.get('device_name', ''))}, torch {prov.get('torch')}, "
-          f"triton {prov.get('triton')}, {str(prov.get('date', ''))[:10]}.")
-    print("Each cell: time (speedup vs P0, % of read ceiling).\n")
+    out.append(f"H200 decode attention, one layer; median of CUDA-graph replays; read ceiling {ceiling:.0f} GB/s "
+               f"(measured in the same run). {prov.get('gpu', prov.get('device_name', ''))}, torch "
+               f"{prov.get('torch')}, triton {prov.get('triton')}, {str(prov.get('date', ''))[:10]}.")
+    if p is not None:
+        pp = _read_prov(Path(peer))
+        drift = []
+        for model, B, T in {(m, B, T) for m in d.model.unique() for B, T in POINTS}:
+            a = _time(d[(d.model == model) & (d.B == B) & (d["T"] == T)], "P0")
+            b = _time(p[(p.model == model) & (p.B == B) & (p["T"] == T)], "P0")
+            if a and b:
+                drift.append(abs(b / a - 1))
+        same = f"; its P0 is within {100 * max(drift):.0f} % of the P0 column's" if drift else ""
+        out.append(f"FlashInfer {pp.get('flashinfer', '?')} BatchDecodeWithPagedKVCacheWrapper (tensor cores, page 16, "
+                   f"NHD; FP8 = e4m3 K/V with a per-tensor scale) was measured in a separate run "
+                   f"({str(pp.get('date', ''))[:10]}, read ceiling {p['read_ceiling_GBps'].median():.0f} GB/s, "
+                   f"torch {pp.get('torch')}) beside its own P0: its speedups are against that P0{same}. "
+                   f"{VS_PEER}: FlashInfer FP16 time / P5 4/4 time.")
+    out.append("Each cell: time (speedup vs P0, % of read ceiling).\n")
+    cols = [c[3] for c in COLUMNS] + ([c[1] for c in PEER_COLUMNS] + [VS_PEER] if p is not None else [])
     for model, g in d.groupby("model", sort=False):
         r0 = g.iloc[0]
-        print(f"**{model}** (Hq {r0.Hq}, Hkv {r0.Hkv}, d {r0.d})\n")
-        print("| B x T | " + " | ".join(c[3] for c in COLUMNS) + " |")
-        print("|---" * (len(COLUMNS) + 1) + "|")
+        out.append(f"**{model}** (Hq {r0.Hq}, Hkv {r0.Hkv}, d {r0.d})\n")
+        out.append("| B x T | " + " | ".join(cols) + " |")
+        out.append("|---" * (len(cols) + 1) + "|")
         for B, T in POINTS:
             pt = g[(g.B == B) & (g["T"] == T)]
             if pt.empty:
                 continue
-            base = pt[(pt.pipeline == "P0")]
-            t0 = float(base.median_s.iloc[0]) if not base.empty else None
+            t0 = _time(pt, "P0")
             cells = []
             for pipe, kb, vb, _ in COLUMNS:
                 r = pt[(pt.pipeline == pipe) & (pt.k_bits == kb) & (pt.v_bits == vb)]
@@ -53,8 +88,27 @@ def main() -> int:
                 t = float(r.median_s)
                 sp = f"{t0 / t:.2f}x" if t0 else "?"
                 cells.append(f"{t * 1e6:,.0f} us ({sp}, {r.pct_read_ceiling:.0f} %)")
-            print(f"| {B} x {T // 1024}K | " + " | ".join(cells) + " |")
-        print()
+            if p is not None:
+                ppt = p[(p.model == model) & (p.B == B) & (p["T"] == T)]
+                pt0 = _time(ppt, "P0")
+                for pipe, _ in PEER_COLUMNS:
+                    r = ppt[ppt.pipeline == pipe]
+                    if r.empty:
+                        cells.append("-")
+                        continue
+                    r = r.iloc[0]
+                    t = float(r.median_s)
+                    sp = f"{pt0 / t:.2f}x" if pt0 else "?"
+                    cells.append(f"{t * 1e6:,.0f} us ({sp}, {r.pct_read_ceiling:.0f} %)")
+                t_fi, t_p5 = _time(ppt, "FI-FP16"), _time(pt, "P5", 4, 4)
+                cells.append(f"{t_fi / t_p5:.2f}x" if t_fi and t_p5 else "-")
+            out.append(f"| {B} x {T // 1024}K | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    sys.stdout.write(render())
     return 0
 
 

@@ -514,7 +514,18 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: measured.
 KERNEL_VERSION = "v4"
 
-LARGE_WORK = 1 << 20  # token-heads per launch (B · program heads · T) from which the throughput configs are used
+LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
+
+
+def shape_programs_per_sm(k_bits: int, v_bits: int, d: int, block_n: int, num_warps: int) -> int:
+    """Programs of one block shape an SM holds at once (registers of the sm_90 build, ``sass_probe``), which the
+    split rule assumes: (32, 1) 4/4 d ≤ 128 ~168 registers → 12; (32, 1) with a 16-bit part ~190–210 → 9; other
+    shapes 4 (the 4-warp shapes, and (32, 2) at d = 256 with ~223 registers)."""
+    if block_n == 32 and num_warps == 1 and d <= 128 and 16 not in (k_bits, v_bits) and 8 not in (k_bits, v_bits):
+        return 12
+    if block_n == 32 and num_warps == 1 and d <= 128 and 8 not in (k_bits, v_bits):
+        return 9
+    return 4
 
 
 def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T: int) -> dict:
@@ -531,11 +542,9 @@ def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T:
         return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
     if 8 in (k_bits, v_bits) or not large:
         return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
-    if d > 128:
-        return dict(block_n=32, num_warps=2, num_stages=3, programs_per_sm=4)  # ~223 registers: 4 per SM
-    if k_bits == 4 and v_bits == 4:
-        return dict(block_n=32, num_warps=1, num_stages=3, programs_per_sm=12)  # ~168 registers: 12 per SM
-    return dict(block_n=32, num_warps=1, num_stages=3, programs_per_sm=9)  # 16/4, 4/16: ~190-210 registers
+    bn, w = (32, 2) if d > 128 else (32, 1)
+    ppsm = shape_programs_per_sm(k_bits, v_bits, d, bn, w)
+    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm)
 
 
 def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
@@ -602,7 +611,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      num_stages: int | None = None, magic: bool | None = None,
                      sm_scale: float | None = None, out: torch.Tensor | None = None,
                      workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
-                     async_scales: bool | None = None, merge: str = "fused",
+                     async_scales: bool | None = None, merge: str = "kernel",
                      maxnreg: int | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
@@ -611,8 +620,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     ``workspace``: optional dict reused across calls for the split partials and merge counters (avoids an
     allocation and a memset per call; one workspace per stream: its counters must not be shared by concurrent
     launches).
-    ``merge``: "fused" (default) — the last program of each head group to finish merges the splits (one launch);
-    "kernel" — a second merge launch (v3; the ablation).
+    ``merge``: "kernel" (default) — a second launch merges the splits; "fused" — the last program of each head
+    group to finish merges them (one launch; measured 2–30 % slower on the H200, NOTES.md v4, kept as an option).
     ``maxnreg``: register cap per thread passed to the compiler (probe option; spills below ~160 for 4/4).
     """
     if triton is None:
@@ -631,8 +640,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         block_n = cfg["block_n"]
     if num_warps is None:
         num_warps = cfg["num_warps"]
-    else:
-        programs_per_sm = 4
+    if (block_n, num_warps) != (cfg["block_n"], cfg["num_warps"]):
+        programs_per_sm = shape_programs_per_sm(cache.k.bits, cache.v.bits, d, block_n, num_warps)
     if num_stages is None:
         num_stages = cfg["num_stages"]
     if magic is None:

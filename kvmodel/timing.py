@@ -254,13 +254,13 @@ def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64
 
 
 #: Token-heads per launch (B · program heads · T) from which the fused kernel switches to its throughput block
-#: shapes (``kernels.decode_attention.LARGE_WORK``, kernel v3).
-KERNEL_LARGE_WORK = 1 << 20
+#: shapes (``kernels.decode_attention.LARGE_WORK``, kernel v4; v3 used 2^20).
+KERNEL_LARGE_WORK = 1 << 18
 
 
 def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
     """The fused split-K kernel's block shape for one call: the rule of ``kernels.decode_attention.default_config``
-    (kernel v3), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
+    (kernel v4), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
     assumes) and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of the call, so
     a model may use it: the two sides of the threshold are different programs with different per-token costs."""
     kb, vb, d = int(k_bits), int(v_bits), int(head_dim)

@@ -164,11 +164,11 @@ def test_fused_merge_resets_its_counters_across_calls():
     cache, g = _make_cache(2, 2, 300, 64, 4, 4, 32, False, seed=71)
     q = (torch.randn(2, 8, 64, generator=g) * 1.5).half().to(DEV)
     ws = {}
-    first = decode_attention(q, cache, num_splits=4, block_n=32, workspace=ws).clone()
+    first = decode_attention(q, cache, num_splits=4, block_n=32, workspace=ws, merge="fused").clone()
     counters = [v for k, v in ws.items() if k[0] == "merge_counter"]
     assert len(counters) == 1 and int(counters[0].abs().sum()) == 0
     for _ in range(2):
-        again = decode_attention(q, cache, num_splits=4, block_n=32, workspace=ws)
+        again = decode_attention(q, cache, num_splits=4, block_n=32, workspace=ws, merge="fused")
         assert torch.equal(again, first)
     assert int(counters[0].abs().sum()) == 0
     with pytest.raises(ValueError, match="merge"):

@@ -5,8 +5,8 @@
 Times P5 4/4 (and 16/4) with the v3 halves V path and with the token_pair and token_octet V paths at the default
 block shape of each size and the other one, plus P0 (SDPA FP16) as the baseline, by CUDA-graph replays over
 rotated input copies (measure/bench_decode_attention.py's make_cache / time_graph). Opt-in layouts only: no
-default changes. token_octet (per 8 tokens and channel one 32-bit word, byte m = token m | token m+4 << 4) has a
-kernel path but no quantize / append / dequantize support yet: its cache here is random codes, like the bench's.
+default changes. token_octet (per 8 tokens and channel one 32-bit word, byte m = token m | token m+4 << 4) is a
+full quant.py layout (quantize / append / dequantize / P1); here its cache is the bench's random codes re-packed.
 """
 
 from __future__ import annotations
@@ -17,20 +17,11 @@ import math
 
 
 def to_token_octet(qt):
-    """A random-content 4-bit tensor re-laid-out as token_octet (bytes [B, H, ceil(T/8), 4·d]); codes permuted
-    consistently with the kernel's reading (only for timing and the interpreter check below)."""
-    import torch
+    """``qt`` re-packed in the token_octet layout (bytes [B, H, ceil(T/8), 4·d]; codes and scales unchanged).
+    Kept for callers of the probe; it is :func:`kernels.quant.to_token_octet`."""
+    from .quant import to_token_octet as _to_token_octet
 
-    from .quant import QuantizedTensor, unpack_codes
-
-    q = unpack_codes(qt).to(torch.uint8)  # [B, H, T, d]
-    B, H, T, d = q.shape
-    pad = (-T) % 8
-    if pad:
-        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
-    q = q.reshape(B, H, -1, 2, 4, d)  # token 8r + 4e + m
-    data = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 1, 2, 4, 3).reshape(B, H, -1, 4 * d).contiguous()
-    return QuantizedTensor(data, qt.scales, qt.zeros, 4, qt.group, qt.asym, qt.head_dim, "token_octet")
+    return _to_token_octet(qt)
 
 
 CASES = [  # (model, Hq, Hkv, d, B, T, k_bits)

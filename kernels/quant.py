@@ -10,6 +10,12 @@ Format (one tensor, K or V, each with its own bit width):
   ``[B, Hkv, ceil(T_max/2), d]``, one byte per channel of two consecutive tokens: token 2i in the low nibble,
   token 2i+1 in the high nibble, so the P·V contraction over tokens reads packed bytes along its own axis.
   Scales are unchanged (per token and channel group).
+* 4 bits, ``layout="token_octet"`` (opt-in, V only): ``data`` is uint8 ``[B, Hkv, ceil(T_max/8), 4*d]``, one
+  32-bit word per channel of eight consecutive tokens: for octet row r (tokens 8r..8r+7) and channel c, byte
+  ``[r, 4c + m]`` (m = 0..3) holds token 8r+m in its low nibble and token 8r+m+4 in its high nibble, so that one
+  word's low nibbles are the fp16x2 pairs (t0, t1), (t2, t3) and its high nibbles (t4, t5), (t6, t7) of the P·V
+  mma B fragment (kernels/decode_attention.py ``_load_v_octets``). Scales are unchanged; the row capacity is
+  ``8 * ceil(T_max/8)`` tokens (slots past T_max in the last row are padding).
 * For 4 and 8 bits, ``scales`` (and, when asymmetric, ``zeros``) are fp16 ``[B, Hkv, T_max, d/group]``: one per
   group of ``group`` consecutive channels per token per KV head.
 
@@ -42,11 +48,15 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 SUPPORTED_BITS = (4, 8, 16)
 SUPPORTED_GROUPS = (32, 64, 128)
-LAYOUTS = ("channel", "token_pair")  # 4-bit packing: two channels of a token per byte (default) or two tokens
+# 4-bit packing: two channels of a token per byte (default), two tokens of a channel per byte, or eight tokens of
+# a channel per 32-bit word
+LAYOUTS = ("channel", "token_pair", "token_octet")
+TOKENS_PER_ROW = {"channel": 1, "token_pair": 2, "token_octet": 8}  # tokens per row of the 4-bit data
 
 
 def _check_layout(layout: str, bits: int) -> str:
-    """The effective layout: ``token_pair`` applies to 4-bit data only (8/16-bit data is stored as always)."""
+    """The effective layout: ``token_pair`` / ``token_octet`` apply to 4-bit data only (8/16-bit data is stored as
+    always)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return layout if bits == 4 else "channel"
@@ -62,9 +72,27 @@ def _check_bits_group(bits: int, group: int, d: int) -> None:
             raise ValueError(f"head_dim {d} is not a multiple of group {group}")
 
 
-def packed_dim(d: int, bits: int) -> int:
+def packed_dim(d: int, bits: int, layout: str = "channel") -> int:
     """Last-dimension size of the stored data for head_dim ``d``."""
+    if bits == 4 and layout == "token_octet":
+        return 4 * d
+    if bits == 4 and layout == "token_pair":
+        return d
     return d // 2 if bits == 4 else d
+
+
+def data_rows(tokens: int, layout: str = "channel", bits: int = 4) -> int:
+    """Rows of stored data (dim -2) that hold ``tokens`` token slots: ``ceil(tokens / 2)`` for token_pair,
+    ``ceil(tokens / 8)`` for token_octet, ``tokens`` otherwise."""
+    n = TOKENS_PER_ROW[layout] if bits == 4 else 1
+    return -(-tokens // n)
+
+
+def default_v_layout(bits: int, head_dim: int) -> str:
+    """The V layout the fused kernel measured fastest for (H200, 2026-11-29 probe): ``token_octet`` for 4-bit V
+    with head_dim >= 128 (10-20 % faster than ``channel`` at d = 128 / 256), ``channel`` otherwise (d = 64 was
+    ~6 % slower in token_octet; 8/16-bit data has one layout). Not used as a default anywhere yet."""
+    return "token_octet" if bits == 4 and head_dim >= 128 else "channel"
 
 
 @dataclass
@@ -78,18 +106,32 @@ class QuantizedTensor:
     group: int
     asym: bool
     head_dim: int
-    layout: str = "channel"  # "token_pair": 4-bit, two tokens of one channel per byte (see the module docstring)
+    layout: str = "channel"  # "token_pair" / "token_octet": 4-bit, packed along tokens (see the module docstring)
 
     @property
     def token_pair(self) -> bool:
         return self.layout == "token_pair"
 
     @property
+    def token_octet(self) -> bool:
+        return self.layout == "token_octet"
+
+    @property
+    def tokens_per_row(self) -> int:
+        """Tokens per row of ``data`` (dim -2): 1 (channel, 8/16-bit), 2 (token_pair) or 8 (token_octet)."""
+        return TOKENS_PER_ROW[self.layout] if self.bits == 4 else 1
+
+    @property
     def tokens(self) -> int:
-        """Token slots (T_max) along dim -2 (for token_pair data: of the scales, the data has ceil(T_max/2) rows)."""
-        if self.token_pair:
+        """Token slots (T_max) along dim -2 (for data packed along tokens: of the scales, the data has
+        ceil(T_max/2) (token_pair) or ceil(T_max/8) (token_octet) rows)."""
+        if self.tokens_per_row > 1:
             return self.scales.shape[-2]
         return self.data.shape[-2]
+
+    def rows(self, tokens: int) -> int:
+        """Rows of ``data`` holding the first ``tokens`` token slots."""
+        return -(-tokens // self.tokens_per_row)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -163,7 +205,9 @@ def quantize(x: torch.Tensor, bits: int, group: int = 32, asym: bool = False,
     """Quantize ``x [..., d]`` (any float dtype) into the cache format. Torch reference.
 
     ``layout="token_pair"`` (4 bits; needs ``x [..., T, d]``): tokens 2i and 2i+1 of a channel share a byte (low,
-    high nibble); an odd T leaves the last high nibble 0."""
+    high nibble); an odd T leaves the last high nibble 0. ``layout="token_octet"`` (4 bits; ``x [..., T, d]``):
+    tokens 8r..8r+7 of channel c share the word ``[r, 4c:4c+4]`` (byte m: token 8r+m low, 8r+m+4 high nibble);
+    T not a multiple of 8 leaves the last row's nibbles of the missing tokens 0."""
     layout = _check_layout(layout, bits)
     if not torch.is_floating_point(x):
         raise ValueError(f"x must be a floating tensor, got {x.dtype}")
@@ -194,26 +238,64 @@ def quantize(x: torch.Tensor, bits: int, group: int = 32, asym: bool = False,
         q = _round_half_up(y).clamp(-qmax, qmax) + 2 ** (bits - 1)
         zeros = None
     q = q.reshape(*x.shape[:-1], d).to(torch.uint8)
-    if bits == 4 and layout == "token_pair":
+    if bits == 4 and layout != "channel":
         if q.dim() < 2:
-            raise ValueError("token_pair layout needs x [..., T, d]")
-        if q.shape[-2] % 2:
-            q = torch.nn.functional.pad(q, (0, 0, 0, 1))
-        q = q[..., 0::2, :] | (q[..., 1::2, :] << 4)
+            raise ValueError(f"{layout} layout needs x [..., T, d]")
+        q = _pack_octets(q) if layout == "token_octet" else _pack_pairs(q)
     elif bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
     return QuantizedTensor(q.contiguous(), scale16.contiguous(), zeros, bits, group, asym, d, layout)
 
 
-def to_token_pair(qt: QuantizedTensor) -> QuantizedTensor:
-    """The same 4-bit tensor re-packed in the ``token_pair`` layout (codes and scales unchanged)."""
-    if qt.bits != 4 or qt.token_pair:
-        return qt
-    q = unpack_codes(qt).to(torch.uint8)  # [..., T, d]
+def _pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``[..., T, d]`` (uint8) → token_pair bytes ``[..., ceil(T/2), d]``."""
     if q.shape[-2] % 2:
         q = torch.nn.functional.pad(q, (0, 0, 0, 1))
-    data = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).contiguous()
-    return QuantizedTensor(data, qt.scales, qt.zeros, qt.bits, qt.group, qt.asym, qt.head_dim, "token_pair")
+    return q[..., 0::2, :] | (q[..., 1::2, :] << 4)
+
+
+def _pack_octets(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``[..., T, d]`` (uint8) → token_octet bytes ``[..., ceil(T/8), 4·d]``: byte ``[r, 4c + m]`` =
+    token 8r+m (low nibble) | token 8r+m+4 (high nibble) of channel c; missing tokens of the last row are 0."""
+    T, d = q.shape[-2:]
+    pad = (-T) % 8
+    if pad:
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+    q = q.reshape(*q.shape[:-2], -1, 2, 4, d)  # [..., r, e, m, c]: token 8r + 4e + m
+    w = q[..., 0, :, :] | (q[..., 1, :, :] << 4)  # [..., r, m, c]
+    return w.transpose(-1, -2).reshape(*w.shape[:-2], 4 * d)  # [..., r, 4c + m]
+
+
+def _repack(qt: QuantizedTensor, layout: str) -> QuantizedTensor:
+    if qt.bits != 4 or qt.layout == layout:
+        return qt
+    q = unpack_codes(qt).to(torch.uint8)  # [..., T, d]
+    if layout == "token_octet":
+        data = _pack_octets(q)
+    elif layout == "token_pair":
+        data = _pack_pairs(q)
+    else:
+        data = q[..., 0::2] | (q[..., 1::2] << 4)
+    return QuantizedTensor(data.contiguous(), qt.scales, qt.zeros, qt.bits, qt.group, qt.asym, qt.head_dim, layout)
+
+
+def to_token_pair(qt: QuantizedTensor) -> QuantizedTensor:
+    """The same 4-bit tensor re-packed in the ``token_pair`` layout (codes and scales unchanged)."""
+    return _repack(qt, "token_pair")
+
+
+def to_token_octet(qt: QuantizedTensor) -> QuantizedTensor:
+    """The same 4-bit tensor re-packed in the ``token_octet`` layout (codes and scales unchanged; data
+    ``[..., ceil(T_max/8), 4·d]``). 8/16-bit tensors are returned as they are."""
+    return _repack(qt, "token_octet")
+
+
+def to_layout(qt: QuantizedTensor, layout: str) -> QuantizedTensor:
+    """The same tensor re-packed in ``layout`` (one of :data:`LAYOUTS`; 8/16-bit tensors are returned as they
+    are)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return _repack(qt, layout)
 
 
 def unpack_codes(qt: QuantizedTensor) -> torch.Tensor:
@@ -221,6 +303,11 @@ def unpack_codes(qt: QuantizedTensor) -> torch.Tensor:
     if qt.bits == 16:
         raise ValueError("16-bit data has no codes")
     q = qt.data.to(torch.int32)
+    if qt.bits == 4 and qt.token_octet:
+        w = q.reshape(*q.shape[:-1], qt.head_dim, 4).transpose(-1, -2)  # [..., r, m, c]
+        q = torch.stack([w & 0xF, w >> 4], dim=-3)  # [..., r, e, m, c]: token 8r + 4e + m
+        q = q.reshape(*q.shape[:-4], 8 * q.shape[-4], qt.head_dim)
+        return q[..., : qt.tokens, :]
     if qt.bits == 4 and qt.token_pair:
         q = torch.stack([q & 0xF, q >> 4], dim=-2).reshape(*q.shape[:-2], 2 * q.shape[-2], qt.head_dim)
         return q[..., : qt.tokens, :]
@@ -234,8 +321,7 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float16, length: 
     if qt.bits == 16:
         out = qt.data if length is None else qt.data[..., :length, :]
         return out.to(dtype)
-    rows = length if length is None or not qt.token_pair else -(-length // 2)
-    data = qt.data if length is None else qt.data[..., :rows, :]
+    data = qt.data if length is None else qt.data[..., : qt.rows(length), :]
     scales = qt.scales if length is None else qt.scales[..., :length, :]
     sub = QuantizedTensor(data, scales, None, qt.bits, qt.group, qt.asym, qt.head_dim, qt.layout)
     q = unpack_codes(sub).float()
@@ -259,10 +345,8 @@ def empty_quantized(shape_prefix: tuple[int, ...], d: int, bits: int, group: int
     if bits == 16:
         return QuantizedTensor(torch.empty(*shape_prefix, d, dtype=torch.float16, device=device), None, None,
                                16, group, asym, d)
-    if layout == "token_pair":
-        data = torch.empty(*shape_prefix[:-1], -(-shape_prefix[-1] // 2), d, dtype=torch.uint8, device=device)
-    else:
-        data = torch.empty(*shape_prefix, packed_dim(d, bits), dtype=torch.uint8, device=device)
+    rows = data_rows(shape_prefix[-1], layout, bits)  # token_octet: ceil(T_max/8) rows, 8·rows >= T_max slots
+    data = torch.empty(*shape_prefix[:-1], rows, packed_dim(d, bits, layout), dtype=torch.uint8, device=device)
     scales = torch.empty(*shape_prefix, d // group, dtype=torch.float16, device=device)
     zeros = torch.empty_like(scales) if asym else None
     return QuantizedTensor(data, scales, zeros, bits, group, asym, d, layout)
@@ -270,8 +354,9 @@ def empty_quantized(shape_prefix: tuple[int, ...], d: int, bits: int, group: int
 
 def empty_cache(B: int, Hkv: int, max_tokens: int, d: int, k_bits: int, v_bits: int, group: int = 32,
                 asym: bool = False, device: torch.device | str = "cpu", v_layout: str = "channel") -> QuantizedKVCache:
-    """A preallocated, empty (length 0) cache of ``max_tokens`` slots (``v_layout="token_pair"``: 4-bit V packed
-    two tokens per byte, the v4 candidate layout)."""
+    """A preallocated, empty (length 0) cache of ``max_tokens`` slots (``v_layout="token_pair"`` /
+    ``"token_octet"``: 4-bit V packed two tokens per byte / eight tokens per 32-bit word, the v4 candidate
+    layouts; :func:`default_v_layout` says which one the kernel measured fastest)."""
     k = empty_quantized((B, Hkv, max_tokens), d, k_bits, group, asym, device)
     v = empty_quantized((B, Hkv, max_tokens), d, v_bits, group, asym, device, v_layout)
     return QuantizedKVCache(k, v, 0)
@@ -325,10 +410,16 @@ def append_kv_reference(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: tor
     p = _check_append(cache, k_new, v_new, pos)
     for qt, x in ((cache.k, k_new), (cache.v, v_new)):
         new = quantize(x, qt.bits, qt.group, qt.asym)
-        codes = unpack_codes(new).to(torch.uint8) if qt.token_pair else None  # [B, Hkv, d]
+        packed = qt.bits == 4 and qt.layout != "channel"
+        codes = unpack_codes(new).to(torch.uint8) if packed else None  # [B, Hkv, d]
         for b in range(cache.batch):
             t = int(p[b])
-            if qt.token_pair:  # nibble read-modify-write: even token low nibble, odd token high nibble
+            if qt.bits == 4 and qt.token_octet:  # nibble RMW of byte t % 4 of each channel's word in row t // 8
+                old = qt.data[b, :, t // 8, t % 4::4]  # [Hkv, d]
+                hi = t % 8 >= 4
+                qt.data[b, :, t // 8, t % 4::4] = (old & 0x0F) | (codes[b] << 4) if hi else (old & 0xF0) | codes[b]
+                continue
+            if packed:  # token_pair nibble read-modify-write: even token low nibble, odd token high nibble
                 old = qt.data[b, :, t // 2]
                 qt.data[b, :, t // 2] = (old & 0xF0) | codes[b] if t % 2 == 0 else (old & 0x0F) | (codes[b] << 4)
                 continue
@@ -363,9 +454,11 @@ if triton is not None:
     @triton.jit
     def _append_one(x_ptr, d_ptr, s_ptr, z_ptr, d_off, s_off, t,
                     D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
-                    TP: tl.constexpr = False):
+                    TP: tl.constexpr = False, TO: tl.constexpr = False):
         """Quantize one token. TP (4-bit token_pair layout): d_off is the start of the pair row t // 2, and the
-        codes go into its low (t even) or high (t odd) nibbles by a read-modify-write of the row's d bytes."""
+        codes go into its low (t even) or high (t odd) nibbles by a read-modify-write of the row's d bytes.
+        TO (4-bit token_octet layout): d_off is the start of the octet row t // 8; channel c's code goes into
+        byte 4c + t % 4, low nibble for t % 8 < 4, high nibble otherwise (read-modify-write of d bytes)."""
         if BITS == 16:
             offs = tl.arange(0, D)
             tl.store(d_ptr + d_off + offs, tl.load(x_ptr + offs))
@@ -392,7 +485,14 @@ if triton is not None:
             s = s16.to(tl.float32)
             qe = _quant_group_codes(xe, s, z, BITS, ASYM).to(tl.uint8)
             qo = _quant_group_codes(xo, s, z, BITS, ASYM).to(tl.uint8)
-            if TP:
+            if TO:
+                pe = d_ptr + d_off + 4 * (g * GROUP + 2 * j) + t % 4  # channel 2j (even) of each group
+                hi = (t % 8) >= 4
+                sh = hi.to(tl.uint8) * 4
+                keep = tl.where(hi, 0x0F, 0xF0).to(tl.uint8)  # the other token's nibble
+                tl.store(pe, (tl.load(pe) & keep) | (qe << sh))
+                tl.store(pe + 4, (tl.load(pe + 4) & keep) | (qo << sh))
+            elif TP:
                 pe = d_ptr + d_off + g * GROUP + 2 * j
                 sh = (t % 2).to(tl.uint8) * 4
                 keep = tl.where(t % 2 == 0, 0xF0, 0x0F).to(tl.uint8)  # the other token's nibble
@@ -412,19 +512,19 @@ if triton is not None:
                        svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
                        D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                        GROUP: tl.constexpr, ASYM: tl.constexpr, K_TP: tl.constexpr = False,
-                       V_TP: tl.constexpr = False):
+                       V_TP: tl.constexpr = False, K_TO: tl.constexpr = False, V_TO: tl.constexpr = False):
         b = tl.program_id(0)
         h = tl.program_id(1)
         t = tl.load(Pos + b).to(tl.int64)
         b64 = b.to(tl.int64)
         h64 = h.to(tl.int64)
         src = b64 * stride_nb + h64 * stride_nh
-        tk = t // 2 if K_TP else t
-        tv = t // 2 if V_TP else t
+        tk = t // 8 if K_TO else (t // 2 if K_TP else t)
+        tv = t // 8 if V_TO else (t // 2 if V_TP else t)
         _append_one(K_new + src, KD, KS, KZ, b64 * skd_b + h64 * skd_h + tk * skd_t,
-                    b64 * sks_b + h64 * sks_h + t * sks_t, t, D, K_BITS, GROUP, ASYM, K_TP)
+                    b64 * sks_b + h64 * sks_h + t * sks_t, t, D, K_BITS, GROUP, ASYM, K_TP, K_TO)
         _append_one(V_new + src, VD, VS, VZ, b64 * svd_b + h64 * svd_h + tv * svd_t,
-                    b64 * svs_b + h64 * svs_h + t * svs_t, t, D, V_BITS, GROUP, ASYM, V_TP)
+                    b64 * svs_b + h64 * svs_h + t * svs_t, t, D, V_BITS, GROUP, ASYM, V_TP, V_TO)
 
 
 def _meta_strides(qt: QuantizedTensor) -> tuple[int, int, int]:
@@ -458,7 +558,8 @@ def append_kv(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: torch.Tensor,
         *k.data.stride()[:3], *_meta_strides(k),
         *v.data.stride()[:3], *_meta_strides(v),
         D=cache.head_dim, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
-        K_TP=k.token_pair, V_TP=v.token_pair, num_warps=1,
+        K_TP=k.bits == 4 and k.token_pair, V_TP=v.bits == 4 and v.token_pair,
+        K_TO=k.bits == 4 and k.token_octet, V_TO=v.bits == 4 and v.token_octet, num_warps=1,
     )
 
 
@@ -468,7 +569,7 @@ if triton is not None:
     @triton.jit
     def _dequant_kernel(D_ptr, S_ptr, Z_ptr, Out, T, s_dh, s_dt, s_sh, s_st, s_oh, s_ot,
                         D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
-                        BLOCK_T: tl.constexpr, TP: tl.constexpr = False):
+                        BLOCK_T: tl.constexpr, TP: tl.constexpr = False, TO: tl.constexpr = False):
         bh = tl.program_id(0).to(tl.int64)  # flattened (batch, head)
         t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         tm = (t < T)[:, None, None]
@@ -478,7 +579,15 @@ if triton is not None:
         s = tl.load(S_ptr + bh * s_sh + t3 * s_st + gh, mask=tm, other=0.0).to(tl.float32)
         if ASYM:
             z = tl.load(Z_ptr + bh * s_sh + t3 * s_st + gh, mask=tm, other=0.0).to(tl.float32)
-        if TP:  # token_pair: byte (t // 2, channel) holds token t in its low (t even) or high (t odd) nibble
+        if TO:  # token_octet: byte (t // 8, 4·channel + t % 4) holds token t, low nibble for t % 8 < 4, else high
+            w = tl.arange(0, GROUP)[None, None, :]
+            b = tl.load(D_ptr + bh * s_dh + (t3 // 8) * s_dt + 4 * (gh * GROUP + w) + t3 % 4, mask=tm, other=0)
+            c = ((b >> (((t3 % 8) // 4) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
+            if ASYM:
+                x = c * s + z
+            else:
+                x = (c - 8.0) * s
+        elif TP:  # token_pair: byte (t // 2, channel) holds token t in its low (t even) or high (t odd) nibble
             w = tl.arange(0, GROUP)[None, None, :]
             b = tl.load(D_ptr + bh * s_dh + (t3 // 2) * s_dt + gh * GROUP + w, mask=tm, other=0)
             c = ((b >> ((t3 % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
@@ -514,7 +623,7 @@ def dequantize_fp16(qt: QuantizedTensor, length: int | None = None, out: torch.T
     """Dequantize the first ``length`` tokens of a ``[B, H, T_max, *]`` cache tensor into a new (or given)
     contiguous fp16 buffer ``[B, H, length, d]`` with one Triton kernel (reads the codes once, writes fp16 once).
     16-bit data is returned as a view (no copy). Off a GPU it falls back to :func:`dequantize`."""
-    T = qt.data.shape[2] if length is None else length
+    T = qt.tokens if length is None else length
     if qt.bits == 16:
         return qt.data[:, :, :T]
     if triton is None or (qt.data.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"):
@@ -529,6 +638,7 @@ def dequantize_fp16(qt: QuantizedTensor, length: int | None = None, out: torch.T
     _dequant_kernel[(B * H, triton.cdiv(T, block_t))](
         qt.data, qt.scales, qt.zeros if qt.zeros is not None else qt.scales, out, T,
         qt.data.stride(1), qt.data.stride(2), qt.scales.stride(1), qt.scales.stride(2), out.stride(1), out.stride(2),
-        D=d, BITS=qt.bits, GROUP=qt.group, ASYM=qt.asym, BLOCK_T=block_t, TP=qt.token_pair, num_warps=4,
+        D=d, BITS=qt.bits, GROUP=qt.group, ASYM=qt.asym, BLOCK_T=block_t, TP=qt.bits == 4 and qt.token_pair,
+        TO=qt.bits == 4 and qt.token_octet, num_warps=4,
     )
     return out

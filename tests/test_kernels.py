@@ -47,28 +47,43 @@ ABS_FLOOR = 2e-3
 def _make_cache(B, Hkv, T, d, kb, vb, group, asym, seed, slack=5, v_layout="channel"):
     """Random K/V (fresh per seed; scaled, with an outlier channel) quantized into a cache with ``slack``
     poisoned slots past T (NaN for fp16 data, random bytes otherwise): the kernel must never read them. With
-    ``v_layout="token_pair"`` (4-bit V) the pair rows past T and, for odd T, the high nibbles of the last valid
-    row are poisoned."""
+    ``v_layout="token_pair"`` / ``"token_octet"`` (4-bit V) the rows past T and, in a partially filled last row,
+    the nibbles of the tokens >= T are poisoned (:func:`_poison_tail`)."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(B, Hkv, T, d, generator=g) * (0.5 + torch.rand(1, generator=g).item())
     v = torch.randn(B, Hkv, T, d, generator=g)
     k[..., seed % d] *= 4.0  # an outlier channel, as real keys have
     cache = quantize_kv(k.half(), v.half(), kb, vb, group, asym, max_tokens=T + slack, v_layout=v_layout)
     for qt in (cache.k, cache.v):
-        tail = qt.data[:, :, T:]
-        if qt.token_pair:
-            tail = qt.data[:, :, (T + 1) // 2:]
-            if T % 2:
-                last = qt.data[:, :, T // 2]
-                last.copy_((last & 0x0F) | (torch.randint(0, 16, last.shape, generator=g, dtype=torch.uint8) << 4))
-        if qt.bits == 16:
-            tail.fill_(float("nan"))
-        else:
-            tail.copy_(torch.randint(0, 256, tail.shape, generator=g, dtype=torch.uint8))
-            qt.scales[:, :, T:] = float("nan")
-            if qt.zeros is not None:
-                qt.zeros[:, :, T:] = float("nan")
+        _poison_tail(qt, T, g)
     return _to(cache, DEV), g
+
+
+def _poison_tail(qt, T, g):
+    """Poison every slot of ``qt`` (on the CPU) from token T on: NaN fp16 data, random code bytes, NaN scales and
+    zeros. Data packed along tokens: the rows past the one holding token T - 1 and, in a partially filled last
+    row, the nibbles of the tokens >= T (token_pair: the high nibble for odd T; token_octet: for token t of the
+    last row, nibble (t % 8) // 4 of byte 4c + t % 4)."""
+    tail = qt.data[:, :, T:]
+    if qt.token_pair:
+        tail = qt.data[:, :, (T + 1) // 2:]
+        if T % 2:
+            last = qt.data[:, :, T // 2]
+            last.copy_((last & 0x0F) | (torch.randint(0, 16, last.shape, generator=g, dtype=torch.uint8) << 4))
+    elif qt.token_octet:
+        tail = qt.data[:, :, -(-T // 8):]
+        for t in range(T, -(-T // 8) * 8):
+            word = qt.data[:, :, T // 8, t % 4::4]  # byte t % 4 of every channel's word (a strided view)
+            hi = t % 8 >= 4
+            rnd = torch.randint(0, 16, word.shape, generator=g, dtype=torch.uint8)
+            word.copy_((word & 0x0F) | (rnd << 4) if hi else (word & 0xF0) | rnd)
+    if qt.bits == 16:
+        tail.fill_(float("nan"))
+    else:
+        tail.copy_(torch.randint(0, 256, tail.shape, generator=g, dtype=torch.uint8))
+        qt.scales[:, :, T:] = float("nan")
+        if qt.zeros is not None:
+            qt.zeros[:, :, T:] = float("nan")
 
 
 def _to(cache, device):
@@ -377,6 +392,161 @@ def test_token_pair_append_then_attend(kb, asym):
     q = torch.randn(B, 4, d, generator=g).half().to(DEV)
     chan = _to(quantize_kv(k, v, kb, 4, 32, asym), DEV)
     assert torch.allclose(decode_attention(q, full).float(), decode_attention(q, chan).float(), atol=1e-3)
+
+
+# ----------------------------------------------------------------------- token_octet 4-bit V (v4 candidate)
+def _assert_pass_rule(q, cache, out):
+    """check_attention's rule for an output computed elsewhere: no NaN, max |out - ref| <= 2 x P1's + floor."""
+    ref = decode_attention_reference(q, cache)
+    assert not torch.isnan(out).any(), "unwritten or NaN output"
+    err = (out.float() - ref).abs().max().item()
+    base = _p1_reference_error(q, cache, ref)
+    assert err <= 2.0 * base + ABS_FLOOR, f"err {err:.3e} > tol {2.0 * base + ABS_FLOOR:.3e} (P1 err {base:.3e})"
+
+
+def test_token_octet_layout_roundtrip_and_p1():
+    """token_octet stores the same codes as the channel layout: quantize(layout=) and to_token_octet give the same
+    bytes, dequantize agrees bit for bit (whole and over prefixes of any length), the byte/nibble positions are
+    the kernel's (_load_v_octets), the P1 path (Triton dequantize_fp16) reads it, and 8/16-bit data ignore it."""
+    from kvmodel.kernels import dequantize_fp16
+    from kvmodel.kernels.probe_v4 import to_token_octet as probe_to_token_octet
+    from kvmodel.kernels.quant import (
+        default_v_layout,
+        empty_quantized,
+        to_layout,
+        to_token_octet,
+        to_token_pair,
+        unpack_codes,
+    )
+
+    g = torch.Generator().manual_seed(8)
+    for T, asym, d in ((1, False, 64), (7, True, 128), (9, False, 64), (20, True, 256)):
+        x = torch.randn(2, 3, T, d, generator=g).half()
+        a = quantize(x, 4, 32, asym)
+        b = quantize(x, 4, 32, asym, layout="token_octet")
+        rows = -(-T // 8)
+        assert b.data.shape == (2, 3, rows, 4 * d) and b.tokens == T and b.shape == a.shape and b.token_octet
+        assert torch.equal(to_token_octet(a).data, b.data) and torch.equal(probe_to_token_octet(a).data, b.data)
+        assert torch.equal(to_token_octet(to_token_pair(a)).data, b.data)
+        assert torch.equal(to_layout(b, "channel").data, a.data)  # and back
+        assert torch.equal(unpack_codes(b), unpack_codes(a))
+        assert torch.equal(dequantize(a), dequantize(b))
+        # the layout spelled out: byte [r, 4c + m] = token 8r+m (low nibble) | token 8r+m+4 (high nibble)
+        ca = torch.nn.functional.pad(unpack_codes(a), (0, 0, 0, 8 * rows - T))
+        r, c, m = rows - 1, d - 3, T % 4
+        assert torch.equal(b.data[:, :, r, 4 * c + m].int(), ca[:, :, 8 * r + m, c] | (ca[:, :, 8 * r + m + 4, c] << 4))
+        for n in {1, max(1, T - 2), T}:
+            assert torch.equal(dequantize(a, length=n), dequantize(b, length=n))
+        for t in (b.data, b.scales) + ((b.zeros,) if asym else ()):
+            t.data = t.data.to(DEV)
+        for n in {1, max(1, T - 2), T}:
+            assert torch.equal(dequantize_fp16(b, n).cpu(), dequantize(a, torch.float16, n))
+        assert torch.equal(dequantize_fp16(b).cpu(), dequantize(a, torch.float16))  # length None: all T tokens
+    assert quantize(torch.randn(4, 64), 8, 32, layout="token_octet").layout == "channel"
+    e = empty_quantized((2, 1, 13), 128, 4, 32, False, layout="token_octet")
+    assert e.data.shape == (2, 1, 2, 512) and e.scales.shape == (2, 1, 13, 4) and e.tokens == 13
+    c = empty_cache(1, 2, 17, 64, 4, 4, v_layout="token_octet")
+    assert c.v.data.shape == (1, 2, 3, 256) and c.max_tokens == 17 and c.k.layout == "channel"
+    assert empty_cache(1, 2, 17, 64, 4, 8, v_layout="token_octet").v.layout == "channel"
+    assert quantize_kv(torch.randn(1, 1, 5, 64).half(), torch.randn(1, 1, 5, 64).half(), 4, 4, max_tokens=12,
+                       v_layout="token_octet").v.data.shape == (1, 1, 2, 256)
+    assert [default_v_layout(b, d) for b, d in ((4, 64), (4, 128), (4, 256), (8, 128), (16, 256))] == [
+        "channel", "token_octet", "token_octet", "channel", "channel"]
+    # P1 on an octet cache (poisoned past T) equals P1 on the same codes in the channel layout, and P5 agrees
+    for T, asym in ((29, False), (70, True)):
+        cache, g = _make_cache(2, 2, T, 64, 4, 4, 32, asym, seed=130 + T, v_layout="token_octet")
+        chan = type(cache)(cache.k, to_layout(cache.v, "channel"), cache.length)
+        q = torch.randn(2, 8, 64, generator=g).half().to(DEV)
+        p1 = run_pipeline("P1", q, cache)
+        assert torch.equal(p1, run_pipeline("P1", q, chan))
+        assert (p1.float() - run_pipeline_reference("P1", q, cache)).abs().max().item() < 5e-3
+        assert torch.allclose(run_pipeline("P5", q, cache).float(), run_pipeline("P5", q, chan).float(), atol=2e-3)
+
+
+@pytest.mark.parametrize("T,d,kb,asym", [(1, 64, 4, False), (7, 128, 16, True), (9, 64, 4, True),
+                                         (65, 64, 8, False)])
+def test_token_octet_append_then_attend(T, d, kb, asym):
+    """Prefill the first T0 tokens, poison every slot past T0 (incl. the other nibbles of the last octet row),
+    then append tokens T0..T-1 (Triton kernel and torch reference): the nibble read-modify-write writes exactly
+    the appended tokens' nibbles, and the cache attends like the channel layout within check_attention's rule."""
+    from kvmodel.kernels.quant import _pack_octets, unpack_codes
+
+    g = torch.Generator().manual_seed(140 + T)
+    B, Hkv, G, group = 2, 2, 4, 32
+    steps = min(T, 5)  # 5 appends cross a nibble (t % 8 = 3 → 4) or an octet row boundary for T = 7, 9, 65
+    T0, cap = T - steps, 8 * (-(-(T + 5) // 8))
+    k = torch.randn(B, Hkv, T, d, generator=g).half()
+    v = torch.randn(B, Hkv, T, d, generator=g).half()
+    pre = quantize_kv(k[:, :, :T0], v[:, :, :T0], kb, 4, group, asym, max_tokens=cap, v_layout="token_octet")
+    for qt in (pre.k, pre.v):
+        _poison_tail(qt, T0, g)
+    chan = _to(quantize_kv(k, v, kb, 4, group, asym), DEV)  # all T tokens at once, channel layout
+    codes = unpack_codes(pre.v)
+    codes[:, :, T0:T] = unpack_codes(chan.v).cpu()[:, :, T0:T]
+    want = _pack_octets(codes.to(torch.uint8))  # the poisoned bytes, with only tokens T0..T-1 rewritten
+    inc = _to(pre, DEV)
+    ref = _to(quantize_kv(k[:, :, :1], v[:, :, :1], kb, 4, group, asym, max_tokens=cap, v_layout="token_octet"),
+              "cpu")
+    for qt, src in ((ref.k, inc.k), (ref.v, inc.v)):
+        qt.data = src.data.clone()
+        qt.scales = None if src.scales is None else src.scales.clone()
+        qt.zeros = None if src.zeros is None else src.zeros.clone()
+    ref = _to(ref, DEV)
+    for t in range(T0, T):
+        kt, vt = k[:, :, t].contiguous().to(DEV), v[:, :, t].contiguous().to(DEV)
+        append_kv(inc, kt, vt, t)
+        append_kv_reference(ref, kt, vt, t)
+    for c in (inc, ref):
+        c.length = T
+        assert torch.equal(c.v.data.cpu(), want)
+        assert torch.equal(c.v.scales[:, :, :T], chan.v.scales)
+        assert torch.equal(c.k.data[:, :, :T], chan.k.data)
+        if asym:
+            assert torch.equal(c.v.zeros[:, :, :T], chan.v.zeros)
+        assert torch.isnan(c.v.scales[:, :, T:]).all()
+    q = (torch.randn(B, G * Hkv, d, generator=g) * 1.5).half().to(DEV)
+    for opts in ({"block_n": 32, "num_warps": 1}, {"block_n": 64, "num_splits": 2}):
+        out = decode_attention(q, inc, **opts)
+        _assert_pass_rule(q, inc, out)
+        assert torch.allclose(out.float(), decode_attention(q, chan, **opts).float(), atol=2e-3), opts
+
+
+def test_token_octet_append_matches_reference_mixed_positions():
+    """Per-batch positions in every nibble slot of an octet word (t % 8 = 0..7) and in two rows, one step each,
+    over random bytes: the Triton RMW equals the torch reference byte for byte (and leaves other tokens alone)."""
+    g = torch.Generator().manual_seed(150)
+    B, Hkv, d, Tm = 4, 2, 64, 16
+    c1 = empty_cache(B, Hkv, Tm, d, 8, 4, 32, True, device=DEV, v_layout="token_octet")
+    c1.v.data.copy_(torch.randint(0, 256, c1.v.data.shape, generator=g, dtype=torch.uint8))
+    for t in (c1.k.data, c1.k.scales, c1.k.zeros, c1.v.scales, c1.v.zeros):
+        t.zero_()
+    c2 = type(c1)(*(type(qt)(qt.data.clone(), qt.scales.clone(), qt.zeros.clone(), qt.bits, qt.group, qt.asym,
+                             qt.head_dim, qt.layout) for qt in (c1.k, c1.v)), 0)
+    before = c1.v.data.clone()
+    for pos in ([0, 5, 11, 14], [3, 4, 8, 15], [1, 6, 10, 13], [2, 7, 9, 12]):
+        k, v = (torch.randn(B, Hkv, d, generator=g).half().to(DEV) for _ in range(2))
+        append_kv(c1, k, v, torch.tensor(pos))
+        append_kv_reference(c2, k, v, torch.tensor(pos))
+        assert torch.equal(c1.v.data, c2.v.data) and torch.equal(c1.v.scales, c2.v.scales)
+        assert torch.equal(c1.v.zeros, c2.v.zeros) and torch.equal(c1.k.data, c2.k.data)
+    # tokens never appended in batch 0 (all but 0, 3, 1, 2) kept their random nibbles
+    from kvmodel.kernels.quant import unpack_codes
+
+    was = unpack_codes(type(c1.v)(before, c1.v.scales, None, 4, 32, True, d, "token_octet"))
+    now = unpack_codes(c1.v)
+    assert torch.equal(now[0, :, 4:], was[0, :, 4:]) and not torch.equal(now[0, :, :4], was[0, :, :4])
+
+
+@pytest.mark.parametrize("block_n,num_warps", [(32, 1), (64, 4)])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_decode_attention_token_octet_v(block_n, num_warps, d):
+    """The fused kernel on a quantize_kv-built, tail-poisoned token_octet V cache, G in {1, 4, 7}, T not a multiple
+    of 8 (the partially filled last octet row), asym, 16-bit K, splits and no GQA sharing."""
+    cases = [(1, 1, 9, 4, 32, False, {}), (1, 4, 37 if d < 256 else 13, 16, 64, True, {"num_splits": 2}),
+             (2 if d == 64 else 1, 7, 70 if d == 64 else 23, 4, 32, d == 128, {"gqa_shared": d != 256})]
+    for i, (B, G, T, kb, group, asym, opts) in enumerate(cases):
+        check_attention(B, G, 1, d, T, kb, 4, group, asym, seed=160 + i + d + block_n, v_layout="token_octet",
+                        block_n=block_n, num_warps=num_warps, **opts)
 
 
 # ------------------------------------------------------------------------------------------- quantization

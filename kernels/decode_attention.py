@@ -701,11 +701,11 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         async_scales = contiguous
     elif async_scales and not contiguous:
         raise ValueError("async_scales needs scales contiguous along tokens (stride(2) == head_dim / group)")
-    vtp = 2 if v.layout == "token_octet" else int(v.token_pair)  # token_octet: experiment, see probe_v4.py
+    vtp = 2 if v.layout == "token_octet" else int(v.token_pair)  # V layout (kernels.quant.default_v_layout)
     if k.layout != "channel":
-        raise ValueError("the token_pair layout is supported for V only")
-    if vtp and (block_n < 32 or block_n % 2):
-        raise ValueError("a token_pair V cache needs block_n >= 32")
+        raise ValueError(f"the {k.layout} layout is supported for V only")
+    if vtp and (block_n < 32 or block_n % 8):
+        raise ValueError(f"a {v.layout} V cache needs block_n >= 32 (a multiple of 8)")
     merge_sb = min(16, triton.next_power_of_2(num_splits))
     merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step
     grid = (num_splits, prog_heads, B)

@@ -91,7 +91,8 @@ def data_rows(tokens: int, layout: str = "channel", bits: int = 4) -> int:
 def default_v_layout(bits: int, head_dim: int) -> str:
     """The V layout the fused kernel measured fastest for (H200, 2026-11-29 probe): ``token_octet`` for 4-bit V
     with head_dim >= 128 (10-20 % faster than ``channel`` at d = 128 / 256), ``channel`` otherwise (d = 64 was
-    ~6 % slower in token_octet; 8/16-bit data has one layout). Not used as a default anywhere yet."""
+    ~6 % slower in token_octet; 8/16-bit data has one layout). What ``v_layout="auto"`` (the default of
+    :func:`empty_cache` and :func:`quantize_kv`) means; kernel v4."""
     return "token_octet" if bits == 4 and head_dim >= 128 else "channel"
 
 
@@ -353,20 +354,25 @@ def empty_quantized(shape_prefix: tuple[int, ...], d: int, bits: int, group: int
 
 
 def empty_cache(B: int, Hkv: int, max_tokens: int, d: int, k_bits: int, v_bits: int, group: int = 32,
-                asym: bool = False, device: torch.device | str = "cpu", v_layout: str = "channel") -> QuantizedKVCache:
+                asym: bool = False, device: torch.device | str = "cpu", v_layout: str = "auto") -> QuantizedKVCache:
     """A preallocated, empty (length 0) cache of ``max_tokens`` slots (``v_layout="token_pair"`` /
     ``"token_octet"``: 4-bit V packed two tokens per byte / eight tokens per 32-bit word, the v4 candidate
-    layouts; :func:`default_v_layout` says which one the kernel measured fastest)."""
+    layouts; ``"auto"``: :func:`default_v_layout`, the one the kernel measured fastest)."""
+    if v_layout == "auto":
+        v_layout = default_v_layout(v_bits, d)
     k = empty_quantized((B, Hkv, max_tokens), d, k_bits, group, asym, device)
     v = empty_quantized((B, Hkv, max_tokens), d, v_bits, group, asym, device, v_layout)
     return QuantizedKVCache(k, v, 0)
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_bits: int, v_bits: int, group: int = 32, asym: bool = False,
-                max_tokens: int | None = None, v_layout: str = "channel") -> QuantizedKVCache:
-    """Build a cache holding ``k, v [B, Hkv, T, d]`` (T valid tokens, optionally ``max_tokens`` slots)."""
+                max_tokens: int | None = None, v_layout: str = "auto") -> QuantizedKVCache:
+    """Build a cache holding ``k, v [B, Hkv, T, d]`` (T valid tokens, optionally ``max_tokens`` slots; V in
+    ``v_layout``, ``"auto"`` = :func:`default_v_layout`)."""
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"k and v must both be [B, Hkv, T, d], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if v_layout == "auto":
+        v_layout = default_v_layout(v_bits, k.shape[-1])
     T = k.shape[2]
     if max_tokens is not None and max_tokens > T:
         pad = (0, 0, 0, max_tokens - T)

@@ -94,22 +94,25 @@ def measure_ceilings(nbytes: int = 4 * 2**30) -> dict:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def make_cache(B, Hkv, T, d, kb, vb, device, gen_seed=0):
-    """A cache with random content at realistic magnitudes (codes uniform, scales ~ N(0,1) absmax / qmax)."""
+    """A cache with random content at realistic magnitudes (codes uniform, scales ~ N(0,1) absmax / qmax), V in its
+    default layout (:func:`kvmodel.kernels.quant.default_v_layout`)."""
     import torch
 
-    from kvmodel.kernels.quant import QuantizedKVCache, QuantizedTensor, packed_dim
+    from kvmodel.kernels.quant import QuantizedKVCache, QuantizedTensor, data_rows, default_v_layout, packed_dim
 
-    def one(bits):
+    def one(bits, layout="channel"):
         if bits == 16:
             data = torch.randn(B, Hkv, T, d, dtype=torch.float16, device=device)
             return QuantizedTensor(data, None, None, 16, GROUP, False, d)
-        data = torch.randint(0, 256, (B, Hkv, T, packed_dim(d, bits)), dtype=torch.uint8, device=device)
+        rows = data_rows(T, layout, bits)
+        data = torch.randint(0, 256, (B, Hkv, rows, packed_dim(d, bits, layout)), dtype=torch.uint8, device=device)
         qmax = 2 ** (bits - 1) - 1
         scales = torch.empty(B, Hkv, T, d // GROUP, dtype=torch.float16, device=device).uniform_(2.0 / qmax,
                                                                                                  3.0 / qmax)
-        return QuantizedTensor(data, scales, None, bits, GROUP, False, d)
+        return QuantizedTensor(data, scales, None, bits, GROUP, False, d, layout)
 
-    return QuantizedKVCache(one(kb), one(vb), T)
+    # V in the layout caches are allocated in by default (token_octet for 4-bit V at d >= 128, kernel v4)
+    return QuantizedKVCache(one(kb), one(vb, default_v_layout(vb, d)), T)
 
 
 def cache_bytes(B, Hkv, T, d, kb, vb):

@@ -10,9 +10,13 @@ argmax. Traffic, not text, is what is measured: weights and the KV cache hold ra
 Pipelines: ``P0`` = FP16 KV through ``torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)``;
 ``P0-expand``, ``P1``, ``P5`` (``P5`` at 16/16 is our FP16 split-K kernel) through
 :func:`kvmodel.kernels.pipelines.run_pipeline` on a ``QuantizedKVCache``.
-Runtimes: ``kvmodel-graph`` (this step, graph-captured), and Hugging Face transformers' own model on the same
-architecture with random weights: ``hf-eager`` (DynamicCache, eager launches) and ``hf-static-graph``
-(StaticCache, the forward captured in a CUDA graph by hand; torch.compile "reduce-overhead" as the fallback).
+Runtimes: ``kvmodel-graph`` (this step, graph-captured; projections through ``F.linear``/``addmm_``, i.e.
+cuBLAS), ``kvmodel-graph-gemv`` (the same step with ``--linear triton``: the dense projections qkv, o, gate/up,
+down and the LM head through the Triton weight-streaming GEMV :func:`kvmodel.kernels.gemv.gemv` at B ≤ 8,
+residual adds fused; F.linear above B = 8 or in float32; MoE routed experts and routers always F.linear), and
+Hugging Face transformers' own model on the same architecture with random weights: ``hf-eager`` (DynamicCache,
+eager launches) and ``hf-static-graph`` (StaticCache, the forward captured in a CUDA graph by hand;
+torch.compile "reduce-overhead" as the fallback).
 
 Rows (``e2e_decode.csv``): model,B,T,k_bits,v_bits,pipeline,runtime,median_s,... with the bytes a step must move
 (``bytes_weights``, ``bytes_kv``), ``floor_s`` = those bytes / the measured read ceiling, and ``pct_of_floor``.
@@ -47,6 +51,11 @@ E2E_FIELDS = [
     "pct_of_floor", "dtype", "group", "status", "note",
 ]
 E2E_KEYS = ["model", "B", "T", "k_bits", "v_bits", "pipeline", "runtime"]
+#: our step's ``runtime`` label per ``--linear`` choice. The projection implementation is recorded in the existing
+#: ``runtime`` key column, not a new one: the committed e2e_decode.csv's header has no such column and
+#: ResultsFile refuses rows with columns the header lacks (a resumed run would fail). Calibration and validation
+#: read "kvmodel-graph" rows only, so rows measured with the Triton GEMV stay out of them.
+OUR_RUNTIMES = {"torch": "kvmodel-graph", "triton": "kvmodel-graph-gemv"}
 
 GiB = 1024**3
 DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-7B", "Llama-3.1-8B", "Mistral-Small-3.1-24B")
@@ -491,9 +500,15 @@ def make_backend(pipeline: str, spec, B, T, carver, dtype, k_bits, v_bits, group
 class DecodeModel:
     """Random weights of ``spec`` on the GPU, laid out as a fused-projection decode runtime would hold them."""
 
-    def __init__(self, spec: ModelSpec, dtype_name: str = "float16", seed: int = 0, device: str = "cuda"):
+    def __init__(self, spec: ModelSpec, dtype_name: str = "float16", seed: int = 0, device: str = "cuda",
+                 linear: str = "torch"):
+        """``linear``: "torch" (F.linear / addmm_, cuBLAS) or "triton" (:func:`kvmodel.kernels.gemv.gemv` for
+        the dense projections when B ≤ 8 and the dtype is fp16/bf16; see the module docstring)."""
         import torch  # noqa: PLC0415
 
+        if linear not in OUR_RUNTIMES:
+            raise ValueError(f"linear must be one of {list(OUR_RUNTIMES)}, got {linear!r}")
+        self.linear = linear
         if spec.mla:
             raise NotImplementedError(f"{spec.name}: MLA attention is not implemented in the e2e step")
         if spec.head_dim & (spec.head_dim - 1):
@@ -575,6 +590,26 @@ class DecodeModel:
                 bufs[name] = torch.empty(*shape, device=dev, dtype=dt)
             return bufs[name]
 
+        # Dense projections: y = src @ W.T (+ b) and dst += src @ W.T, through the Triton GEMV when asked for
+        # (small batch, half precision), else F.linear / addmm_ (cuBLAS).
+        use_gemv = False
+        if self.linear == "triton":
+            from kvmodel.kernels.gemv import DTYPES, MAX_B, gemv  # noqa: PLC0415
+
+            use_gemv = B <= MAX_B and dt in DTYPES
+        gemv_ws = {}  # split-K partials and counters, allocated on the first (eager) call, reused in the graph
+
+        def lin(src, w, b=None):
+            if use_gemv:
+                return gemv(src, w, b, workspace=gemv_ws)
+            return F.linear(src, w, b)
+
+        def lin_add_(dst, src, w):
+            if use_gemv:
+                gemv(src, w, out=dst, residual=dst, workspace=gemv_ws)
+            else:
+                dst.addmm_(src, w.t())
+
         # MoE routing is drawn once here (static for capture): each token picks top_k distinct experts.
         touched = {}
         gen = torch.Generator().manual_seed(routing_seed)
@@ -587,24 +622,24 @@ class DecodeModel:
 
         def mlp(lay, src, dst):  # dst += MLP(src)
             if "gu" in lay:
-                gu = F.linear(src, lay["gu"])
+                gu = lin(src, lay["gu"])
                 if gated:
                     a = silu_mul(gu, buf(f"act{gu.shape[1]}", (B, gu.shape[1] // 2)))
                 else:
                     a = F.gelu(gu)
-                dst.addmm_(a, lay["down"].t())
+                lin_add_(dst, a, lay["down"])
 
         def step():
             torch.index_select(self.embed, 0, ids, out=x)
             for i, lay in enumerate(self.layers):
                 rmsnorm(x, lay["in_norm"], hn)
-                qkv = F.linear(hn, lay["qkv"], lay["qkv_b"])
+                qkv = lin(hn, lay["qkv"], lay["qkv_b"])
                 k_dst, v_dst = backend.slot(i)
                 rope_qkv(qkv, cos, sin, q, k_dst, v_dst, Hq, Hkv)
                 if not backend.writes_cache_directly:
                     backend.append(i, k_dst, v_dst)
                 o = backend.attend(i, q)
-                x.addmm_(o.reshape(B, Hq * d), lay["o"].t())
+                lin_add_(x, o.reshape(B, Hq * d), lay["o"])
                 rmsnorm(x, lay["post_norm"], hn)
                 if "router" in lay:
                     F.linear(hn, lay["router"]).softmax(-1)
@@ -616,12 +651,12 @@ class DecodeModel:
                 else:
                     mlp(lay, hn, x)
             rmsnorm(x, self.final_norm, hn)
-            logits = F.linear(hn, self.lm_head)
+            logits = lin(hn, self.lm_head)
             torch.argmax(logits, dim=-1, out=out_ids)
             state["logits"] = logits
             return out_ids
 
-        state = {"ids": ids, "x": x, "touched": touched}
+        state = {"ids": ids, "x": x, "touched": touched, "gemv": use_gemv}
         step.state = state
 
         def attention_only():
@@ -831,22 +866,32 @@ def run_e2e(out_csv, models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[i
             read_ceiling_GBps: Optional[float] = None, resume: bool = True, dtype_name: str = "float16",
             group: int = 32, attn_split: bool = True, margin_bytes: float = DEFAULT_MARGIN_BYTES,
             log: Callable[[str], None] = print, progress: Optional[Callable[[int, int, str], None]] = None,
-            deadline_s: Optional[float] = None) -> ResultsFile:
+            deadline_s: Optional[float] = None, linear: str = "torch") -> ResultsFile:
     """Measure our graph-captured step (and HF's runtimes at ``hf_points`` (B, T)) for every model × batch ×
     context × (pipeline, k_bits, v_bits); append rows to ``out_csv``; resumable. Configs that do not fit in
     memory get a ``status=skipped`` row; a pipeline that cannot be built gets a ``status=unavailable`` row.
-    ``deadline_s`` (``time.time()`` value): stop cleanly when passed (rows so far are kept)."""
+    ``deadline_s`` (``time.time()`` value): stop cleanly when passed (rows so far are kept).
+    ``linear``: "torch" or "triton" (the step's dense projections; its rows get ``runtime`` =
+    ``OUR_RUNTIMES[linear]``)."""
     from kvmodel.measure.probes import require_cuda, time_graph  # noqa: PLC0415
 
+    if linear not in OUR_RUNTIMES:
+        raise ValueError(f"linear must be one of {list(OUR_RUNTIMES)}, got {linear!r}")
+    ours_rt = OUR_RUNTIMES[linear]
     torch = require_cuda()
     rf = ResultsFile(out_csv, E2E_KEYS, fieldnames=E2E_FIELDS)
-    rf.write_provenance(extra={"read_ceiling_GBps": read_ceiling_GBps, "dtype": dtype_name})
+    extra = {"read_ceiling_GBps": read_ceiling_GBps, "dtype": dtype_name, "linear": linear}
+    if linear == "triton":
+        from kvmodel.kernels.gemv import KERNEL_VERSION  # noqa: PLC0415
+
+        extra["gemv_kernel"] = KERNEL_VERSION
+    rf.write_provenance(extra=extra)
     done = rf.done_keys() if resume else set()
     total_mem = torch.cuda.get_device_properties(0).total_memory
     specs = [resolve_model(m) for m in models]
     plan = []
     for spec in specs:
-        cfgs = [Config(B, T, kb, vb, p) for (p, kb, vb) in formats for B in batches for T in contexts]
+        cfgs = [Config(B, T, kb, vb, p, ours_rt) for (p, kb, vb) in formats for B in batches for T in contexts]
         for rt in hf_runtimes:
             pts = hf_points if hf_points is not None else [(B, T) for B in batches for T in contexts]
             cfgs += [Config(B, T, 16, 16, "hf-sdpa", rt) for B, T in pts]
@@ -860,11 +905,11 @@ def run_e2e(out_csv, models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[i
         if deadline_s and time.time() > deadline_s:
             log(f"# deadline reached; {n_total - n_done} configs left for --resume")
             break
-        ours = [c for c in cfgs if c.runtime == "kvmodel-graph"]
-        hfs = [c for c in cfgs if c.runtime != "kvmodel-graph"]
+        ours = [c for c in cfgs if c.runtime in OUR_RUNTIMES.values()]
+        hfs = [c for c in cfgs if c.runtime not in OUR_RUNTIMES.values()]
         if ours:
             n_done = _run_ours(spec, ours, rf, torch, total_mem, dtype_name, group, attn_split, margin_bytes,
-                               read_ceiling_GBps, log, progress, n_done, n_total, deadline_s, time_graph)
+                               read_ceiling_GBps, log, progress, n_done, n_total, deadline_s, time_graph, linear)
         if hfs:
             n_done = _run_hf(spec, hfs, rf, torch, total_mem, dtype_name, group, margin_bytes,
                              read_ceiling_GBps, log, progress, n_done, n_total, deadline_s)
@@ -882,7 +927,7 @@ def _fits(spec, c, weights_bytes, total_mem, group, margin_bytes, hf=False):
 
 
 def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, margin_bytes, ceiling, log,
-              progress, n_done, n_total, deadline_s, time_graph):
+              progress, n_done, n_total, deadline_s, time_graph, linear="torch"):
     wbytes = param_breakdown(spec).total * 2
     fit, skip = [], []
     for c in cfgs:
@@ -901,7 +946,7 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
     gc.collect()
     torch.cuda.empty_cache()  # the previous model's pool must go back to the driver before this one's
     try:
-        model = DecodeModel(spec, dtype_name)
+        model = DecodeModel(spec, dtype_name, linear=linear)
     except (NotImplementedError, torch.OutOfMemoryError) as e:
         for c, _, _ in fit:
             row = _base_row(spec, c, dtype_name, group, ceiling)
@@ -945,6 +990,9 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
             t = time_graph([step], min_time_s=0.2, max_replays=30, min_replays=5)
             _finish(row, t.median_s)
             row.update(p10_s=t.p10_s, p90_s=t.p90_s, status="ok" if t.graph else "ok-eager")
+            if linear == "triton":
+                row["note"] = ("linear=triton gemv" if step.state["gemv"]
+                               else "linear=triton requested; F.linear (B > 8 or float32)")
             if attn_split:
                 ta = time_graph([attn_only], min_time_s=0.1, max_replays=20, min_replays=5)
                 row["attn_s"] = ta.median_s
@@ -964,7 +1012,7 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
         pct = f"{row['pct_of_floor']:.1f}% of floor" if row.get("pct_of_floor") not in ("", None) else ""
         ms = f"{row['median_s'] * 1e3:8.3f} ms" if row.get("median_s") not in ("", None) else row["status"]
         log(f"  {spec.name:22s} B={c.B:<4d} T={c.T:<6d} {c.pipeline:4s} {c.k_bits}/{c.v_bits}  {ms}  {pct}"
-            f"  ({time.time() - t_start:.1f} s)")
+            f"  {'' if linear == 'torch' else 'gemv '}({time.time() - t_start:.1f} s)")
         if progress:
             progress(n_done, n_total, f"{spec.name} B={c.B} T={c.T} {c.pipeline}")
         step = attn_only = backend = None  # noqa: F841 - drop the closures that hold views of the pool
@@ -1076,6 +1124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-attn-split", action="store_true")
     ap.add_argument("--self-check", action="store_true")
     ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this many seconds")
+    ap.add_argument("--linear", choices=sorted(OUR_RUNTIMES), default="torch",
+                    help="dense projections of our step: torch (F.linear, cuBLAS; the committed data) or triton "
+                         "(kvmodel.kernels.gemv at B <= 8); rows get runtime " +
+                         " / ".join(f"{v} ({k})" for k, v in OUR_RUNTIMES.items()))
     a = ap.parse_args(argv)
     if a.fill_bytes:
         print(f"updated {fill_bytes(a.out, a.read_ceiling)} rows of {a.out}", flush=True)
@@ -1102,7 +1154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 hf_runtimes=[r for r in a.hf.split(",") if r], hf_points=pts, read_ceiling_GBps=ceiling,
                 resume=not a.no_resume, dtype_name=a.dtype, attn_split=not a.no_attn_split,
                 log=lambda s: print(s, flush=True),
-                deadline_s=(time.time() + a.budget_s) if a.budget_s else None)
+                deadline_s=(time.time() + a.budget_s) if a.budget_s else None, linear=a.linear)
     except GPUUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,245 @@
+"""Correctness of the small-batch weight-streaming GEMV (``kvmodel.kernels.gemv``) against its float32 reference.
+
+Without a CUDA GPU the kernel runs under ``TRITON_INTERPRET=1`` (set by conftest.py) on small odd shapes (N and
+K not multiples of the blocks). Pass rule: max |gemv − ref| ≤ 2 × max |F.linear − ref| + floor, where ref is
+:func:`gemv_ref` (float32) and F.linear is torch's own result in the same dtype; the output is NaN-poisoned
+before each call, so every element must be written.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from kvmodel.kernels.gemv import MAX_B, default_config, gemv, gemv_ref
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+N_ODD, K_ODD = 37, 200  # with block_k=32: 7 chunks, the last one partial; 37 rows: a partial row block
+
+
+def _inputs(B, N, K, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    b = torch.randn(N, generator=g) * 0.5 if bias else None
+    cast = lambda t: None if t is None else t.to(dtype).to(DEV)
+    return cast(x), cast(w), cast(b)
+
+
+def _check(y, x, w, b, residual=None):
+    assert torch.isfinite(y).all(), "output not fully written (NaN poison left)"
+    ref = gemv_ref(x, w, b, residual=residual)
+    theirs = torch.nn.functional.linear(x, w, b)
+    if residual is not None:
+        theirs = theirs + residual
+    err = float((y.float() - ref).abs().max())
+    err_torch = float((theirs.float() - ref).abs().max())
+    assert err <= 2 * err_torch + FLOOR[x.dtype], (err, err_torch)
+
+
+def _poisoned(B, N, dtype):
+    return torch.full((B, N), float("nan"), dtype=dtype, device=DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemv_matches_reference(dtype, B, bias, split_k):
+    x, w, b = _inputs(B, N_ODD, K_ODD, dtype, bias, seed=B * 10 + split_k + bias)
+    block_n = 8 if B == 1 else 16  # the default path for B: fp32 FMAs for B = 1, tl.dot above
+    out = _poisoned(B, N_ODD, dtype)
+    y = gemv(x, w, b, out=out, block_n=block_n, block_k=32, split_k=split_k)
+    assert y is out and y.shape == (B, N_ODD) and y.dtype == dtype
+    _check(y, x, w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("B,dot,block_n", [(1, True, 16), (1, "swap", 32), (2, False, 4), (5, False, 2),
+                                           (6, True, 32), (7, "swap", 16)])
+def test_gemv_every_inner_product(dtype, B, dot, block_n):
+    """Every inner product (FMA, dot, swapped dot) at B = 1 and B > 1, also the pairings the table never picks."""
+    x, w, b = _inputs(B, 45, 150, dtype, True, seed=B)
+    y = gemv(x, w, b, out=_poisoned(B, 45, dtype), dot=dot, block_n=block_n, block_k=64, split_k=2)
+    _check(y, x, w, b)
+
+
+@pytest.mark.parametrize("merge", ["fused", "kernel"])
+def test_gemv_split_merge_and_workspace_reuse(merge):
+    """Both split-K merges; a reused workspace (its counters reset by the kernel) gives the same result again."""
+    x, w, b = _inputs(3, 40, 300, torch.float16, True, seed=7)
+    ws: dict = {}
+    y1 = gemv(x, w, b, out=_poisoned(3, 40, torch.float16), block_n=16, block_k=32, split_k=4, merge=merge,
+              workspace=ws)
+    _check(y1, x, w, b)
+    if merge == "fused":
+        counters = [v for k, v in ws.items() if k[0] == "gemv_counter"]
+        assert counters and all(int(c.abs().sum()) == 0 for c in counters), "counters not reset"
+    x2, w2, b2 = _inputs(3, 40, 300, torch.float16, True, seed=8)
+    y2 = gemv(x2, w2, b2, out=_poisoned(3, 40, torch.float16), block_n=16, block_k=32, split_k=4, merge=merge,
+              workspace=ws)
+    _check(y2, x2, w2, b2)
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("dot,block_n", [(False, 8), (True, 16)])
+def test_gemv_residual_in_place(split_k, dot, block_n):
+    """``out += x @ w.T`` with ``residual=out`` (the residual add a decoder layer fuses)."""
+    x, w, _ = _inputs(2, 33, 96, torch.float16, False, seed=3)
+    r = torch.randn(2, 33).half().to(DEV)
+    out = r.clone()
+    y = gemv(x, w, out=out, residual=out, block_n=block_n, block_k=32, split_k=split_k, dot=dot)
+    assert y is out
+    _check(y, x, w, None, residual=r)
+
+
+def test_gemv_strided_x_and_defaults():
+    """x with a row stride (a slice of a wider buffer) and every launch parameter from the default table."""
+    big = torch.randn(4, 300).half().to(DEV)
+    x = big[:, :120]
+    _, w, b = _inputs(4, 24, 120, torch.float16, True, seed=5)
+    y = gemv(x, w, b)
+    _check(y, x.contiguous(), w, b)
+
+
+@pytest.mark.parametrize("N,K", [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (152064, 3584),
+                                 (6144, 4096), (4096, 14336), (128256, 4096), (5, 7)])
+@pytest.mark.parametrize("B", range(1, MAX_B + 1))
+def test_default_config_is_valid(N, K, B):
+    c = default_config(N, K, B)
+    for key in ("block_n", "block_k", "num_warps"):
+        assert c[key] > 0 and c[key] & (c[key] - 1) == 0, (key, c)
+    assert c["split_k"] == 1 and c["num_stages"] >= 1
+    if B == 1:  # fp32 FMAs on a tile of at most 8 x 512 (the accumulator: 32 registers a thread at 4 warps)
+        assert c["dot"] is False and c["block_n"] * c["block_k"] <= 4096
+        assert c["block_n"] == 1 or -(-N // c["block_n"]) >= 4 * 132  # >= 4 programs per SM where possible
+    else:  # tensor cores: tiles of >= 16 rows
+        assert c["dot"] in (True, "swap") and c["block_n"] >= 16 and c["block_k"] >= 16
+    cfg = {k: c[k] for k in ("block_n", "block_k", "num_warps", "num_stages", "dot")}
+    x, w, _ = _inputs(B, 24, 40, torch.float16, False, seed=B)
+    if B == 1 or N < 1000:  # the picked path itself runs (on a small shape)
+        _check(gemv(x, w, out=_poisoned(B, 24, torch.float16), **cfg), x, w, None)
+
+
+def _bad_calls():
+    h = torch.float16
+    x = torch.randn(2, 16).to(h).to(DEV)
+    w = torch.randn(8, 16).to(h).to(DEV)
+    return {
+        "B=9": lambda: gemv(torch.randn(9, 16).to(h).to(DEV), w),
+        "B=0": lambda: gemv(torch.randn(0, 16).to(h).to(DEV), w),
+        "x 1-D": lambda: gemv(x[0], w),
+        "x 3-D": lambda: gemv(x[None], w),
+        "w 1-D": lambda: gemv(x, w[0]),
+        "K mismatch": lambda: gemv(x, torch.randn(8, 17).to(h).to(DEV)),
+        "w not contiguous": lambda: gemv(x, torch.randn(16, 8).to(h).to(DEV).t()),
+        "float32": lambda: gemv(x.float(), w.float()),
+        "dtype mismatch": lambda: gemv(x, w.bfloat16()),
+        "bias shape": lambda: gemv(x, w, torch.zeros(9, dtype=h, device=DEV)),
+        "bias dtype": lambda: gemv(x, w, torch.zeros(8, dtype=torch.float32, device=DEV)),
+        "out shape": lambda: gemv(x, w, out=torch.empty(2, 9, dtype=h, device=DEV)),
+        "out dtype": lambda: gemv(x, w, out=torch.empty(2, 8, dtype=torch.float32, device=DEV)),
+        "residual shape": lambda: gemv(x, w, residual=torch.empty(1, 8, dtype=h, device=DEV)),
+        "block_n not pow2": lambda: gemv(x, w, block_n=12),
+        "block_k not pow2": lambda: gemv(x, w, block_k=48),
+        "split_k 0": lambda: gemv(x, w, split_k=0),
+        "dot block_n 8": lambda: gemv(x, w, dot=True, block_n=8),
+        "dot mode": lambda: gemv(x, w, dot="wgmma"),
+        "merge": lambda: gemv(x, w, split_k=2, merge="atomic"),
+        "not a tensor": lambda: gemv(x.tolist(), w),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_gemv_rejects_bad_inputs(case):
+    with pytest.raises(ValueError):
+        _bad_calls()[case]()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU rule, which only applies without a GPU")
+def test_gemv_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        gemv(torch.randn(1, 16).half(), torch.randn(4, 16).half())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("B", [1, 2, 4, 8])
+@pytest.mark.parametrize("N,K", [(4608, 3584), (3584, 18944), (1000, 1000)])
+def test_gemv_gpu_default_configs(dtype, B, N, K):
+    x, w, b = _inputs(B, N, K, dtype, True, seed=B)
+    _check(gemv(x, w, b, out=_poisoned(B, N, dtype)), x, w, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The end-to-end step's hook (kvmodel.measure.e2e_decode, linear="triton")
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_spec():
+    from kvmodel.specs import ModelSpec
+
+    return ModelSpec(name="tiny-gemv", vocab_size=97, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=64, intermediate_size=96, qkv_bias=True, published_params=1,
+                     published_params_source="test")
+
+
+def _run_step(spec, linear, dtype_name, B, T):
+    from kvmodel.measure import e2e_decode as e2e
+
+    model = e2e.DecodeModel(spec, dtype_name, device=DEV, linear=linear)
+    for lay in model.layers:  # a non-zero bias, so the fused bias is exercised
+        lay["qkv_b"].copy_(torch.randn(lay["qkv_b"].shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    dt = model.dtype
+    need = e2e.kv_cache_alloc_bytes(spec, B, T, 16, 16) * 4
+    pool = torch.randn(int(need) // 2 + 4096, generator=torch.Generator().manual_seed(2)).to(dt).to(DEV)
+    backend = e2e.SDPABackend(spec, B, T, e2e.Carver(pool), dt)
+    torch.manual_seed(3)  # build_step draws the token ids from the global generator
+    step, _, _ = model.build_step(B, T, backend)
+    step()
+    return step.state
+
+
+def test_e2e_step_hook_uses_gemv(monkeypatch):
+    """``DecodeModel(linear="triton")`` routes qkv, o, gate_up, down (per layer) and the LM head through gemv
+    (the residual adds fused) and gives the logits of the F.linear step."""
+    import kvmodel.kernels.gemv as gemv_mod  # noqa: F401 - the submodule (kvmodel.kernels exports the function)
+
+    mod = __import__("sys").modules["kvmodel.kernels.gemv"]
+    calls = []
+    orig = mod.gemv
+
+    def counting(x, w, bias=None, **kw):
+        calls.append((tuple(w.shape), bias is not None, kw.get("residual") is not None))
+        return orig(x, w, bias, **kw)
+
+    monkeypatch.setattr(mod, "gemv", counting)
+    spec = _tiny_spec()
+    B, T = 2, 9
+    ours = _run_step(spec, "triton", "float16", B, T)
+    assert ours["gemv"] is True
+    assert len(calls) == 4 * spec.num_layers + 1
+    assert sum(r for _, _, r in calls) == 2 * spec.num_layers  # o and down add into the residual stream
+    assert sum(b for _, b, _ in calls) == spec.num_layers  # the qkv bias
+    ref = _run_step(spec, "torch", "float16", B, T)
+    assert ref["gemv"] is False
+    a, b = ours["logits"].float(), ref["logits"].float()
+    assert torch.isfinite(a).all()
+    assert float((a - b).norm() / b.norm()) < 1e-2
+    assert torch.equal(ours["ids"], ref["ids"])
+
+
+def test_e2e_step_hook_falls_back():
+    """float32 (gemv takes fp16/bf16) and an unknown choice."""
+    from kvmodel.measure import e2e_decode as e2e
+
+    spec = _tiny_spec()
+    assert _run_step(spec, "triton", "float32", 1, 5)["gemv"] is False
+    with pytest.raises(ValueError):
+        e2e.DecodeModel(spec, "float16", device=DEV, linear="cutlass")
+    assert e2e.OUR_RUNTIMES["torch"] == "kvmodel-graph"  # the committed rows' label is unchanged

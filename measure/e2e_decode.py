@@ -442,16 +442,19 @@ class _PipelineImpl:
         # (cp.async) scale loads need. Only T + 1 tokens are attended.
         cap = -(-(T + 1) // 64) * 64
 
-        def qtensor(bits):
+        def qtensor(bits, layout="channel"):
             if bits == 16:
                 return quant.QuantizedTensor(carver.take((B, H, cap, d), torch.float16), None, None, 16,
                                              group, False, d)
-            data = carver.take((B, H, cap, quant.packed_dim(d, bits)), torch.uint8)
+            rows = quant.data_rows(cap, layout, bits)
+            data = carver.take((B, H, rows, quant.packed_dim(d, bits, layout)), torch.uint8)
             scales = carver.take((B, H, cap, d // group), torch.float16)
             scales.uniform_(0.005, 0.02)  # finite, realistic scales (the data bytes are random codes)
-            return quant.QuantizedTensor(data, scales, None, bits, group, False, d)
+            return quant.QuantizedTensor(data, scales, None, bits, group, False, d, layout)
 
-        self.caches = [quant.QuantizedKVCache(qtensor(k_bits), qtensor(v_bits), T + 1)
+        # V in the layout serving caches are allocated in by default (kernels.quant.default_v_layout)
+        self.caches = [quant.QuantizedKVCache(qtensor(k_bits), qtensor(v_bits, quant.default_v_layout(v_bits, d)),
+                                              T + 1)
                        for _ in range(spec.num_layers)]
         self.pos = torch.full((B,), T, dtype=torch.int32, device=dev)
         self.options = dict(options or {})
@@ -472,7 +475,8 @@ class _PipelineImpl:
             *k.data.stride()[:3], *q._meta_strides(k),
             *v.data.stride()[:3], *q._meta_strides(v),
             D=cache.head_dim, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
-            num_warps=1,
+            K_TP=k.bits == 4 and k.token_pair, V_TP=v.bits == 4 and v.token_pair,
+            K_TO=k.bits == 4 and k.token_octet, V_TO=v.bits == 4 and v.token_octet, num_warps=1,
         )
 
     def attend(self, layer, q):

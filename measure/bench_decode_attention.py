@@ -375,7 +375,7 @@ def run_grid(args, rf, ceil):
                         log(f"{model:13s} B={B:3d} T={T:6d} {kb:2d}/{vb:2d} {pipe:9s} {variant:7s} "
                             f"{med * 1e6:9.1f} us  {gbps:7.0f} GB/s ({row['pct_read_ceiling']:5.1f}%)"
                             f"  [{time.time() - t_start:5.0f}s]")
-                    del caches, qs, outs, wss, fp16
+                    del caches, qs, outs, wss
                     torch.cuda.empty_cache()
     return n_rows
 

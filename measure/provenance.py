@@ -137,6 +137,30 @@ def kernel_version() -> str:
     return str(getattr(mod, "KERNEL_VERSION", ""))
 
 
+def source_digest(root: Optional[str] = None) -> str:
+    """sha256 over the measured code (``kernels/*.py`` and ``measure/*.py`` of this checkout, by relative path
+    and content): identifies the code even where the git metadata does not (a copied working tree whose .git is
+    stale). ``git hash-object``-free, so it can be recomputed on any checkout: ``python -c "from
+    kvmodel.measure.provenance import source_digest; print(source_digest())"``."""
+    import hashlib
+    import os
+
+    if root is None:
+        root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    h = hashlib.sha256()
+    for sub in ("kernels", "measure"):
+        d = os.path.join(root, sub)
+        if not os.path.isdir(d):
+            continue
+        for name in sorted(os.listdir(d)):
+            if name.endswith(".py"):
+                with open(os.path.join(d, name), "rb") as f:
+                    data = f.read()
+                h.update(f"{sub}/{name}\0{len(data)}\0".encode())
+                h.update(data)
+    return h.hexdigest()
+
+
 def collect_provenance(command: Optional[list[str] | str] = None, extra: Optional[dict] = None,
                        with_torch: bool = True, with_kernels: Optional[bool] = None) -> dict[str, Any]:
     """Everything worth recording about where and how a measurement ran (no host name): versions, GPU, clocks,
@@ -161,6 +185,10 @@ def collect_provenance(command: Optional[list[str] | str] = None, extra: Optiona
     prov["kvmodel"] = _version("kvmodel")
     prov["git_commit"] = git_commit()
     prov["git_dirty"] = git_dirty() if prov["git_commit"] else None
+    try:
+        prov["source_sha256"] = source_digest()
+    except OSError as e:  # pragma: no cover - unreadable checkout: recorded, not raised
+        prov["source_sha256"] = f"unavailable: {e}"
     if with_torch if with_kernels is None else with_kernels:
         prov["kernel_version"] = kernel_version()
     smi = nvidia_smi_query()

@@ -133,3 +133,20 @@ def test_provenance_records_git_commit_and_kernel_version(tmp_path):
     except ImportError:
         want = ""
     assert prov["kernel_version"] == want
+
+
+def test_source_digest_identifies_the_measured_code(tmp_path):
+    """Provenance carries a digest of kernels/ and measure/ that changes with any byte of that code (the device's
+    copied working tree can carry a stale .git, so git_commit alone is not enough)."""
+    from kvmodel.measure.provenance import source_digest
+
+    for sub in ("kernels", "measure"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "a.py").write_text("x = 1\n")
+    (tmp_path / "kernels" / "NOTES.md").write_text("not code")
+    first = source_digest(str(tmp_path))
+    assert first == source_digest(str(tmp_path)) and len(first) == 64
+    (tmp_path / "kernels" / "NOTES.md").write_text("changed, still not code")
+    assert source_digest(str(tmp_path)) == first
+    (tmp_path / "measure" / "a.py").write_text("x = 2\n")
+    assert source_digest(str(tmp_path)) != first

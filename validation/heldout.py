@@ -50,7 +50,7 @@ H200_SMS = 132
 #: A block shape gets its own P5 curve from this many calibration rows (else the format's pooled curve).
 MIN_ROWS_PER_SHAPE = 8
 #: Resident programs per SM tried when fitting a block shape's curve (1-warp programs fit many times per SM).
-C_RES_CHOICES = (2, 3, 4, 6, 8, 12)
+C_RES_CHOICES = (2, 3, 4, 6, 8, 9, 11, 12)
 #: Fit the one-split launch's own per-program rate (the kernel's SPLIT=False specialization; see the report).
 FUSED_ONE_SPLIT = True
 #: Time the split-K merge in rounds of split loads (kvmodel.timing.merge_rounds) instead of per split.

@@ -473,10 +473,15 @@ def _p5_shape_text(att: dict) -> list:
         "every measured `num_splits` of the grid): each P5 call is timed by the curve of the block shape the "
         "kernel launches for it, one occupancy curve per (format, head dim, block shape), fitted on the "
         "calibration rows of that shape only, with resident programs per SM chosen from "
-        f"{{2, 3, 4, 6, 8, 12}}. Fitted residency of the 1-2-warp shapes: {shapes or '(none)'} (the kernel's split "
-        "rule assumes 12 (int4) and 9 (k16v4) for the 1-warp shapes, 4 for the 2-warp d = 256 shape; at d = 128 "
-        "both 1-warp shapes fit 8, so fewer programs may co-reside than the register count alone allows; where "
-        "few calibration rows sit in partial waves the residency is weakly identified). Before this change the held-out numbers were: attention "
+        f"{{{', '.join(str(c) for c in heldout.C_RES_CHOICES)}}} (the register-derived residencies of the sm_90 "
+        "builds among them: 12 for the int4 (32, 1) program with channel-layout V (168 registers), 11 with "
+        "token_octet V (182, kernel v4's default at d >= 128), 9 for k16v4 (208-222)). Fitted residency of the "
+        f"1-2-warp shapes: {shapes or '(none)'} (the kernel's split rule assumes 12 (int4) and 9 (k16v4) for the "
+        "1-warp shapes, 4 for the 2-warp d = 256 shape: with token_octet V one program fewer fits than the split "
+        "rule assumes, so a launch sized for one full wave of 12 per SM runs a second, partial wave — the "
+        "held-out int4 d = 128 rows at 1,536 programs were 17-19 % slower than predicted until 11 was a "
+        "choice; where few calibration rows sit in partial waves the residency is weakly identified). Before "
+        "the per-shape curves the held-out numbers were: attention "
         f"{PREVIOUS_HELDOUT['attention']}; end-to-end {PREVIOUS_HELDOUT['e2e']}.", "",
         "![H200 P5 residuals by launch side](h200_p5_residuals_launch_side.png)", "",
         *_p5_l2_one_split_text(att)]
@@ -491,17 +496,14 @@ def _p5_l2_one_split_text(att: dict) -> list:
     return [
         "### Two further P5 mechanisms: L2-resident benchmark calls and the one-split specialization", "",
         "**L2-resident inputs.** The benchmark cycles each call over `working_sets` copies of its inputs so that "
-        "they span >= 4x the L2, but at most 32 copies: for the smallest calls (d = 64, B*T <= 4K tokens; d = 128 "
-        "at B = 1, T = 1K) the whole rotation pool (working_sets x the call's loads) is below the H200's 50 MB L2, "
-        "so the calls read from L2, not DRAM. Evidence: before this term the P5 residuals were +21 % (median) on "
-        "rows whose pool is <= 15 MB, +19 % at 15-30 MB, +3 % at 30-60 MB and -0.7 % beyond 240 MB (the model, "
-        "fitted mostly on DRAM-served rows, predicted them too slow; the curves then compromised, making the long "
-        "d = 64 calls at B = 1, T = 128K up to 24 % too fast). Term: `kvmodel.timing.l2_hit_fraction` (1 when the "
-        "pool fits in 50 MiB, else 0) and `OccupancyCurve.l2_rate_scale`, the per-program rate of L2-served loads "
-        f"over DRAM-served ones (a latency-bound loop on the shorter L2 latency): one value shared by all P5 curves, "
-        f"fitted on the training rows only: {l2s:.2f}x. It is a property of the benchmark's rotation, not of "
-        "decode: a real step's KV over all layers plus weights far exceeds the L2, so the end-to-end model "
-        "passes no L2 hits.", "",
+        "they span >= 4x the L2. The v3 grid capped the rotation at 32 copies, so its smallest calls (d = 64, "
+        "B*T <= 4K tokens; d = 128 at B = 1, T = 1K) read from the 50 MB L2, not DRAM (their P5 residuals were "
+        "+19-21 % before this term); the v4 grid (the committed one) rotates up to 1,024 copies and its pools "
+        "exceed the L2 except where a call's own inputs are tiny. Term: `kvmodel.timing.l2_hit_fraction` (1 when "
+        "the pool fits in 50 MiB, else 0) and `OccupancyCurve.l2_rate_scale`, the per-program rate of L2-served "
+        "loads over DRAM-served ones: one value shared by all P5 curves, fitted on the training rows only: "
+        f"{l2s:.2f}x. It is a property of the benchmark's rotation, not of decode: a real step's KV over all "
+        "layers plus weights far exceeds the L2, so the end-to-end model passes no L2 hits.", "",
         "**One split.** With `num_splits == 1` the kernel is compiled as a separate specialization (`SPLIT=False`: "
         "it normalizes and stores the output itself, no partials, no merge launch). Its per-tile time is not the "
         "split kernel's: for k8v4 d = 128 the same 512 programs walking the same tiles per program take "
@@ -509,13 +511,39 @@ def _p5_l2_one_split_text(att: dict) -> list:
         "were 12-18 % too fast). Term: `OccupancyCurve.one_split_rate_scale`, the one-split program's rate relative "
         "to the split program's, fitted per curve where its training rows hold both kinds of launch "
         f"(fitted values away from 1: {s1 or 'none'}).", "",
-        "**Still missing** (held-out rows over 15 %): P0-expand of held-out Qwen2.5-7B at T = 128K, B = 1-16 "
-        "(-15 %; one curve over P0-expand bytes: its 128K rows of the training models fit, Qwen2.5-7B's G = 7 "
-        "expansion at 128K runs slower: not identified from the training split); P1 of Qwen2.5-0.5B at B = 16, "
-        "T = 4K (+15-17 %: the dequantize step's fixed cost is shared by all formats and head dims); and a P5 "
-        "k16v4 Qwen2.5-7B B = 1 T = 1K call that is now predicted 16 % too fast (its pool is L2-resident, and the "
-        "shared L2 rate overshoots for it). The chunked merge (`merge_rounds`) is still not used: with the L2 term "
-        "it lowers the max but puts more rows over 15 %.", ""]
+        *_worst_rows_text(att)]
+
+
+def _int_or_blank(x) -> str:
+    try:
+        return str(int(x)) if x is not None and np.isfinite(float(x)) else ""
+    except (TypeError, ValueError):
+        return ""
+
+
+def _worst_rows_text(att: dict, limit: float = 15.0, max_rows: int = 12) -> list:
+    """The held-out attention rows the validation model misses by more than ``limit`` %, as a table generated
+    from the data (what is still missing, not a hand-kept list)."""
+    d = att.get("frame")
+    if d is None:
+        return []
+    held = d[(d.role != "train") & np.isfinite(d.pred_s) & (d.variant == "")].copy()
+    held["err"] = 100.0 * (held.pred_s / held.meas_s - 1.0)
+    bad = held[held.err.abs() > limit].sort_values("err", key=np.abs, ascending=False)
+    if bad.empty:
+        return [f"**Still missing:** no held-out row is off by more than {limit:g} %.", ""]
+    L = [f"**Still missing** ({len(bad)} held-out rows over {limit:g} %; generated from the data):", "",
+         "| pipeline | model | B | T | K/V bits | splits | copies rotated | measured us | predicted us | error % |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in bad.head(max_rows).iterrows():
+        L.append(f"| {r.pipeline} | {r.model} | {int(r.B)} | {int(r['T'])} | {int(r.k_bits)}/{int(r.v_bits)} | "
+                 f"{_int_or_blank(r.get('num_splits'))} | {_int_or_blank(r.get('working_sets'))} | "
+                 f"{r.meas_s * 1e6:.1f} | {r.pred_s * 1e6:.1f} | {r.err:+.1f} |")
+    L += ["", "Small calls (< 30 us: launch, partial wave and merge dominate), the study's P0-expand baseline of "
+          "Qwen2.5-7B (G = 7) at T = 128K, whose 7x expanded copy (up to 30 GB at B = 16) runs slower than the "
+          "training models' expansions (not identified from the training split), and P1's fixed dequantize cost "
+          "at small sizes.", ""]
+    return L
 
 
 def _peers_section(pc: dict) -> str:
@@ -590,8 +618,8 @@ def _misses_section(r: dict, att: dict) -> str:
               "the truth (each program dequantizes its own copy), for the memory-bound FP16 kernel L2 serves the "
               "repeats (co-resident programs of one KV head), so DRAM traffic stays ~1x. Fix: loads = KV x (1 + "
               "(G - 1) x L2 miss rate), the miss rate ~0 when the G programs are co-resident.",
-              f"- **Launch-bound calls** (< 30 us) carry most of the remaining worst errors "
-              f"({att['rows_over_15pct']} held-out rows > 15 %): Qwen2.5-0.5B (d = 64, Hkv 2) at B <= 8 runs "
+              f"- **Launch-bound calls** (< 30 us) carry many of the remaining worst errors "
+              f"({att['rows_over_15pct']} held-out rows > 15 %, listed in section 3): Qwen2.5-0.5B (d = 64, Hkv 2) at B <= 8 runs "
               "8-50 us calls of 8-512 programs of 256 tokens each; their time is the launch, the partial wave and "
               "the split merge, and the merge walks its splits in rounds (4 at a time for <= 4 splits, else 16: "
               "1 round at 4 and at 16 splits, 8 at 128), so the 16-split calls cost about what the 4-split ones do. "

@@ -2,6 +2,13 @@
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fi .fiwhl/*.whl
     PYTHONPATH=/tmp/fi python3 -m kvmodel.measure.bench_flashinfer --out validation/data/h200/decode_attention_peer.csv
+
+The two wheels (``pip download --no-deps flashinfer-python==0.7.2.post1 apache-tvm-ffi==0.1.15.post2`` for cp312
+manylinux) are 62 MiB: with the repository they exceed a 64 MiB transfer to a lent GPU machine. The committed run
+carried them unzipped and xz-packed instead (19 MB; neither wheel has ``.data`` folders, so unzipping equals
+``pip install --target``): ``mkdir -p /tmp/fi && for w in .fiwhl/*.whl; do unzip -q -o $w -d /tmp/fi; done &&
+tar cJf .fitar/fi.tar.xz -C /tmp fi``, then on the GPU machine ``tar xJf .fitar/fi.tar.xz -C /tmp`` and
+``PYTHONPATH=/tmp/fi``.
     python -m kvmodel.measure.bench_flashinfer --fill-bytes --out validation/data/h200/decode_attention_peer.csv  # CPU
 
 One run: the read and copy ceilings (``bench_decode_attention.measure_ceilings``), then, for the grid's shapes

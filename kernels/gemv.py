@@ -32,7 +32,30 @@ reasoning and the measurement it rests on — never from run-time autotuning (a 
 autotune). Every field can be overridden per call (``block_n``, ``block_k``, ``split_k``, ``num_warps``,
 ``num_stages``, ``dot``), which is how ``kvmodel.measure.gemv_probe`` sweeps them.
 
-``gemv_ref(x, w, bias)`` is the float32 torch reference with the same signature.
+Prologue fusions (opt-in, prepared for the decode step, not yet measured on a GPU; off by default, when the
+kernel is specialized exactly as before): the launcher kwargs select constexprs that transform each chunk of x as
+it is loaded, in fp32, before the inner product — the w stream (tiles, order, eviction) is unchanged.
+
+- ``norm_weight=g`` (+ ``eps``, ``NORM``): ``y = rmsnorm(x) @ w.T``, ``rmsnorm(x) = x / sqrt(mean(x²) + eps) * g``
+  per row. Written as ``y[b] = r_b · ((x[b] * g) @ w.T)``: the loop multiplies x by g on load and also sums
+  x² from the very chunks it loads anyway, and ``r_b = 1/sqrt(ss_b / K + eps)`` scales the fp32 sums once, before
+  bias and residual. Chosen over a first pass over x in each program (every program would wait one L2 round
+  trip of B·K before its first weight load — all programs start together at decode sizes, so that latency adds
+  to the whole launch) and over a precomputed per-row 1/rms (one more launch, the thing being removed). With
+  split-K a program sees only its K range, so there (never picked by the table) it sums the whole rows first.
+- ``gate_up=True`` (``GATE_UP``): x is the ``[B, 2K]`` gate|up activation of a gated MLP and the dot takes
+  ``silu(gate) * up`` (the ``e2e_decode.silu_mul`` formula), for the down projection.
+
+Rounding vs the unfused step (rmsnorm / silu_mul in fp32, one rounding to x's dtype, then the GEMV): the fp32 FMA
+paths (B = 1, and the per-row path) never round the transformed x (slightly more accurate than the composition);
+the tensor-core paths round ``x * g`` resp. ``silu(gate) * up`` once to x's dtype, as the composition rounds its
+``hn`` / activation. Caveat (fp16, tl.dot paths only): ``x * g`` before the 1/rms is what is rounded, so it
+overflows where ``|x · g| > 65504`` (the composition's ``hn`` would not); real residual streams stay far below.
+``residual=`` and ``bias`` work with both prologues (the two are exclusive). ``tests/test_gemv.py`` checks both
+against the torch composition under the interpreter; the GPU timing is ``kvmodel.measure.gemv_probe --fused``
+and the step's ``kvmodel.measure.e2e_decode --linear triton-fused`` (commands in ``kernels/NOTES.md``).
+
+``gemv_ref(x, w, bias)`` is the float32 torch reference with the same signature (and the same prologue kwargs).
 """
 
 from __future__ import annotations
@@ -69,13 +92,13 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(X, W, Bias, R, Y, Part, Counter,
-                     B, N, K, k_per_split, split_k,
+    def _gemv_kernel(X, W, Bias, R, Y, Part, Counter, G,
+                     B, N, K, k_per_split, split_k, eps,
                      stride_xb, stride_wn, stride_rb, stride_yb,
                      B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                      EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      SPLIT: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_SB: tl.constexpr,
-                     EMU_BF16: tl.constexpr):
+                     EMU_BF16: tl.constexpr, NORM: tl.constexpr = False, GATE_UP: tl.constexpr = False):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n0 = pid_n * BLOCK_N
@@ -92,6 +115,17 @@ if triton is not None:
         w_ptrs = w_base + rows_ld[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
         x_ptrs = X + rb[:, None] * stride_xb + rk[None, :]  # [B_PAD, BLOCK_K]
         ROW1: tl.constexpr = (not DOT) and B_PAD == 1  # one row of x: a plain 2-D [BLOCK_N, BLOCK_K] accumulator
+        PRO: tl.constexpr = NORM or GATE_UP  # a prologue transforms x on load (fp32), see _prologue
+        # the batched FMA path loads x rows in w's layout; with NORM it also loads the [B_PAD, BLOCK_K] slice once
+        # per chunk for the sums of squares
+        LOAD_XV: tl.constexpr = ROW1 or DOT or (NORM and not SPLIT)
+        if NORM:
+            if SPLIT:  # this program sees only its K range: the whole rows' sums of squares first (x from L2)
+                ss = _row_sumsq(X, B, K, stride_xb, B_PAD, BLOCK_K)
+            elif ROW1:
+                ssv = tl.zeros([BLOCK_K], dtype=tl.float32)
+            else:
+                ss = tl.zeros([B_PAD], dtype=tl.float32)
         if DOT == 1:
             acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
         elif DOT == 2:
@@ -106,16 +140,39 @@ if triton is not None:
                 w = tl.load(w_ptrs + k, eviction_policy="evict_first")
                 if ROW1:
                     xv = tl.load(X + k + rk, eviction_policy="evict_last")
-                elif DOT:
+                elif LOAD_XV:
                     xv = tl.load(x_ptrs + k, mask=b_ok[:, None], other=0.0, eviction_policy="evict_last")
             else:
                 k_ok = (k + rk) < K
                 w = tl.load(w_ptrs + k, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 if ROW1:
                     xv = tl.load(X + k + rk, mask=k_ok, other=0.0, eviction_policy="evict_last")
-                elif DOT:
+                elif LOAD_XV:
                     xv = tl.load(x_ptrs + k, mask=b_ok[:, None] & k_ok[None, :], other=0.0,
                                  eviction_policy="evict_last")
+            if PRO:
+                kk = k + rk
+                k_in = kk < K
+                if NORM and not SPLIT:
+                    xsq = xv.to(tl.float32)
+                    if ROW1:
+                        ssv += xsq * xsq
+                    else:
+                        ss += tl.sum(xsq * xsq, axis=1)
+                gv = 1.0
+                gv2 = 1.0
+                if NORM:  # the norm weight chunk, once per chunk
+                    gv = tl.load(G + kk, mask=k_in, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                    gv2 = gv[None, :]
+                if ROW1:
+                    xf = _prologue(xv, X + K + kk, k_in, gv, GATE_UP)  # fp32, never rounded
+                elif DOT:
+                    xf = _prologue(xv, x_ptrs + K + k, b_ok[:, None] & k_in[None, :], gv2, GATE_UP)
+                    # one rounding to the input dtype, as the unfused step stores hn / act (tensor cores take it)
+                    if EMU_BF16:
+                        xv = _round_bf16(xf)
+                    else:
+                        xv = xf.to(X.dtype.element_ty)
             if DOT == 1:
                 if EMU_BF16:  # interpreter only: its tl.dot multiplies bf16 as raw uint16 bits
                     acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -127,21 +184,33 @@ if triton is not None:
                 else:
                     acc_s = tl.dot(w, tl.trans(xv), acc_s, out_dtype=tl.float32)
             elif ROW1:
-                acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+                if PRO:
+                    acc2 += w.to(tl.float32) * xf[None, :]
+                else:
+                    acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
             else:
                 # one row of x at a time against the w tile (kept in registers), reduced over the chunk at once:
                 # every tensor stays in w's 2-D layout (a 3-D [B, N, K] product costs layout conversions)
                 wf = w.to(tl.float32)
+                if NORM:  # the norm weight chunk in w's layout (as x's rows below)
+                    gm = ((k + rk) < K)[None, :] & (rn[:, None] >= 0)
+                    gw = tl.load(G + k + (rk[None, :] + 0 * rn[:, None]), mask=gm, other=0.0,
+                                 eviction_policy="evict_last").to(tl.float32)
+                else:
+                    gw = 1.0
                 for b in tl.static_range(B_PAD):
                     # x row b broadcast over the tile's rows: loaded straight into w's layout (L1 hits)
                     xp = X + b * stride_xb + k + (rk[None, :] + 0 * rn[:, None])
                     if EVEN_K:
-                        xb = tl.load(xp, mask=(rk[None, :] < BLOCK_K) & (b < B), other=0.0,
-                                     eviction_policy="evict_last")
+                        xm = (rk[None, :] < BLOCK_K) & (b < B)
                     else:
-                        xb = tl.load(xp, mask=((k + rk) < K)[None, :] & (b < B), other=0.0,
-                                     eviction_policy="evict_last")
-                    part = tl.sum(wf * xb.to(tl.float32), axis=1)  # [BLOCK_N]
+                        xm = ((k + rk) < K)[None, :] & (b < B)
+                    xb = tl.load(xp, mask=xm, other=0.0, eviction_policy="evict_last")
+                    if PRO:
+                        xbf = _prologue(xb, xp + K, xm, gw, GATE_UP)
+                    else:
+                        xbf = xb.to(tl.float32)
+                    part = tl.sum(wf * xbf, axis=1)  # [BLOCK_N]
                     acc_t += tl.where(rb_t[None, :] == b, part[:, None], 0.0)
         if DOT == 2:
             acc = tl.trans(acc_s)
@@ -149,6 +218,11 @@ if triton is not None:
             acc = tl.reshape(tl.sum(acc2, axis=1), (1, BLOCK_N))  # [B_PAD = 1, BLOCK_N]
         elif not DOT:
             acc = tl.trans(acc_t)  # [B_PAD, BLOCK_N]
+        if NORM:  # rmsnorm(x) @ w.T = r_b * ((x * g) @ w.T): the per-row 1/rms applied once, to the fp32 sums
+            if ROW1 and not SPLIT:
+                acc = acc * (1.0 / tl.sqrt(tl.sum(ssv, axis=0) / K + eps))
+            else:
+                acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
 
         n_ok = rows < N
         out_mask = b_ok[:, None] & n_ok[None, :]
@@ -167,6 +241,37 @@ if triton is not None:
                     tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
         else:
             _epilogue(acc, Bias, R, Y, rows, rb, out_mask, N, stride_rb, stride_yb, HAS_BIAS, HAS_RES, EMU_BF16)
+
+    @triton.jit
+    def _prologue(xv, up_ptrs, mask, g, GATE_UP: tl.constexpr):
+        """x as the dot consumes it, in fp32: ``x * g`` (NORM: ``g`` the loaded norm weight chunk, 1.0 without;
+        1/rms is applied after the dot) or ``silu(gate) * up`` (GATE_UP: ``xv`` is the gate chunk, the up chunk
+        is ``K`` elements further on)."""
+        xf = xv.to(tl.float32) * g
+        if GATE_UP:
+            u = tl.load(up_ptrs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            xf = xf / (1.0 + tl.exp(-xf)) * u  # the formula of e2e_decode's silu_mul kernel
+        return xf
+
+    @triton.jit
+    def _row_sumsq(X, B, K, stride_xb, B_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Sum of squares of each of the B rows of ``x[:, :K]`` (fp32; rows past B give 0)."""
+        rb = tl.arange(0, B_PAD)
+        rk = tl.arange(0, BLOCK_K)
+        ss = tl.zeros([B_PAD], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            m = (rb < B)[:, None] & ((k + rk) < K)[None, :]
+            v = tl.load(X + rb[:, None] * stride_xb + k + rk[None, :], mask=m, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            ss += tl.sum(v * v, axis=1)
+        return ss
+
+    @triton.jit
+    def _round_bf16(v):
+        """fp32 -> bf16 rounding to nearest even (the interpreter's cast truncates; the GPU's rounds)."""
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
     def _epilogue(acc, Bias, R, Y, rows, rb, out_mask, N, stride_rb, stride_yb,
@@ -278,7 +383,7 @@ def _is_pow2(v) -> bool:
     return isinstance(v, int) and v > 0 and (v & (v - 1)) == 0
 
 
-def _check_inputs(x, w, bias, out, residual):
+def _check_inputs(x, w, bias, out, residual, norm_weight=None, gate_up=False):
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
         raise ValueError("x and w must be torch.Tensors")  # noqa: TRY004 - the launcher's one error type
     if x.dim() != 2:
@@ -289,6 +394,13 @@ def _check_inputs(x, w, bias, out, residual):
     N = w.shape[0]
     if not 1 <= B <= MAX_B:
         raise ValueError(f"gemv takes 1..{MAX_B} rows of x, got B={B} (use F.linear for larger batches)")
+    if norm_weight is not None and gate_up:
+        raise ValueError("norm_weight and gate_up are exclusive (one prologue per call)")
+    if gate_up:
+        if K % 2 or K // 2 != w.shape[1]:
+            raise ValueError(f"gate_up: x must be [B, 2*K] = gate|up with w [N, K], got x {tuple(x.shape)}, "
+                             f"w {tuple(w.shape)}")
+        K //= 2
     if w.shape[1] != K:
         raise ValueError(f"x is [B, {K}] but w is {tuple(w.shape)}: w must be [N, K]")
     if K < 1 or N < 1:
@@ -302,7 +414,7 @@ def _check_inputs(x, w, bias, out, residual):
     if x.device.type != "cuda" and not _interpreting():
         raise ValueError("gemv needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     for name, t, shape in (("w", w, None), ("bias", bias, (N,)), ("out", out, (B, N)),
-                           ("residual", residual, (B, N))):
+                           ("residual", residual, (B, N)), ("norm_weight", norm_weight, (K,))):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -321,7 +433,8 @@ def _check_inputs(x, w, bias, out, residual):
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
          split_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-         dot: bool | str | None = None, merge: str | None = None, workspace: dict | None = None) -> torch.Tensor:
+         dot: bool | str | None = None, merge: str | None = None, workspace: dict | None = None,
+         norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gate_up: bool = False) -> torch.Tensor:
     """``y = x @ w.T (+ bias) (+ residual)`` for ``x [B ≤ 8, K]``, ``w [N, K]`` (fp16/bf16) → ``y [B, N]``.
 
     ``out``: where to write y (``[B, N]``, contiguous in N); ``residual``: ``[B, N]`` added in fp32 before the one
@@ -331,11 +444,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     FMAs), ``merge`` (``"fused"`` or ``"kernel"``) override
     :func:`default_config`. ``workspace``: optional dict reused across calls for split-K partials and counters
     (no allocation or memset per call; one per stream). Raises ValueError on bad inputs.
+
+    Prologues (opt-in, one per call; see the module docstring): ``norm_weight`` (``[K]``, x's dtype; ``eps``):
+    ``y = rmsnorm(x) @ w.T (+ bias) (+ residual)``, rmsnorm over each row of x; ``gate_up=True``: x is the
+    ``[B, 2K]`` gate|up activation and ``y = (silu(x[:, :K]) * x[:, K:]) @ w.T (+ bias) (+ residual)``.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     _interpreter_compat.apply()
-    B, K, N = _check_inputs(x, w, bias, out, residual)
+    B, K, N = _check_inputs(x, w, bias, out, residual, norm_weight, bool(gate_up))
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     cfg = default_config(N, K, B, num_sms(x.device) if x.device.type == "cuda" else INTERPRETER_SMS)
     block_n = cfg["block_n"] if block_n is None else block_n
     block_k = cfg["block_k"] if block_k is None else block_k
@@ -393,13 +512,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     res_t = residual if residual is not None else out
     merge_sb = min(8, triton.next_power_of_2(split_k))
     emu = x.dtype == torch.bfloat16 and _interpreting()
+    prologue = {}  # default off: the kernel is specialized exactly as before
+    if norm_weight is not None:
+        prologue["NORM"] = True
+    if gate_up:
+        prologue["GATE_UP"] = True
     _gemv_kernel[(grid_n, split_k)](
-        x, w, bias_t, res_t, out, part, counter,
-        B, N, K, k_per_split, split_k,
+        x, w, bias_t, res_t, out, part, counter, norm_weight if norm_weight is not None else out,
+        B, N, K, k_per_split, split_k, float(eps),
         x.stride(0), w.stride(0), res_t.stride(0), out.stride(0),
         B_PAD=b_pad, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, EVEN_K=(K % block_k == 0),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, SPLIT=split, FUSE_MERGE=fuse,
-        MERGE_SB=merge_sb, EMU_BF16=emu, num_warps=num_warps, num_stages=num_stages,
+        MERGE_SB=merge_sb, EMU_BF16=emu, num_warps=num_warps, num_stages=num_stages, **prologue,
     )
     if split and not fuse:
         mb = 128
@@ -412,9 +536,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 reference of :func:`gemv`: ``x @ w.T (+ bias) (+ residual)`` computed in fp32 (not rounded)."""
-    y = x.float() @ w.float().T
+             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+             gate_up: bool = False) -> torch.Tensor:
+    """float32 reference of :func:`gemv`: ``x @ w.T (+ bias) (+ residual)`` computed in fp32 (not rounded), with
+    the same prologues: ``x = x / sqrt(mean(x^2) + eps) * norm_weight`` or ``x = silu(gate) * up``, in fp32."""
+    xf = x.float()
+    if gate_up:
+        g, u = xf.chunk(2, dim=-1)
+        xf = torch.nn.functional.silu(g) * u
+    if norm_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = xf @ w.float().T
     if bias is not None:
         y = y + bias.float()
     if residual is not None:

@@ -13,7 +13,10 @@ Pipelines: ``P0`` = FP16 KV through ``torch.nn.functional.scaled_dot_product_att
 Runtimes: ``kvmodel-graph`` (this step, graph-captured; projections through ``F.linear``/``addmm_``, i.e.
 cuBLAS), ``kvmodel-graph-gemv`` (the same step with ``--linear triton``: the dense projections qkv, o, gate/up,
 down and the LM head through the Triton weight-streaming GEMV :func:`kvmodel.kernels.gemv.gemv` at B ≤ 8,
-residual adds fused; F.linear above B = 8 or in float32; MoE routed experts and routers always F.linear), and
+residual adds fused; F.linear above B = 8 or in float32; MoE routed experts and routers always F.linear),
+``kvmodel-graph-gemv-fused`` (``--linear triton-fused``: as ``triton``, and where the GEMV runs, the RMSNorm before
+qkv and before gate/up of dense layers and the SiLU·mul before down are fused into the GEMV's prologue —
+``gemv(norm_weight=)`` / ``gemv(gate_up=True)`` — dropping those three small launches per layer), and
 Hugging Face transformers' own model on the same architecture with random weights: ``hf-eager`` (DynamicCache,
 eager launches) and ``hf-static-graph`` (StaticCache, the forward captured in a CUDA graph by hand;
 torch.compile "reduce-overhead" as the fallback).
@@ -55,7 +58,7 @@ E2E_KEYS = ["model", "B", "T", "k_bits", "v_bits", "pipeline", "runtime"]
 #: ``runtime`` key column, not a new one: the committed e2e_decode.csv's header has no such column and
 #: ResultsFile refuses rows with columns the header lacks (a resumed run would fail). Calibration and validation
 #: read "kvmodel-graph" rows only, so rows measured with the Triton GEMV stay out of them.
-OUR_RUNTIMES = {"torch": "kvmodel-graph", "triton": "kvmodel-graph-gemv"}
+OUR_RUNTIMES = {"torch": "kvmodel-graph", "triton": "kvmodel-graph-gemv", "triton-fused": "kvmodel-graph-gemv-fused"}
 
 GiB = 1024**3
 DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-7B", "Llama-3.1-8B", "Mistral-Small-3.1-24B")
@@ -506,8 +509,9 @@ class DecodeModel:
 
     def __init__(self, spec: ModelSpec, dtype_name: str = "float16", seed: int = 0, device: str = "cuda",
                  linear: str = "torch"):
-        """``linear``: "torch" (F.linear / addmm_, cuBLAS) or "triton" (:func:`kvmodel.kernels.gemv.gemv` for
-        the dense projections when B ≤ 8 and the dtype is fp16/bf16; see the module docstring)."""
+        """``linear``: "torch" (F.linear / addmm_, cuBLAS), "triton" (:func:`kvmodel.kernels.gemv.gemv` for
+        the dense projections when B ≤ 8 and the dtype is fp16/bf16) or "triton-fused" (as "triton", with the
+        RMSNorm / SiLU·mul prologues fused into the qkv, gate/up and down GEMVs; see the module docstring)."""
         import torch  # noqa: PLC0415
 
         if linear not in OUR_RUNTIMES:
@@ -597,10 +601,12 @@ class DecodeModel:
         # Dense projections: y = src @ W.T (+ b) and dst += src @ W.T, through the Triton GEMV when asked for
         # (small batch, half precision), else F.linear / addmm_ (cuBLAS).
         use_gemv = False
-        if self.linear == "triton":
+        if self.linear in ("triton", "triton-fused"):
             from kvmodel.kernels.gemv import DTYPES, MAX_B, gemv  # noqa: PLC0415
 
             use_gemv = B <= MAX_B and dt in DTYPES
+        # "triton-fused": rmsnorm into the qkv / gate_up GEMVs, silu_mul into down (dense MLPs: MoE layers keep hn)
+        fused = use_gemv and self.linear == "triton-fused"
         gemv_ws = {}  # split-K partials and counters, allocated on the first (eager) call, reused in the graph
 
         def lin(src, w, b=None):
@@ -624,9 +630,15 @@ class DecodeModel:
                                          for _ in range(B)])
                     touched[i] = sorted(set(picks.flatten().tolist()))
 
-        def mlp(lay, src, dst):  # dst += MLP(src)
+        def mlp(lay, src, dst, norm_w=None):  # dst += MLP(src) (MLP(rmsnorm(src, norm_w)) when norm_w is given)
             if "gu" in lay:
-                gu = lin(src, lay["gu"])
+                if norm_w is not None:
+                    gu = gemv(src, lay["gu"], norm_weight=norm_w, workspace=gemv_ws)
+                else:
+                    gu = lin(src, lay["gu"])
+                if gated and fused:
+                    gemv(gu, lay["down"], out=dst, residual=dst, gate_up=True, workspace=gemv_ws)
+                    return
                 if gated:
                     a = silu_mul(gu, buf(f"act{gu.shape[1]}", (B, gu.shape[1] // 2)))
                 else:
@@ -636,14 +648,20 @@ class DecodeModel:
         def step():
             torch.index_select(self.embed, 0, ids, out=x)
             for i, lay in enumerate(self.layers):
-                rmsnorm(x, lay["in_norm"], hn)
-                qkv = lin(hn, lay["qkv"], lay["qkv_b"])
+                if fused:
+                    qkv = gemv(x, lay["qkv"], lay["qkv_b"], norm_weight=lay["in_norm"], workspace=gemv_ws)
+                else:
+                    rmsnorm(x, lay["in_norm"], hn)
+                    qkv = lin(hn, lay["qkv"], lay["qkv_b"])
                 k_dst, v_dst = backend.slot(i)
                 rope_qkv(qkv, cos, sin, q, k_dst, v_dst, Hq, Hkv)
                 if not backend.writes_cache_directly:
                     backend.append(i, k_dst, v_dst)
                 o = backend.attend(i, q)
                 lin_add_(x, o.reshape(B, Hq * d), lay["o"])
+                if fused and "router" not in lay:
+                    mlp(lay, x, x, norm_w=lay["post_norm"])  # reads x whole (the norm) before down writes it
+                    continue
                 rmsnorm(x, lay["post_norm"], hn)
                 if "router" in lay:
                     F.linear(hn, lay["router"]).softmax(-1)
@@ -660,7 +678,7 @@ class DecodeModel:
             state["logits"] = logits
             return out_ids
 
-        state = {"ids": ids, "x": x, "touched": touched, "gemv": use_gemv}
+        state = {"ids": ids, "x": x, "touched": touched, "gemv": use_gemv, "fused": fused}
         step.state = state
 
         def attention_only():
@@ -875,7 +893,7 @@ def run_e2e(out_csv, models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[i
     context × (pipeline, k_bits, v_bits); append rows to ``out_csv``; resumable. Configs that do not fit in
     memory get a ``status=skipped`` row; a pipeline that cannot be built gets a ``status=unavailable`` row.
     ``deadline_s`` (``time.time()`` value): stop cleanly when passed (rows so far are kept).
-    ``linear``: "torch" or "triton" (the step's dense projections; its rows get ``runtime`` =
+    ``linear``: "torch", "triton" or "triton-fused" (the step's dense projections; its rows get ``runtime`` =
     ``OUR_RUNTIMES[linear]``)."""
     from kvmodel.measure.probes import require_cuda, time_graph  # noqa: PLC0415
 
@@ -885,7 +903,7 @@ def run_e2e(out_csv, models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[i
     torch = require_cuda()
     rf = ResultsFile(out_csv, E2E_KEYS, fieldnames=E2E_FIELDS)
     extra = {"read_ceiling_GBps": read_ceiling_GBps, "dtype": dtype_name, "linear": linear}
-    if linear == "triton":
+    if linear in ("triton", "triton-fused"):
         from kvmodel.kernels.gemv import KERNEL_VERSION  # noqa: PLC0415
 
         extra["gemv_kernel"] = KERNEL_VERSION
@@ -994,9 +1012,9 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
             t = time_graph([step], min_time_s=0.2, max_replays=30, min_replays=5)
             _finish(row, t.median_s)
             row.update(p10_s=t.p10_s, p90_s=t.p90_s, status="ok" if t.graph else "ok-eager")
-            if linear == "triton":
-                row["note"] = ("linear=triton gemv" if step.state["gemv"]
-                               else "linear=triton requested; F.linear (B > 8 or float32)")
+            if linear in ("triton", "triton-fused"):
+                row["note"] = (f"linear={linear} gemv" if step.state["gemv"]
+                               else f"linear={linear} requested; F.linear (B > 8 or float32)")
             if attn_split:
                 ta = time_graph([attn_only], min_time_s=0.1, max_replays=20, min_replays=5)
                 row["attn_s"] = ta.median_s
@@ -1129,8 +1147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--self-check", action="store_true")
     ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this many seconds")
     ap.add_argument("--linear", choices=sorted(OUR_RUNTIMES), default="torch",
-                    help="dense projections of our step: torch (F.linear, cuBLAS; the committed data) or triton "
-                         "(kvmodel.kernels.gemv at B <= 8); rows get runtime " +
+                    help="dense projections of our step: torch (F.linear, cuBLAS; the committed data), triton "
+                         "(kvmodel.kernels.gemv at B <= 8) or triton-fused (triton, with RMSNorm fused into the "
+                         "qkv/gate_up GEMVs and SiLU*mul into down); rows get runtime " +
                          " / ".join(f"{v} ({k})" for k, v in OUR_RUNTIMES.items()))
     a = ap.parse_args(argv)
     if a.fill_bytes:

@@ -1,7 +1,12 @@
 """GPU probe: the Triton weight-streaming GEMV (``kvmodel.kernels.gemv``) against cuBLAS on decode projections.
 
     python -m kvmodel.measure.gemv_probe --out gemv_probe.jsonl [--models qwen2.5-7b,llama-3.1-8b]
-        [--batches 1,2,4,8] [--wide] [--budget-s 220]
+        [--batches 1,2,4,8] [--wide] [--budget-s 220] [--fused]
+
+``--fused`` (instead of the sweep): the prologue fusions of ``gemv`` against the unfused pairs they replace, at
+the default configs — qkv: ``rmsnorm`` (e2e_decode's kernel) + ``gemv`` vs ``gemv(norm_weight=)``; down:
+``silu_mul`` + ``gemv`` vs ``gemv(gate_up=True)`` (rows ``"kind": "gemv_fused"``, impl ``unfused`` / ``fused``;
+this mode also imports :mod:`kvmodel.measure.e2e_decode` for the two small kernels).
 
 One run: (1) the streaming-read ceiling (the Triton read kernel of :mod:`kvmodel.measure.probes` over a 4 GiB
 buffer, timed the same way as every other row); (2) for each projection of Qwen2.5-7B and Llama-3.1-8B (fused qkv,
@@ -275,6 +280,84 @@ def run(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Sequence[
     return rows
 
 
+def run_fused(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Sequence[int] = BATCHES,
+              dtype_name: str = "float16", args=None, log=print) -> list[dict]:
+    """qkv with the RMSNorm prologue and down with the SiLU·mul prologue vs the unfused pairs (default configs),
+    timed as the sweep (rotated weights, graph replay); each output checked against the fp32 reference."""
+    import torch
+    from kvmodel.kernels.gemv import gemv, gemv_ref
+    from kvmodel.measure.e2e_decode import rmsnorm, silu_mul
+
+    t0 = time.time()
+    dt = getattr(torch, dtype_name)
+    esize = torch.empty((), dtype=dt).element_size()
+    ceiling = measure_read_ceiling(log)
+    rows: list[dict] = []
+
+    def emit(row):
+        rows.append(row)
+        with open(out_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+    emit(_meta(args or argparse.Namespace(), ceiling) | {"mode": "fused"})
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for m in models:
+        model, projs = SHAPES[m]
+        for name, K, N, has_b in projs:
+            if name not in ("qkv", "down"):
+                continue
+            wbytes = N * K * esize
+            n_copies = max(1, math.ceil(ROTATE_BYTES / wbytes))
+            ws = [torch.empty(N, K, device="cuda", dtype=dt).normal_(0.0, 1.0 / math.sqrt(K), generator=gen)
+                  for _ in range(n_copies)]
+            bias = torch.randn(N, device="cuda", dtype=dt, generator=gen) * 0.1 if has_b else None
+            nw = 1 + 0.1 * torch.randn(K, device="cuda", dtype=dt, generator=gen)
+            reps = max(1, math.ceil(max(n_copies, math.ceil(0.5 * GiB / wbytes)) / n_copies))
+            for B in batches:
+                y = torch.empty(B, N, device="cuda", dtype=dt)
+                wsd: dict = {}
+                if name == "qkv":
+                    x = torch.randn(B, K, device="cuda", dtype=dt, generator=gen)
+                    mid = torch.empty(B, K, device="cuda", dtype=dt)
+                    kw = {"norm_weight": nw}
+
+                    def unfused(w, x=x, mid=mid, y=y, wsd=wsd, nw=nw, bias=bias):
+                        rmsnorm(x, nw, mid)
+                        gemv(mid, w, bias, out=y, workspace=wsd)
+                else:
+                    x = torch.randn(B, 2 * K, device="cuda", dtype=dt, generator=gen)
+                    mid = torch.empty(B, K, device="cuda", dtype=dt)
+                    kw = {"gate_up": True}
+
+                    def unfused(w, x=x, mid=mid, y=y, wsd=wsd, bias=bias):
+                        silu_mul(x, mid)
+                        gemv(mid, w, bias, out=y, workspace=wsd)
+
+                def fused(w, x=x, y=y, wsd=wsd, kw=kw, bias=bias):
+                    gemv(x, w, bias, out=y, workspace=wsd, **kw)
+
+                ref = gemv_ref(x, ws[0], bias, **kw)
+                moved = wbytes + (B * x.shape[1] + B * N + (N if has_b else 0)) * esize
+                base = {"kind": "gemv_fused", "model": model, "name": name, "B": B, "K": K, "N": N,
+                        "dtype": dtype_name, "bytes": moved, "n_copies": n_copies, "calls": n_copies * reps,
+                        "read_ceiling_GBps": ceiling, "prologue": "rmsnorm" if name == "qkv" else "silu_mul"}
+                case = _Case(ws=ws, reps=reps, y=y, ref=ref, base=base, ceiling=ceiling, emit=emit)
+                u = case.record("unfused", {}, unfused)
+                f = case.record("fused", {}, fused,
+                                max_err=None if u.get("max_err") is None else 2 * u["max_err"] + 1e-2)
+                if "median_s" in u and "median_s" in f:
+                    log(f"{model:13s} {name:5s} B={B} unfused {u['median_s'] * 1e6:7.2f} us  fused "
+                        f"{f['median_s'] * 1e6:7.2f} us  ({100 * (f['median_s'] / u['median_s'] - 1):+.1f}%)  "
+                        f"({time.time() - t0:.0f} s)")
+                else:
+                    log(f"{model:13s} {name:5s} B={B} unfused {u['status']} fused {f['status']}: "
+                        f"{u.get('error', '')} {f.get('error', '')}")
+            del ws
+            torch.cuda.empty_cache()
+    log(f"# done in {time.time() - t0:.0f} s -> {out_path}")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Triton GEMV vs cuBLAS on decode projection shapes (GPU)")
     ap.add_argument("--out", required=True, help="JSON-lines file to append to")
@@ -284,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--wide", action="store_true", help="a wider config sweep (slower)")
     ap.add_argument("--budget-s", type=float, default=220.0, help="stop starting new shapes after this long")
+    ap.add_argument("--fused", action="store_true",
+                    help="instead of the sweep: qkv with the RMSNorm prologue and down with the SiLU*mul "
+                         "prologue vs the unfused pairs (default configs)")
     a = ap.parse_args(argv)
     try:
         import torch
@@ -298,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown model(s) {unknown}; known: {list(SHAPES)}", file=sys.stderr)
         return 2
+    if a.fused:
+        run_fused(a.out, models, [int(b) for b in a.batches.split(",")], a.dtype, args=a,
+                  log=lambda s: print(s, flush=True))
+        return 0
     run(a.out, models, [int(b) for b in a.batches.split(",")], a.dtype, a.wide, a.budget_s,
         [s for s in a.shapes.split(",") if s], args=a, log=lambda s: print(s, flush=True))
     return 0

@@ -125,6 +125,72 @@ def test_default_config_is_valid(N, K, B):
         _check(gemv(x, w, out=_poisoned(B, 24, torch.float16), **cfg), x, w, None)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Prologue fusions: rmsnorm(x) @ w.T (norm_weight=) and (silu(gate) * up) @ w.T (gate_up=True)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _prologue_inputs(B, N, K, dtype, kind, seed):
+    """x (the gemv input: [B, K] for "norm", [B, 2K] gate|up for "gate_up"), w, bias and the norm weight."""
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = _inputs(B, N, K, dtype, kind == "norm", seed)
+    if kind == "norm":  # a residual stream of scale ~3 and a non-trivial norm weight
+        x = (x.float() * 3).to(dtype)
+        nw = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype).to(DEV)
+        return x, w, b, nw
+    return torch.randn(B, 2 * K, generator=g).to(dtype).to(DEV), w, b, None
+
+
+def _composition(x, w, b, nw, kind, residual):
+    """The unfused step in x's dtype: e2e_decode.rmsnorm (x * r * g in fp32, one rounding) or silu_mul (one
+    rounding), then F.linear (+ residual)."""
+    F = torch.nn.functional
+    xf = x.float()
+    if kind == "norm":
+        a = (xf * (1.0 / torch.sqrt(xf.pow(2).sum(-1, keepdim=True) / x.shape[1] + 1e-6)) * nw.float()).to(x.dtype)
+    else:
+        gate, up = xf.chunk(2, dim=-1)
+        a = (gate / (1.0 + torch.exp(-gate)) * up).to(x.dtype)
+    y = F.linear(a, w, b)
+    return y if residual is None else y + residual
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("res", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("kind", ["norm", "gate_up"])
+def test_gemv_prologue_matches_composition(dtype, B, res, kind):
+    """Fused prologue vs the fp32 reference, within 2x the unfused torch composition's error + floor; the
+    default path for B (FMA at B = 1, tl.dot at B = 3), odd N and K, poisoned or in-place residual output."""
+    N, K = N_ODD, K_ODD
+    x, w, b, nw = _prologue_inputs(B, N, K, dtype, kind, seed=100 + B + 2 * res)
+    kw = {"norm_weight": nw} if kind == "norm" else {"gate_up": True}
+    block_n = 8 if B == 1 else 16
+    r = torch.randn(B, N, generator=torch.Generator().manual_seed(B)).to(dtype).to(DEV) if res else None
+    out = r.clone() if res else _poisoned(B, N, dtype)
+    y = gemv(x, w, b, out=out, residual=out if res else None, block_n=block_n, block_k=32, **kw)
+    assert y is out and torch.isfinite(y).all()
+    ref = gemv_ref(x, w, b, residual=r, **kw)
+    err = float((y.float() - ref).abs().max())
+    err_torch = float((_composition(x, w, b, nw, kind, r).float() - ref).abs().max())
+    assert err <= 2 * err_torch + FLOOR[dtype], (err, err_torch)
+
+
+@pytest.mark.parametrize("kind", ["norm", "gate_up"])
+@pytest.mark.parametrize("B,dot,block_n,split_k", [(1, False, 8, 3), (2, False, 4, 1), (3, "swap", 16, 2)])
+def test_gemv_prologue_other_paths(kind, B, dot, block_n, split_k):
+    """The prologues on split-K (norm: whole-row sums of squares first) and the per-row FMA path."""
+    dtype = torch.bfloat16 if B == 3 else torch.float16
+    x, w, b, nw = _prologue_inputs(B, 21, 70, dtype, kind, seed=7 + B)
+    kw = {"norm_weight": nw} if kind == "norm" else {"gate_up": True}
+    y = gemv(x, w, b, out=_poisoned(B, 21, dtype), dot=dot, block_n=block_n, block_k=16, split_k=split_k, **kw)
+    assert torch.isfinite(y).all()
+    ref = gemv_ref(x, w, b, **kw)
+    err = float((y.float() - ref).abs().max())
+    err_torch = float((_composition(x, w, b, nw, kind, None).float() - ref).abs().max())
+    assert err <= 2 * err_torch + FLOOR[dtype], (err, err_torch)
+
+
 def _bad_calls():
     h = torch.float16
     x = torch.randn(2, 16).to(h).to(DEV)
@@ -151,6 +217,15 @@ def _bad_calls():
         "dot mode": lambda: gemv(x, w, dot="wgmma"),
         "merge": lambda: gemv(x, w, split_k=2, merge="atomic"),
         "not a tensor": lambda: gemv(x.tolist(), w),
+        "norm_weight shape": lambda: gemv(x, w, norm_weight=torch.ones(15, dtype=h, device=DEV)),
+        "norm_weight dtype": lambda: gemv(x, w, norm_weight=torch.ones(16, dtype=torch.float32, device=DEV)),
+        "norm_weight 2-D": lambda: gemv(x, w, norm_weight=torch.ones(1, 16, dtype=h, device=DEV)),
+        "norm_weight list": lambda: gemv(x, w, norm_weight=[1.0] * 16),
+        "eps negative": lambda: gemv(x, w, norm_weight=torch.ones(16, dtype=h, device=DEV), eps=-1.0),
+        "gate_up odd width": lambda: gemv(torch.randn(2, 17).to(h).to(DEV), w, gate_up=True),
+        "gate_up width != 2K": lambda: gemv(x, w, gate_up=True),
+        "norm and gate_up": lambda: gemv(torch.randn(2, 32).to(h).to(DEV), w, gate_up=True,
+                                         norm_weight=torch.ones(16, dtype=h, device=DEV)),
     }
 
 
@@ -243,3 +318,39 @@ def test_e2e_step_hook_falls_back():
     with pytest.raises(ValueError):
         e2e.DecodeModel(spec, "float16", device=DEV, linear="cutlass")
     assert e2e.OUR_RUNTIMES["torch"] == "kvmodel-graph"  # the committed rows' label is unchanged
+
+
+def test_e2e_step_hook_fused(monkeypatch):
+    """``DecodeModel(linear="triton-fused")``: the two RMSNorms of each layer go into the qkv and gate_up GEMVs
+    and SiLU·mul into down (only the final norm launches), and the logits match the ``triton`` step's."""
+    from kvmodel.measure import e2e_decode as e2e
+
+    mod = __import__("sys").modules["kvmodel.kernels.gemv"]
+    calls, small = [], []
+    orig_gemv, orig_norm, orig_silu = mod.gemv, e2e.rmsnorm, e2e.silu_mul
+
+    def counting(x, w, bias=None, **kw):
+        calls.append((tuple(w.shape), kw.get("norm_weight") is not None, bool(kw.get("gate_up"))))
+        return orig_gemv(x, w, bias, **kw)
+
+    monkeypatch.setattr(mod, "gemv", counting)
+    monkeypatch.setattr(e2e, "rmsnorm", lambda *a, **k: small.append("norm") or orig_norm(*a, **k))
+    monkeypatch.setattr(e2e, "silu_mul", lambda *a, **k: small.append("silu") or orig_silu(*a, **k))
+    spec = _tiny_spec()
+    B, T = 2, 9
+    fused = _run_step(spec, "triton-fused", "float16", B, T)
+    assert fused["gemv"] is True and fused["fused"] is True
+    L = spec.num_layers
+    assert len(calls) == 4 * L + 1
+    assert sum(n for _, n, _ in calls) == 2 * L and sum(g for _, _, g in calls) == L
+    assert small == ["norm"]  # the final norm before the LM head
+    calls.clear()
+    small.clear()
+    ref = _run_step(spec, "triton", "float16", B, T)
+    assert ref["fused"] is False and small.count("norm") == 2 * L + 1 and small.count("silu") == L
+    a, b = fused["logits"].float(), ref["logits"].float()
+    assert torch.isfinite(a).all()
+    assert float((a - b).norm() / b.norm()) < 1e-2
+    assert torch.equal(fused["ids"], ref["ids"])
+    assert e2e.OUR_RUNTIMES["triton-fused"] == "kvmodel-graph-gemv-fused"
+    assert _run_step(spec, "triton-fused", "float32", 1, 5)["fused"] is False  # falls back with the GEMV

@@ -202,9 +202,9 @@ if triton is not None:
                     # x row b broadcast over the tile's rows: loaded straight into w's layout (L1 hits)
                     xp = X + b * stride_xb + k + (rk[None, :] + 0 * rn[:, None])
                     if EVEN_K:
-                        xm = (rk[None, :] < BLOCK_K) & (b < B)
+                        xm = (rk[None, :] < BLOCK_K) & ((rk[None, :] * 0 + b) < B)
                     else:
-                        xm = ((k + rk) < K)[None, :] & (b < B)
+                        xm = ((k + rk) < K)[None, :] & ((rk[None, :] * 0 + b) < B)
                     xb = tl.load(xp, mask=xm, other=0.0, eviction_policy="evict_last")
                     if PRO:
                         xbf = _prologue(xb, xp + K, xm, gw, GATE_UP)

@@ -27,7 +27,7 @@ Rows (``e2e_decode.csv``): model,B,T,k_bits,v_bits,pipeline,runtime,median_s,...
 attention and the rest.
 
     python -m kvmodel.measure.e2e_decode --out validation/data/h200/e2e_decode.csv \
-        --models Llama-3.1-8B --batches 1,16 --contexts 1k,32k --pipelines P0,P5 --read-ceiling 4400
+        --models Llama-3.1-8B --batches 1,16 --contexts 1k,32k --formats P0:16/16,P5:4/4 --read-ceiling 4400
     python -m kvmodel.measure.e2e_decode --out validation/data/h200/e2e_decode.csv --fill-bytes   # bytes only
 
 torch/triton/transformers are imported lazily: the byte arithmetic here works on any machine.

@@ -456,8 +456,9 @@ def _p5_shape_text(att: dict) -> list:
     shapes = "; ".join(f"{k}: c_res {v['c_res']}" for k, v in ps.items() if "/n32" in k)
     return [
         "### Why the fused kernel missed, and what the model now ports", "",
-        "Kernel v3 is two programs, not one. `kernels.decode_attention.default_config` picks the block shape from "
-        "(k_bits, v_bits, d, B*Hkv*T): launches of fewer than `LARGE_WORK` = 2^20 token-heads, and anything with an "
+        "The fused kernel (v3, and v4 with `LARGE_WORK` lowered to 2^18) is two programs, not one. "
+        "`kernels.decode_attention.default_config` picks the block shape from "
+        "(k_bits, v_bits, d, B*Hkv*T): launches of fewer than `LARGE_WORK` token-heads, and anything with an "
         "8-bit part, run 4-warp programs over 64-token tiles (4 resident per SM); large launches with only 4/16-bit "
         "parts run 1-warp (2-warp at d = 256) programs over 32-token tiles, with different instructions per "
         "token-head (35 vs 42.5) and 9-12 programs per SM, and `choose_num_splits` sizes the split count for that "

@@ -60,12 +60,12 @@ and the step's ``kvmodel.measure.e2e_decode --linear triton-fused`` (commands in
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from . import _interpreter_compat
+from .decode_attention import DEFAULT_SMS, num_sms  # one SM-count helper for every launcher
 
 try:
     import triton
@@ -76,7 +76,6 @@ except ImportError:  # pragma: no cover
 
 MAX_B = 8
 DTYPES = (torch.float16, torch.bfloat16)
-DEFAULT_SMS = 132  # H200; the launcher reads the real count from the device when there is one
 #: SM count the default table is evaluated for on CPU tensors (the interpreter runs programs one after another,
 #: so a grid sized to fill 132 SMs only costs time there; the results do not depend on it)
 INTERPRETER_SMS = 4
@@ -320,18 +319,6 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (132 on an H200; DEFAULT_SMS off a GPU)."""
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_SMS
 
 
 def default_config(N: int, K: int, B: int, sms: int = DEFAULT_SMS) -> dict:

@@ -141,6 +141,20 @@ def _meta(args, ceiling) -> dict:
             "args": vars(args)}
 
 
+def _recorder(out_path: str, meta: dict):
+    """(rows, emit): ``emit(row)`` keeps the row and appends it to ``out_path`` as one JSON line at once (nothing
+    measured is lost on interruption); the run's ``meta`` row is written first."""
+    rows: list[dict] = []
+
+    def emit(row):
+        rows.append(row)
+        with open(out_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+    emit(meta)
+    return rows, emit
+
+
 def _addmm(torch, bias, x, y, w):
     return torch.addmm(bias, x, w.t(), out=y)
 
@@ -197,14 +211,7 @@ def run(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Sequence[
     esize = torch.empty((), dtype=dt).element_size()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ceiling = measure_read_ceiling(log)
-    rows: list[dict] = []
-
-    def emit(row):
-        rows.append(row)
-        with open(out_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, default=str) + "\n")
-
-    emit(_meta(args or argparse.Namespace(), ceiling))
+    rows, emit = _recorder(out_path, _meta(args or argparse.Namespace(), ceiling))
     F = torch.nn.functional
     gen = torch.Generator(device="cuda").manual_seed(0)
     todo = [(SHAPES[m][0], name, K, N, has_b) for m in models for (name, K, N, has_b) in SHAPES[m][1]
@@ -292,14 +299,7 @@ def run_fused(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Seq
     dt = getattr(torch, dtype_name)
     esize = torch.empty((), dtype=dt).element_size()
     ceiling = measure_read_ceiling(log)
-    rows: list[dict] = []
-
-    def emit(row):
-        rows.append(row)
-        with open(out_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, default=str) + "\n")
-
-    emit(_meta(args or argparse.Namespace(), ceiling) | {"mode": "fused"})
+    rows, emit = _recorder(out_path, _meta(args or argparse.Namespace(), ceiling) | {"mode": "fused"})
     gen = torch.Generator(device="cuda").manual_seed(0)
     for m in models:
         model, projs = SHAPES[m]

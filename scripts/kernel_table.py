@@ -39,6 +39,13 @@ def _time(pt: pd.DataFrame, pipe: str, kb: int | None = None, vb: int | None = N
     return float(r.median_s.iloc[0]) if not r.empty else None
 
 
+
+def _cell(r, t0) -> str:
+    """One table cell: time, speedup over the baseline time ``t0`` (seconds), % of the read ceiling."""
+    t = float(r.median_s)
+    sp = f"{t0 / t:.2f}x" if t0 else "?"
+    return f"{t * 1e6:,.0f} us ({sp}, {r.pct_read_ceiling:.0f} %)"
+
 def render(data: Path = DATA, peer: Path | None = PEER) -> str:
     """The table as text; the peer columns only where ``peer`` exists."""
     out: list[str] = []
@@ -84,10 +91,7 @@ def render(data: Path = DATA, peer: Path | None = PEER) -> str:
                 if r.empty:
                     cells.append("-")
                     continue
-                r = r.iloc[0]
-                t = float(r.median_s)
-                sp = f"{t0 / t:.2f}x" if t0 else "?"
-                cells.append(f"{t * 1e6:,.0f} us ({sp}, {r.pct_read_ceiling:.0f} %)")
+                cells.append(_cell(r.iloc[0], t0))
             if p is not None:
                 ppt = p[(p.model == model) & (p.B == B) & (p["T"] == T)]
                 pt0 = _time(ppt, "P0")
@@ -96,10 +100,7 @@ def render(data: Path = DATA, peer: Path | None = PEER) -> str:
                     if r.empty:
                         cells.append("-")
                         continue
-                    r = r.iloc[0]
-                    t = float(r.median_s)
-                    sp = f"{pt0 / t:.2f}x" if pt0 else "?"
-                    cells.append(f"{t * 1e6:,.0f} us ({sp}, {r.pct_read_ceiling:.0f} %)")
+                    cells.append(_cell(r.iloc[0], pt0))
                 t_fi, t_p5 = _time(ppt, "FI-FP16"), _time(pt, "P5", 4, 4)
                 cells.append(f"{t_fi / t_p5:.2f}x" if t_fi and t_p5 else "-")
             out.append(f"| {B} x {T // 1024}K | " + " | ".join(cells) + " |")

@@ -15,13 +15,7 @@ import argparse
 import json
 import math
 
-
-def to_token_octet(qt):
-    """``qt`` re-packed in the token_octet layout (bytes [B, H, ceil(T/8), 4·d]; codes and scales unchanged).
-    Kept for callers of the probe; it is :func:`kernels.quant.to_token_octet`."""
-    from .quant import to_token_octet as _to_token_octet
-
-    return _to_token_octet(qt)
+from .quant import to_token_octet  # the layout lives in quant.py (also re-exported for the probe's callers)
 
 
 CASES = [  # (model, Hq, Hkv, d, B, T, k_bits)

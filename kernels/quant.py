@@ -554,10 +554,16 @@ def append_kv(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: torch.Tensor,
     v_new = v_new.contiguous()
     if v_new.stride() != k_new.stride():
         raise ValueError("k_new and v_new must have the same strides")
+    launch_append(cache, k_new, v_new, p)
+
+
+def launch_append(cache: QuantizedKVCache, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor) -> None:
+    """The append kernel's launch alone: no checks and no host sync (``pos`` a [B] int32 device tensor), so a
+    CUDA graph can capture it (the e2e step does); :func:`append_kv` is the checked entry point."""
     k, v = cache.k, cache.v
     dummy = k.data  # any pointer for absent metadata
     _append_kernel[(cache.batch, cache.kv_heads)](
-        k_new, v_new, p,
+        k_new, v_new, pos,
         k.data, k.scales if k.scales is not None else dummy, k.zeros if k.zeros is not None else dummy,
         v.data, v.scales if v.scales is not None else dummy, v.zeros if v.zeros is not None else dummy,
         k_new.stride(0), k_new.stride(1),

@@ -466,21 +466,7 @@ class _PipelineImpl:
 
     def append(self, layer, k_new, v_new):
         """quant.append_kv without its host-side position check (a device sync, not allowed in graph capture)."""
-        q = self.quant
-        cache = self.caches[layer]
-        k, v = cache.k, cache.v
-        dummy = k.data
-        q._append_kernel[(cache.batch, cache.kv_heads)](
-            k_new, v_new, self.pos,
-            k.data, k.scales if k.scales is not None else dummy, k.zeros if k.zeros is not None else dummy,
-            v.data, v.scales if v.scales is not None else dummy, v.zeros if v.zeros is not None else dummy,
-            k_new.stride(0), k_new.stride(1),
-            *k.data.stride()[:3], *q._meta_strides(k),
-            *v.data.stride()[:3], *q._meta_strides(v),
-            D=cache.head_dim, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
-            K_TP=k.bits == 4 and k.token_pair, V_TP=v.bits == 4 and v.token_pair,
-            K_TO=k.bits == 4 and k.token_octet, V_TO=v.bits == 4 and v.token_octet, num_warps=1,
-        )
+        self.quant.launch_append(self.caches[layer], k_new, v_new, self.pos)
 
     def attend(self, layer, q):
         return self.pipelines.run_pipeline(self.name, q, self.caches[layer], **self.options)

@@ -509,7 +509,8 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 
 #: Version of the fused decode-attention kernel and its defaults, as kernels/NOTES.md names them (v1: halves path,
 #: synchronous scale loads; v2: v_full option; v3: constant-stride async scales, block shape by launch size,
-#: chunked split merge; v4: the split merge fused into the split kernel's last program per head group).
+#: chunked split merge; v4: LARGE_WORK 2^18, 4-bit V in the token_octet cache layout at d >= 128, and a fused
+#: split merge as an option (the separate merge launch stays the default)).
 #: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
 #: measured.
 KERNEL_VERSION = "v4"

@@ -6,11 +6,12 @@ Format (one tensor, K or V, each with its own bit width):
 * 8 bits: ``data`` is uint8 ``[B, Hkv, T_max, d]``.
 * 4 bits: ``data`` is uint8 ``[B, Hkv, T_max, d/2]``, two values per byte along head_dim, the even channel in
   the low nibble.
-* 4 bits, ``layout="token_pair"`` (opt-in, used for V by the v4 candidate kernel path): ``data`` is uint8
+* 4 bits, ``layout="token_pair"`` (opt-in, V only; measured 8-15 % slower than the channel layout, kept as an option): ``data`` is uint8
   ``[B, Hkv, ceil(T_max/2), d]``, one byte per channel of two consecutive tokens: token 2i in the low nibble,
   token 2i+1 in the high nibble, so the P·V contraction over tokens reads packed bytes along its own axis.
   Scales are unchanged (per token and channel group).
-* 4 bits, ``layout="token_octet"`` (opt-in, V only): ``data`` is uint8 ``[B, Hkv, ceil(T_max/8), 4*d]``, one
+* 4 bits, ``layout="token_octet"`` (V only; what 4-bit V caches get by default at head_dim >= 128,
+  :func:`default_v_layout`): ``data`` is uint8 ``[B, Hkv, ceil(T_max/8), 4*d]``, one
   32-bit word per channel of eight consecutive tokens: for octet row r (tokens 8r..8r+7) and channel c, byte
   ``[r, 4c + m]`` (m = 0..3) holds token 8r+m in its low nibble and token 8r+m+4 in its high nibble, so that one
   word's low nibbles are the fp16x2 pairs (t0, t1), (t2, t3) and its high nibbles (t4, t5), (t6, t7) of the P·V
@@ -356,8 +357,7 @@ def empty_quantized(shape_prefix: tuple[int, ...], d: int, bits: int, group: int
 def empty_cache(B: int, Hkv: int, max_tokens: int, d: int, k_bits: int, v_bits: int, group: int = 32,
                 asym: bool = False, device: torch.device | str = "cpu", v_layout: str = "auto") -> QuantizedKVCache:
     """A preallocated, empty (length 0) cache of ``max_tokens`` slots (``v_layout="token_pair"`` /
-    ``"token_octet"``: 4-bit V packed two tokens per byte / eight tokens per 32-bit word, the v4 candidate
-    layouts; ``"auto"``: :func:`default_v_layout`, the one the kernel measured fastest)."""
+    ``"token_octet"``: 4-bit V packed two tokens per byte / eight tokens per 32-bit word; ``"auto"``: :func:`default_v_layout`, the one the kernel measured fastest)."""
     if v_layout == "auto":
         v_layout = default_v_layout(v_bits, d)
     k = empty_quantized((B, Hkv, max_tokens), d, k_bits, group, asym, device)

@@ -14,6 +14,10 @@ time **per call** (one kernel / op invocation), fitted by bounded least squares 
 * ``attention:<P>``   – the attention grid when present, else the attention-only timings of the end-to-end
   step (``attn_s`` / layers, bytes = ``bytes_kv_pipeline`` / layers).
 
+The fused kernel (P5) also gets occupancy curves from the grid (``Calibration.fused``, :func:`fit_fused`: program
+waves per SM, per format, head dim and block shape, fitted by :mod:`kvmodel.fused_fit`, the fit the validation
+model uses); :mod:`kvmodel.predict` times P5 calls by them and keeps the ``attention:P5...`` curves as the fallback.
+
 Per-step and per-layer overheads are what the end-to-end step takes beyond the sum of its calls, as
 :mod:`kvmodel.predict` charges them: residual = measured − (weights + attention), fitted as
 ``step_overhead_s + layers × layer_overhead_s`` (non-negative least squares). Hugging Face runtimes share the
@@ -37,15 +41,17 @@ import numpy as np
 import yaml
 from scipy.optimize import least_squares, nnls
 
-from kvmodel.specs import BandwidthCurve, Calibration, GPUSpec, SpecError, get_gpu, load_yaml_spec
-from kvmodel.timing import DEFAULT_FLOP_EFFICIENCY, curve_time_s, kernel_config, kernel_config_key
+from kvmodel.specs import (BandwidthCurve, Calibration, FusedKernelCurve, GPUSpec, SpecError, get_gpu,
+                           load_yaml_spec)
+from kvmodel.timing import (DEFAULT_FLOP_EFFICIENCY, curve_time_s, fused_curve_key, kernel_config,
+                            kernel_config_key)
 
 RUNTIMES = ("kvmodel-graph", "hf-eager", "hf-static-graph")
 MiB = 1024**2
 
 __all__ = [
     "CalibrationDataError", "fit_curve", "curve_quality", "fit_stream", "fit_weights", "fit_lm_head",
-    "fit_attention", "fit_overheads", "attention_op", "fit_calibration", "fit_all", "write_calibration", "load_calibration",
+    "fit_attention", "fit_fused", "fit_overheads", "attention_op", "fit_calibration", "fit_all", "write_calibration", "load_calibration",
     "find_calibration", "calibration_path", "gpu_slug", "read_csv_rows",
 ]
 
@@ -331,6 +337,33 @@ def fit_attention(points: dict[str, tuple[list, list]], min_points: int = 4) -> 
     return out
 
 
+def fit_fused(grid_rows: Sequence[dict], gpu: GPUSpec) -> dict[str, FusedKernelCurve]:
+    """Occupancy curves of the fused kernel (P5) from the decode-attention grid's default-kernel rows, fitted by
+    :func:`kvmodel.fused_fit.fit_fused_curves` (the validation model's fit), keyed by
+    :func:`kvmodel.timing.fused_curve_key`. Rows need B, T, Hq, Hkv, d, k_bits, v_bits; the measured num_splits
+    is used where present (else the kernel's rule). Empty when too few rows."""
+    import pandas as pd
+
+    from kvmodel import fused_fit
+
+    need = ("B", "T", "Hq", "Hkv", "d", "k_bits", "v_bits")
+    rows = [r for r in grid_rows if _ok(r) and (r.get("pipeline") or "").strip() == "P5"
+            and (r.get("variant") or "default") == "default" and all(_f(r, k) for k in need)]
+    if len(rows) < fused_fit.MIN_ROWS_POOLED:
+        return {}
+    d = pd.DataFrame(rows)
+    d["median_s"] = pd.to_numeric(d["median_s"])
+    d = fused_fit.add_fused_columns(d, gpu.sm_count, gpu.l2_cache_MiB * MiB)
+    fc = fused_fit.fit_fused_curves(d, gpu.sm_count)
+    out = {}
+    for key, curve in list(fc.pooled.items()) + list(fc.per_shape.items()):
+        inf = fc.info[key]
+        out[fused_curve_key(*key)] = FusedKernelCurve(
+            **curve.as_dict(), r2=float(inf["r2_log"]), n_points=int(inf["n_points"]),
+            median_abs_pct_error=float(inf["median_abs_pct_error"]))
+    return dict(sorted(out.items()))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Overheads from end-to-end residuals
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,9 +459,11 @@ def _resolve_gpu(gpu: Optional[str], prov: dict) -> GPUSpec:
 
 
 def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel-graph",
-                    attention_csv=None, command: str = "") -> Calibration:
+                    attention_csv=None, command: str = "",
+                    fused: Optional[dict[str, FusedKernelCurve]] = None) -> Calibration:
     """Fit one runtime's :class:`Calibration` from ``data_dir`` (probes.csv, e2e_decode.csv and, if present,
-    decode_attention.csv)."""
+    decode_attention.csv). ``fused``: the fused kernel's curves when already fitted from the same grid (they do not
+    depend on the runtime), else :func:`fit_fused` fits them."""
     data_dir = Path(data_dir)
     probe_rows = read_csv_rows(data_dir / "probes.csv")
     if not probe_rows:
@@ -468,8 +503,13 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
         if att:
             notes.append("attention: e2e attention-only timings (no decode_attention.csv yet)")
     ops.update(att)
+    if fused is None:
+        fused = fit_fused(grid_rows, g) if grid_rows else {}
+    if fused:
+        notes.append(f"fused P5: {len(fused)} occupancy curves from the decode-attention grid (kvmodel.fused_fit)")
 
-    base = Calibration(gpu=g.name, runtime=runtime, read_bw_GBps=read_bw, copy_bw_GBps=copy_bw, ops=ops)
+    base = Calibration(gpu=g.name, runtime=runtime, read_bw_GBps=read_bw, copy_bw_GBps=copy_bw, ops=ops,
+                       fused=fused)
     step_s, layer_s = 0.0, None
     rt_rows = [r for r in e2e_rows if r.get("runtime") == runtime and _ok(r)]
     if runtime == "kvmodel-graph":
@@ -496,7 +536,7 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
         driver=str(src.get("driver") or ""), torch=str(src.get("torch") or ""), triton=str(src.get("triton") or ""),
         date=str(src.get("date") or ""), command=command or str(src.get("command") or ""),
         read_bw_GBps=read_bw, copy_bw_GBps=copy_bw, step_overhead_s=step_s, layer_overhead_s=layer_s,
-        ops=ops, notes="; ".join(notes),
+        ops=ops, fused=fused, notes="; ".join(notes),
     )
 
 
@@ -555,7 +595,8 @@ def calibration_path(gpu: GPUSpec | str, runtime: str = "kvmodel-graph", root=No
 def calibration_yaml(cal: Calibration) -> str:
     data = cal.model_dump(mode="json", exclude_none=True)
     head = (f"# kvmodel calibration: {cal.gpu} / runtime {cal.runtime}. Written by `kvmodel calibrate`; curves are\n"
-            f"# t = t0_s + smoothmax(bytes, knee_bytes; sharpness) / bw_GBps per call (kvmodel.timing).\n")
+            f"# t = t0_s + smoothmax(bytes, knee_bytes; sharpness) / bw_GBps per call (kvmodel.timing); `fused`:\n"
+            "# the fused kernel's occupancy curves (kvmodel.timing.OccupancyCurve, fitted by kvmodel.fused_fit).\n")
     return head + yaml.safe_dump(data, sort_keys=False, width=110)
 
 
@@ -605,10 +646,12 @@ def fit_all(data_dir, out_root=None, gpu: Optional[str] = None, runtimes: Iterab
     """Fit and write every runtime ``data_dir``'s e2e file measured (kvmodel-graph is required)."""
     present = {r.get("runtime") for r in read_csv_rows(Path(data_dir) / "e2e_decode.csv") if _ok(r)}
     written = []
+    fused = None  # the fused kernel's curves: fitted with the first runtime, shared by the others
     for rt in runtimes:
         if rt != "kvmodel-graph" and rt not in present:
             continue
-        cal = fit_calibration(data_dir, gpu, rt, attention_csv, command)
+        cal = fit_calibration(data_dir, gpu, rt, attention_csv, command, fused=fused)
+        fused = cal.fused
         p = write_calibration(cal, root=out_root)
         written.append(p)
         log(summarize(cal, p))
@@ -625,6 +668,11 @@ def summarize(cal: Calibration, path=None) -> str:
                      f"n {c.sharpness:4.2f}  R2 {c.r2 if c.r2 is not None else float('nan'):6.3f}  "
                      f"med|err| {c.median_abs_pct_error if c.median_abs_pct_error is not None else float('nan'):5.1f}%"
                      f"  ({c.n_points} pts)")
+    for key, f in cal.fused.items():
+        lines.append(f"  {key:34s} occupancy: t0 {f.t0_s * 1e6:6.2f} us  r1 {f.r1_GBps:6.2f} GB/s  rc "
+                     f"{f.rc_GBps:6.2f} GB/s  c_res {f.c_res:2d}  med|err| "
+                     f"{f.median_abs_pct_error if f.median_abs_pct_error is not None else float('nan'):5.1f}%"
+                     f"  ({f.n_points} pts)")
     return "\n".join(lines)
 
 

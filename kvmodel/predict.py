@@ -8,6 +8,7 @@ LM head.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -17,7 +18,7 @@ from kvmodel import traffic
 from kvmodel.architecture import param_breakdown, weight_calls
 from kvmodel.specs import GiB, GPUSpec, KVFormat, ModelSpec, Workload
 from kvmodel.symbolic import PIPELINE_FORMULAS
-from kvmodel.timing import KERNEL_LARGE_WORK, TimeModel, kernel_config, kernel_config_key
+from kvmodel.timing import KERNEL_LARGE_WORK, TimeModel, kernel_config, kernel_config_key, kernel_split_count
 
 #: Memory reserved beside weights and KV (CUDA context, activations, allocator slack), bytes.
 DEFAULT_WORKSPACE_BYTES = 2 * GiB
@@ -61,34 +62,78 @@ def weights_time_s(tm: TimeModel, model: ModelSpec, B, weight_bytes_per_param: f
     return t
 
 
-def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: int, token_heads, nbytes, flops):
-    """Seconds of one attention call from its bytes and FLOPs, on the most specific calibrated curve.
+@lru_cache(maxsize=1 << 16)
+def _fused_launch(k_bits: int, v_bits: int, head_dim: int, batch: float, kv_heads: float, context: float,
+                  sm_count: int) -> tuple[float, str]:
+    """(splits, block-shape key) of one fused-kernel call: the kernel's own rules, ported
+    (:func:`kvmodel.timing.kernel_config`, :func:`kvmodel.timing.kernel_split_count`); cached per call shape."""
+    cfg = kernel_config(k_bits, v_bits, head_dim, batch, kv_heads, context)
+    ns = float(kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_count))
+    return ns, kernel_config_key(cfg)
 
-    The fused kernel (P5) runs one of two compiled block shapes, chosen by its launch size (``token_heads`` =
-    B x KV heads x T, the kernel's own rule, ported as :func:`kvmodel.timing.kernel_config`); each shape has its own
-    curve where the calibration has one."""
+
+def fused_launches(k_bits: int, v_bits: int, head_dim: int, B, Hkv, T, sm_count: int):
+    """Splits and block-shape keys of fused-kernel calls, vectorized over B, Hkv and T (broadcast): each distinct
+    (B, Hkv, T) is evaluated once. Returns (splits array, shape-key object array), of the broadcast shape."""
+    B, H, T = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (B, Hkv, T)))
+    trip = np.stack([B.ravel(), H.ravel(), T.ravel()], axis=1)
+    uniq, inv = np.unique(trip, axis=0, return_inverse=True)
+    res = [_fused_launch(int(k_bits), int(v_bits), int(head_dim), float(b), float(h), float(t), int(sm_count))
+           for b, h, t in uniq]
+    inv = np.asarray(inv).reshape(-1)
+    splits = np.array([r[0] for r in res], dtype=float)[inv].reshape(B.shape)
+    keys = np.array([r[1] for r in res], dtype=object)[inv].reshape(B.shape)
+    return splits, keys
+
+
+def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: int, B, Hkv, T, nbytes, flops):
+    """Seconds of one attention call (B sequences, Hkv KV heads, T cached tokens) from its bytes and FLOPs.
+
+    Non-fused pipelines: the most specific calibrated bandwidth curve. The fused kernel (P5) runs one of its
+    compiled block shapes, chosen by its launch size (the kernel's own rule, ported as
+    :func:`kvmodel.timing.kernel_config`), with the split count of :func:`kvmodel.timing.kernel_split_count`. When
+    the calibration has an occupancy curve for the format and head dim (``Calibration.fused``), the call is timed
+    by program waves: programs = ``fused_programs_splitk`` (B x Hkv x splits), the block shape's curve (else the
+    pooled one), no L2 hits (a decode step's KV exceeds the L2), roofline-checked like every op. Otherwise each
+    block shape's bandwidth curve (``attention:P5:...:<shape>`` where calibrated)."""
     if pipeline != "P5":
         return tm.op_time(tm.attention_op(pipeline, fmt.k_bits, fmt.v_bits, head_dim), nbytes, flops)
-    large = np.asarray(token_heads, dtype=float) >= KERNEL_LARGE_WORK
-    t_small, t_large = (
-        tm.op_time(tm.attention_op("P5", fmt.k_bits, fmt.v_bits, head_dim, kernel_config_key(
-            kernel_config(fmt.k_bits, fmt.v_bits, head_dim, 1, 1, KERNEL_LARGE_WORK if flag else 1))),
-            nbytes, flops)
-        for flag in (False, True))
-    return np.where(large, t_large, t_small)
+    kb, vb = fmt.k_bits, fmt.v_bits
+    if not tm.has_fused(kb, vb, head_dim):
+        large = np.asarray(B, dtype=float) * np.asarray(Hkv, dtype=float) * np.asarray(T, dtype=float) \
+            >= KERNEL_LARGE_WORK
+        t_small, t_large = (
+            tm.op_time(tm.attention_op("P5", kb, vb, head_dim, kernel_config_key(
+                kernel_config(kb, vb, head_dim, 1, 1, KERNEL_LARGE_WORK if flag else 1))), nbytes, flops)
+            for flag in (False, True))
+        return np.where(large, t_large, t_small)
+    splits, keys = fused_launches(kb, vb, head_dim, B, Hkv, T, tm.gpu.sm_count)
+    shape = np.broadcast_shapes(splits.shape, np.shape(nbytes), np.shape(flops))
+    splits, keys = np.broadcast_to(splits, shape), np.broadcast_to(keys, shape)
+    nb = np.broadcast_to(np.asarray(nbytes, dtype=float), shape)
+    fl = np.broadcast_to(np.asarray(flops, dtype=float), shape)
+    programs = np.broadcast_to(traffic.evaluate("fused_programs_splitk", {
+        "B": np.asarray(B, dtype=float), "H_kv": np.asarray(Hkv, dtype=float), "n_split": splits}), shape)
+    out = np.empty(shape)
+    for key in sorted(set(keys.ravel())):
+        m = keys == key
+        occ = tm.fused_curve(kb, vb, head_dim, key)  # the shape's curve, else the pooled one (has_fused)
+        t = occ.time_s(programs[m], nb[m], tm.gpu.sm_count, head_dim=head_dim, splits=splits[m])
+        out[m] = np.maximum(t, fl[m] / tm.peak_flops)
+    return out
 
 
 def attention_call_time_s(tm: TimeModel, pipeline: str, kv: KVFormat, B, T, Hq, Hkv, head_dim):
     """Predicted seconds of ONE attention-layer call (the unit the decode-attention benchmark times): bytes from
     :func:`kvmodel.traffic.attention_layer_bytes`, FLOPs 2*B*Hq*2d*T, and the curve :func:`attention_time_s`
-    charges each layer. Vectorized over B and T."""
+    charges each layer. Vectorized over B, T, Hq and Hkv."""
     fmt = FP16 if pipeline.startswith("P0") else kv
     B = np.asarray(B, dtype=float)
     T = np.asarray(T, dtype=float)
     nbytes = traffic.attention_layer_bytes(pipeline, B, T, Hq, Hkv, head_dim, fmt.k_bits, fmt.v_bits,
                                            fmt.group_size, fmt.asymmetric)
     flops = 2.0 * B * Hq * (2.0 * head_dim) * T
-    return _attention_op_time(tm, pipeline, fmt, head_dim, B * Hkv * T, nbytes, flops)
+    return _attention_op_time(tm, pipeline, fmt, head_dim, B, Hkv, T, nbytes, flops)
 
 
 def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: str, tp: int = 1):
@@ -111,8 +156,7 @@ def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeli
 
     def layer_time(T_layer):
         nbytes = traffic.evaluate(name, {**vals, "T": T_layer})
-        return _attention_op_time(tm, pipeline, fmt, d, B * vals["H_kv"] * T_layer, nbytes,
-                                  flops_per_tok * T_layer)
+        return _attention_op_time(tm, pipeline, fmt, d, B, vals["H_kv"], T_layer, nbytes, flops_per_tok * T_layer)
 
     t = (L - L_s) * layer_time(T)
     if L_s:

@@ -85,6 +85,37 @@ class BandwidthCurve(_Strict):
     median_abs_pct_error: Optional[float] = None
 
 
+class FusedKernelCurve(_Strict):
+    """Time of one fused decode-attention (P5) call by program occupancy: the parameters of
+    :class:`kvmodel.timing.OccupancyCurve` (programs run in waves of ``c_res`` per SM; symbolic ``fused_wave_time``),
+    fitted by :mod:`kvmodel.fused_fit`."""
+
+    t0_s: float = Field(ge=0, description="fixed cost per call (launch), seconds")
+    r1_GBps: float = Field(gt=0, description="streaming rate of a program alone on its SM, GB/s")
+    rc_GBps: float = Field(gt=0, description="streaming rate of each of c_res programs sharing an SM, GB/s")
+    c_res: int = Field(gt=0, description="programs resident per SM at once")
+    head_dim_exponent: float = Field(default=0.0, description="per-program rate x (head_dim / 128)^e")
+    program_overhead_bytes: float = Field(
+        default=0.0, ge=0, description="fixed work per program (q load, epilogue, partial write), bytes at its rate")
+    merge_s: float = Field(default=0.0, ge=0, description="split-K merge launch when splits > 1, seconds")
+    merge_per_split_s: float = Field(default=0.0, ge=0, description="merge cost per split, seconds")
+    merge_per_round_s: float = Field(default=0.0, ge=0, description="merge cost per round of split loads, seconds")
+    merge_round_splits: int = Field(default=16, gt=0, description="splits the merge loads per round (> 4 splits)")
+    one_split_rate_scale: float = Field(
+        default=1.0, gt=0, description="per-program rate of the one-split launch relative to the split launch")
+    l2_rate_scale: float = Field(
+        default=1.0, gt=0, description="per-program rate of L2-served loads relative to DRAM-served ones")
+    r2: Optional[float] = Field(default=None, description="fit quality (R^2 of log time)")
+    n_points: Optional[int] = None
+    median_abs_pct_error: Optional[float] = None
+
+    def occupancy_curve(self):
+        """This curve as a :class:`kvmodel.timing.OccupancyCurve`."""
+        from kvmodel.timing import OccupancyCurve
+
+        return OccupancyCurve(**self.model_dump(exclude={"r2", "n_points", "median_abs_pct_error"}))
+
+
 class TPLinkDegree(_Strict):
     """All-reduce terms fitted at one tensor-parallel degree: t = latency + 2(N-1)/N x bytes / bandwidth."""
 
@@ -131,6 +162,11 @@ class Calibration(_Strict):
         default=None, ge=0, description="per layer cost of the small kernels (norms, RoPE, KV append), seconds"
     )
     ops: dict[str, BandwidthCurve] = Field(default_factory=dict, description="curves per operation class")
+    fused: dict[str, FusedKernelCurve] = Field(
+        default_factory=dict,
+        description="fused-kernel (P5) occupancy curves, keyed like attention ops: 'attention:P5:k4v4:d128' "
+                    "(block shapes pooled), 'attention:P5:k4v4:d128:n32w1' (one block shape), "
+                    "'attention:P5-fp16:d128'; P5 calls without one use ``ops``")
     tp_link: Optional[TPLinkCalibration] = Field(default=None, description="measured all-reduce terms (TP)")
     notes: str = ""
 

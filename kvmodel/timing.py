@@ -63,6 +63,15 @@ def default_curves(gpu: GPUSpec) -> dict[str, BandwidthCurve]:
     return {op: curve for op in OP_CLASSES}
 
 
+def fused_curve_key(k_bits, v_bits, head_dim, shape: str | None = None) -> str:
+    """Key of a fused-kernel (P5) occupancy curve in ``Calibration.fused``, spelled like the attention op keys:
+    ``attention:P5:k<kb>v<vb>:d<d>`` (``attention:P5-fp16:d<d>`` at 16/16), then ``:<shape>`` for one block shape
+    (:func:`kernel_config_key`)."""
+    kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
+    base = f"attention:P5:k{kb}v{vb}:d{d}" if kb < 16 or vb < 16 else f"attention:P5-fp16:d{d}"
+    return f"{base}:{shape}" if shape else base
+
+
 def _curve(curves: dict[str, BandwidthCurve], op: str) -> BandwidthCurve:
     if op in curves:
         return curves[op]
@@ -81,6 +90,8 @@ class TimeModel:
         if calibration is not None:
             curves.update(calibration.ops)
         self.curves = curves
+        #: fused-kernel occupancy curves (Calibration.fused), by fused_curve_key
+        self.fused = {k: c.occupancy_curve() for k, c in (getattr(calibration, "fused", None) or {}).items()}
         self.calibrated = calibration is not None
         self.step_overhead_s = calibration.step_overhead_s if calibration is not None else DEFAULT_STEP_OVERHEAD_S
         lo = calibration.layer_overhead_s if calibration is not None else None
@@ -118,6 +129,19 @@ class TimeModel:
             if n in self.curves:
                 return n
         return f"attention:{pipeline}"
+
+    def has_fused(self, k_bits: int, v_bits: int, head_dim: int) -> bool:
+        """Whether the calibration has a fused-kernel occupancy curve for this K/V format and head dim."""
+        return fused_curve_key(k_bits, v_bits, head_dim) in self.fused
+
+    def fused_curve(self, k_bits: int, v_bits: int, head_dim: int, shape: str | None = None):
+        """The fused kernel's :class:`OccupancyCurve` for a format, head dim and block shape: the block shape's
+        curve, else the pooled one of that format and head dim; None when the calibration has neither."""
+        if shape:
+            c = self.fused.get(fused_curve_key(k_bits, v_bits, head_dim, shape))
+            if c is not None:
+                return c
+        return self.fused.get(fused_curve_key(k_bits, v_bits, head_dim))
 
     def op_time(self, op: str, nbytes, flops=0.0):
         """Seconds for one call of ``op`` moving ``nbytes`` and doing ``flops`` (roofline: the larger wins)."""

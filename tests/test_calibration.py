@@ -183,6 +183,62 @@ def test_attention_grid_preferred_and_ablations_ignored(tmp_path):
     assert c.ops["attention:P5"].median_abs_pct_error < 3  # the 5x 'nosplit' rows were left out
 
 
+def test_fused_occupancy_curves_fitted_from_the_grid(tmp_path):
+    """The grid's default P5 rows give occupancy curves keyed like the attention ops; predict then uses them."""
+    from kvmodel.predict import attention_call_time_s
+    from kvmodel.timing import TimeModel, fused_curve_key
+
+    write_synthetic_data(tmp_path, with_grid=True)
+    c = cal.fit_calibration(tmp_path)
+    assert {"attention:P5:k4v4:d128", "attention:P5-fp16:d128"} <= set(c.fused)
+    assert fused_curve_key(4, 4, 128) == "attention:P5:k4v4:d128"
+    assert fused_curve_key(16, 16, 128, "n128w4") == "attention:P5-fp16:d128:n128w4"
+    for k, f in c.fused.items():
+        assert k.startswith(("attention:P5:k4v4:d128", "attention:P5-fp16:d128")), k
+        assert f.n_points >= 6 and f.median_abs_pct_error < 10
+    assert "attention:P5" in c.ops  # the bandwidth curves stay, the fallback
+    assert "occupancy curves" in c.notes
+    # the grid was generated from the attention:P5 bandwidth curve: the occupancy curves reproduce it
+    tm = TimeModel(get_gpu("h200"), c)
+    from kvmodel.specs import KVFormat
+
+    B, T = np.array([1.0, 4, 16, 64]), np.array([4096.0, 16384, 1024, 32768])
+    nb = B * T * 8 * 128 * (2 * 4 / 8 + 2 * 4 / 32)
+    want = curve_time_s(nb, GT["attention:P5"].t0_s, GT["attention:P5"].bw_GBps, GT["attention:P5"].knee_bytes,
+                        GT["attention:P5"].sharpness)
+    got = attention_call_time_s(tm, "P5", KVFormat(k_bits=4, v_bits=4), B, T, 32, 8, 128)
+    assert np.allclose(got, want, rtol=0.15)
+
+
+def test_fused_curves_yaml_round_trip_and_old_files_load(tmp_path):
+    from kvmodel.specs import FusedKernelCurve
+
+    f = FusedKernelCurve(t0_s=4e-6, r1_GBps=7.1, rc_GBps=1.7, c_res=11, program_overhead_bytes=512.0,
+                         merge_s=1e-6, merge_per_split_s=4e-8, one_split_rate_scale=0.95, r2=0.99, n_points=53,
+                         median_abs_pct_error=4.9)
+    c = Calibration(gpu="H200-SXM", read_bw_GBps=4584.0, ops={"weights": GT["weights"]},
+                    fused={"attention:P5:k4v4:d128": f, "attention:P5:k4v4:d128:n32w1": f})
+    p = cal.write_calibration(c, root=tmp_path)
+    back = cal.load_calibration(p)
+    assert back == c and back.fused["attention:P5:k4v4:d128:n32w1"] == f
+    occ = back.fused["attention:P5:k4v4:d128"].occupancy_curve()
+    assert (occ.c_res, occ.rc_GBps, occ.merge_round_splits) == (11, 1.7, 16)
+    # a calibration written before the field existed still loads, with no fused curves
+    import yaml
+
+    data = yaml.safe_load(p.read_text())
+    del data["fused"]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(data))
+    assert cal.load_calibration(old).fused == {}
+    # strict: unknown fields are refused
+    data = yaml.safe_load(p.read_text())
+    data["fused"]["attention:P5:k4v4:d128"]["rate"] = 1.0
+    old.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError):
+        cal.load_calibration(old)
+
+
 def test_hf_runtime_calibration(tmp_path):
     write_synthetic_data(tmp_path)
     written = cal.fit_all(tmp_path, tmp_path / "cal", log=lambda s: None)

@@ -121,3 +121,77 @@ def test_per_format_attention_curve_is_used_when_calibrated():
     p44 = predict(H200, LLAMA, Workload(kv=parse_kv_format("int4"), **wl), calibration=cal)
     assert p84.fused.step_time_s > 3 * p44.fused.step_time_s
     assert p84.timing.startswith("calibrated")
+
+
+def _fused_cal(d=128):
+    """A calibration whose P5 bandwidth curve is deliberately slow and whose INT4 kernel has occupancy curves: a
+    pooled one at head dim ``d`` and a slower one for the 1-warp block shape (n32w1)."""
+    from kvmodel.specs import BandwidthCurve, Calibration, FusedKernelCurve
+
+    slow = BandwidthCurve(t0_s=5e-6, bw_GBps=300.0)
+    fast = BandwidthCurve(t0_s=5e-6, bw_GBps=4000.0)
+    pooled = FusedKernelCurve(t0_s=4e-6, r1_GBps=20.0, rc_GBps=10.0, c_res=2, program_overhead_bytes=2048.0,
+                              merge_s=2e-6, merge_per_split_s=3e-8)
+    shape = FusedKernelCurve(t0_s=6e-6, r1_GBps=6.0, rc_GBps=2.0, c_res=11, one_split_rate_scale=0.9)
+    return Calibration(gpu="H200-SXM", read_bw_GBps=4600,
+                       ops={"attention:P5": slow, "attention:P0": fast, "weights": fast, "lm_head": fast},
+                       fused={f"attention:P5:k4v4:d{d}": pooled, f"attention:P5:k4v4:d{d}:n32w1": shape})
+
+
+def test_fused_occupancy_curve_times_p5_when_calibrated():
+    """P5 with an occupancy curve: programs = B*Hkv*splits (the kernel's split rule), the block shape's curve first,
+    then the pooled one; formats without one keep the bandwidth curve."""
+    from kvmodel.predict import attention_call_time_s
+    from kvmodel.timing import kernel_config, kernel_config_key, kernel_split_count
+
+    cal = _fused_cal()
+    tm = TimeModel(H200, cal)
+    int4, k8v4 = parse_kv_format("int4"), parse_kv_format("k8v4")
+    B, T, Hq, Hkv, d = np.array([1.0, 4, 64, 128]), np.array([1024.0, 8192, 32768, 4096]), 32, 8, 128
+    got = attention_call_time_s(tm, "P5", int4, B, T, Hq, Hkv, d)
+    from kvmodel import traffic
+
+    nbytes = traffic.attention_layer_bytes("P5", B, T, Hq, Hkv, d, 4, 4, 32)
+    for i in range(B.size):
+        ns = float(kernel_split_count(4, 4, d, B[i], Hkv, T[i], H200.sm_count))
+        shape = kernel_config_key(kernel_config(4, 4, d, B[i], Hkv, T[i]))
+        key = "attention:P5:k4v4:d128" + (":n32w1" if shape == "n32w1" else "")
+        want = cal.fused[key].occupancy_curve().time_s(B[i] * Hkv * ns, nbytes[i], H200.sm_count, head_dim=d,
+                                                       splits=ns)
+        assert got[i] == pytest.approx(float(want), rel=1e-12), (i, key)
+    assert {kernel_config_key(kernel_config(4, 4, d, b, Hkv, t)) for b, t in zip(B, T)} >= {"n64w4", "n32w1"}
+    # no occupancy curve for K8V4: its bandwidth curve, exactly as without any fused curves
+    plain = TimeModel(H200, cal.model_copy(update={"fused": {}}))
+    assert np.array_equal(attention_call_time_s(tm, "P5", k8v4, B, T, Hq, Hkv, d),
+                          attention_call_time_s(plain, "P5", k8v4, B, T, Hq, Hkv, d))
+    assert np.all(attention_call_time_s(plain, "P5", int4, B, T, Hq, Hkv, d) != got)
+    # nor at another head dim, nor for the non-fused pipelines
+    assert np.array_equal(attention_call_time_s(tm, "P5", int4, B, T, 16, 8, 256),
+                          attention_call_time_s(plain, "P5", int4, B, T, 16, 8, 256))
+    assert np.array_equal(attention_call_time_s(tm, "P1", int4, B, T, Hq, Hkv, d),
+                          attention_call_time_s(plain, "P1", int4, B, T, Hq, Hkv, d))
+    # the grid path (2-D B x T) agrees with the per-call path
+    t2 = attention_call_time_s(tm, "P5", int4, B[:, None], T[None, :], Hq, Hkv, d)
+    assert t2.shape == (4, 4) and np.allclose(np.diag(t2), got, rtol=1e-12)
+
+
+def test_fused_curve_in_step_time_windowed_layers_and_tp():
+    """attention_time_s charges every layer the per-call time: windowed layers at min(T, W), and under tensor
+    parallelism each GPU's ceil(H/N) heads."""
+    from kvmodel.predict import attention_call_time_s, attention_time_s
+
+    gemma = get_model("gemma-3-12b")  # 40 of 48 layers windowed (W = 1024), head dim 256
+    tm = TimeModel(H200, _fused_cal(d=256))
+    int4 = parse_kv_format("int4")
+    B, T = np.array([[1.0], [16.0]]), np.array([[4096.0, 65536.0]])
+    L, Ls, W = 48, 40, 1024
+    one = lambda t, hq=16, hkv=8: attention_call_time_s(tm, "P5", int4, B, t, hq, hkv, 256)  # noqa: E731
+    want = (L - Ls) * one(T) + Ls * one(np.minimum(T, W))
+    assert np.allclose(attention_time_s(tm, gemma, int4, B, T, "P5"), want, rtol=1e-12)
+    want_tp = (L - Ls) * one(T, 8, 4) + Ls * one(np.minimum(T, W), 8, 4)
+    assert np.allclose(attention_time_s(tm, gemma, int4, B, T, "P5", tp=2), want_tp, rtol=1e-12)
+    # predict() uses it: the fused (P5) step differs from the same calibration without occupancy curves
+    p = predict(H200, gemma, Workload(batch=16, context_tokens=65536, kv=int4), calibration=tm.calibration)
+    q = predict(H200, gemma, Workload(batch=16, context_tokens=65536, kv=int4),
+                calibration=tm.calibration.model_copy(update={"fused": {}}))
+    assert p.fused.step_time_s != q.fused.step_time_s and p.fp16.step_time_s == q.fp16.step_time_s

@@ -1,4 +1,5 @@
-"""Shared helpers of the validation package: data paths, error statistics, atomic writes, curve fitting."""
+"""Shared helpers of the validation package: data paths, error statistics, atomic writes, curve fitting (the fused
+kernel's occupancy fit, :func:`fit_occupancy`, is :mod:`kvmodel.fused_fit`'s, re-exported here)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kvmodel.fused_fit import fit_occupancy  # noqa: F401  (re-exported: the one occupancy fit, kvmodel's)
+from kvmodel.fused_fit import lsq as _lsq
+from kvmodel.fused_fit import r2_log as _r2_log
 from kvmodel.specs import BandwidthCurve
-from kvmodel.timing import OccupancyCurve, curve_time_s
+from kvmodel.timing import curve_time_s
 
 
 def package_dir() -> Path:
@@ -111,13 +115,6 @@ def atomic_savefig(fig, path: Path, dpi: int = 110) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _lsq(residual, x0, bounds=None):
-    from scipy.optimize import least_squares
-
-    kw = {} if bounds is None else {"bounds": bounds}
-    return least_squares(residual, x0, loss="soft_l1", f_scale=0.05, max_nfev=4000, **kw)
-
-
 def fit_curve(nbytes, t_s, base_s=None, sharpness=None) -> BandwidthCurve:
     """Fit ``t = base + t0 + smoothmax(bytes, knee)/BW`` (log-time least squares, robust soft-L1 loss).
 
@@ -158,105 +155,6 @@ def fit_curve(nbytes, t_s, base_s=None, sharpness=None) -> BandwidthCurve:
     return BandwidthCurve(t0_s=float(t0), bw_GBps=float(bw), knee_bytes=float(knee), sharpness=float(n),
                           r2=_r2_log(t_s, pred), n_points=int(t_s.size),
                           median_abs_pct_error=float(np.median(np.abs(pct_error(pred, t_s)))))
-
-
-def _r2_log(t, pred) -> float:
-    y = np.log(t)
-    ss_res = float(np.sum((y - np.log(pred)) ** 2))
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
-
-
-def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choices=(2, 3, 4),
-                  fit_head_dim=True, splits=None, overheads: bool = False,
-                  merge_in_rounds: bool = False, one_split: bool = False,
-                  l2_hit=None, l2_rate_scale=None) -> tuple[OccupancyCurve, dict]:
-    """Fit a fused kernel's :class:`OccupancyCurve` to measured calls.
-
-    Parameters: t0, the sharing rate r_c, the lone-program rate r_1 = r_c * c_res^u with u in [0, 1] (a lone program
-    cannot beat its whole SM), optionally the head-dim exponent, and with ``overheads`` a per-program fixed cost
-    (in bytes) and a split-K merge cost a + b * splits (needs ``splits``), or with ``merge_in_rounds``
-    a + b * rounds (:func:`kvmodel.timing.merge_rounds`: the v3 merge loads its splits 16 at a time). c_res (programs resident per SM) is an
-    integer, 2..4 by default (a 4-warp program always fits twice on a Hopper SM): each choice is fitted and the
-    fewest resident programs within 1 % of the best robust cost kept. Returns (curve, fit info).
-    """
-    programs = np.asarray(programs, dtype=float)
-    nbytes = np.asarray(nbytes, dtype=float)
-    t_s = np.asarray(t_s, dtype=float)
-    hd = np.broadcast_to(np.asarray(head_dim, dtype=float), t_s.shape)
-    sp = None if splits is None else np.asarray(splits, dtype=float)
-    fit_e = fit_head_dim and np.unique(hd).size > 1
-    # one-split launches run the kernel's SPLIT=False specialization: its own per-program rate, fitted when the
-    # rows hold both kinds of launch
-    l2h = None if l2_hit is None else np.broadcast_to(np.asarray(l2_hit, dtype=float), t_s.shape)
-    # an L2-served rate, fitted when enough rows have their loads in L2 (>= 3) and enough do not
-    # (``l2_rate_scale`` given: held fixed, e.g. one value shared by several curves)
-    fit_l2 = (l2_rate_scale is None and l2h is not None and int(np.sum(l2h > 0.5)) >= 3
-              and int(np.sum(l2h < 0.5)) >= 3)
-    fit_s1 = (one_split and sp is not None and int(np.sum(sp <= 1)) >= 2 and int(np.sum(sp > 1)) >= 2)
-    use_merge = overheads and sp is not None and bool(np.any(sp > 1))
-    big = programs >= np.percentile(programs, 75)
-    plateau0 = float(np.median(nbytes[big] / t_s[big])) / 1e9
-
-    def make(th, c):
-        t0, rc = np.exp(th[0]), np.exp(th[1])
-        u = th[2]
-        k = 3
-        e = 0.0
-        if fit_e:
-            e = th[k]
-            k += 1
-        w0 = ms = mps = 0.0
-        if overheads:
-            w0 = float(np.exp(th[k]))
-            k += 1
-            if use_merge:
-                ms, mps = float(np.exp(th[k])), float(np.exp(th[k + 1]))
-            k += 2 if use_merge else 0
-        mpr = 0.0
-        if merge_in_rounds:
-            mps, mpr = 0.0, mps
-        s1 = float(np.exp(th[k])) if fit_s1 else 1.0
-        k += 1 if fit_s1 else 0
-        sl2 = float(np.exp(th[k])) if fit_l2 else float(l2_rate_scale or 1.0)
-        return OccupancyCurve(l2_rate_scale=sl2, t0_s=float(t0), r1_GBps=float(rc * c ** u), rc_GBps=float(rc),
-                              c_res=int(c),
-                              head_dim_exponent=float(e), program_overhead_bytes=w0, merge_s=ms,
-                              merge_per_split_s=mps, merge_per_round_s=mpr, one_split_rate_scale=s1)
-
-    results = []
-    for c in c_res_choices:
-        rc0 = max(plateau0 / (sm_count * c), 1e-3)
-        x0 = [np.log(max(float(t_s.min()) * 0.5, 1e-7)), np.log(rc0), 0.5]
-        lo = [np.log(1e-8), np.log(1e-4), 0.0]
-        hi = [np.log(1.0), np.log(1e4), 1.0]
-        if fit_e:
-            x0.append(0.0), lo.append(-3.0), hi.append(3.0)
-        if overheads:
-            x0.append(np.log(4096.0)), lo.append(np.log(1.0)), hi.append(np.log(1e8))
-            if use_merge:
-                x0.append(np.log(2e-6)), lo.append(np.log(1e-9)), hi.append(np.log(1e-3))
-                x0.append(np.log(2e-8)), lo.append(np.log(1e-11)), hi.append(np.log(1e-4))
-        if fit_s1:
-            x0.append(0.0), lo.append(np.log(0.5)), hi.append(np.log(2.0))
-        if fit_l2:
-            x0.append(np.log(1.5)), lo.append(0.0), hi.append(np.log(4.0))
-        x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
-
-        def resid(th, c=c):
-            return np.log(make(th, c).time_s(programs, nbytes, sm_count, head_dim=hd, splits=sp, l2_hit=l2h) / t_s)
-
-        r = _lsq(resid, x0, bounds=(lo, hi))
-        results.append((r.cost, c, r.x))
-    best = min(r[0] for r in results)
-    # parsimony: the fewest resident programs whose fit is within 1 % of the best
-    cost, c, th = min((r for r in results if r[0] <= best * 1.01 + 1e-12), key=lambda x: x[1])
-    curve = make(th, c)
-    pred = curve.time_s(programs, nbytes, sm_count, head_dim=hd, splits=sp, l2_hit=l2h)
-    info = {"c_res_costs": {int(ci): round(float(co), 4) for co, ci, _ in results},
-            "r2_log": _r2_log(t_s, pred), "n_points": int(t_s.size),
-            "median_abs_pct_error": float(np.median(np.abs(pct_error(pred, t_s))))}
-    return curve, info
 
 
 def curve_dict(c: BandwidthCurve) -> dict:

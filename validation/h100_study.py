@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 
 from kvmodel import traffic
+from kvmodel.fused_fit import fit_occupancy
 from kvmodel.hill import fit_hill
 from kvmodel.specs import BandwidthCurve
 from kvmodel.timing import DEFAULT_KERNEL_T0_S, OccupancyCurve, curve_time_s, split_count
 
-from .common import curve_dict, data_path, error_stats, fit_curve, fit_occupancy, grouped_stats
+from .common import curve_dict, data_path, error_stats, fit_curve, grouped_stats
 
 DATASET = "knlp-v40-h100"
 #: Models whose training-context rows calibrate the model (every head_dim 64/128/256 and GQA 2..16 represented).

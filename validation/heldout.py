@@ -15,8 +15,10 @@ Attention model (graph-captured calls, so per-call costs are small):
   ``attn_bytes_P0_expand``).
 - P1 (dequantize to FP16, then SDPA): the P0 curve over the P0 bytes + one dequantization curve over the
   dequant step's bytes (quantized read + FP16 write = ``attn_bytes_P1 - attn_bytes_P0``), shared by all formats.
-- P5 (fused split-K): an occupancy curve (``fused_wave_time``) per K/V format, programs = ``fused_programs_splitk``
-  with the measured split count, bytes = ``attn_bytes_P5``. Its ablations are *not* fitted: "nosplit" (one split:
+- P5 (fused split-K): an occupancy curve (``fused_wave_time``) per K/V format and head dim, and per block shape
+  where fitted, programs = ``fused_programs_splitk`` with the measured split count, bytes = ``attn_bytes_P5``:
+  :func:`kvmodel.fused_fit.fit_fused_curves`, the fit ``kvmodel calibrate`` ships for ``kvmodel predict``. Its
+  ablations are *not* fitted: "nosplit" (one split:
   programs = B*Hkv) and "nogqa" (one program per query head: programs = B*Hq*splits, loads G x the KV) are
   predicted from the same curve, a test of the occupancy mechanism.
 
@@ -34,38 +36,27 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from kvmodel import traffic
+from kvmodel import fused_fit, traffic
+from kvmodel.fused_fit import C_RES_CHOICES, MIN_ROWS_PER_SHAPE, FusedCurves, format_label  # noqa: F401
 from kvmodel.predict import attention_call_time_s
 from kvmodel.specs import BandwidthCurve, KVFormat, get_model
 from kvmodel.timing import (OccupancyCurve, curve_time_s, kernel_config, kernel_config_key, kernel_split_count,
-                            l2_hit_fraction, split_count)
+                            split_count)
 
-from .common import curve_dict, data_path, error_stats, fit_curve, fit_occupancy, grouped_stats
+from .common import curve_dict, data_path, error_stats, fit_curve, grouped_stats
 
 ATTENTION_FILE = ("h200", "decode_attention.csv")
 E2E_FILE = ("h200", "e2e_decode.csv")
 #: Models held out entirely when present (first match), in the spelling of the files (case-insensitive).
 HELDOUT_MODEL_PREFERENCE = ("qwen2.5-7b", "Qwen2.5-7B")
 H200_SMS = 132
-#: A block shape gets its own P5 curve from this many calibration rows (else the format's pooled curve).
-MIN_ROWS_PER_SHAPE = 8
-#: Resident programs per SM tried when fitting a block shape's curve (1-warp programs fit many times per SM).
-C_RES_CHOICES = (2, 3, 4, 6, 8, 9, 11, 12)
-#: Fit the one-split launch's own per-program rate (the kernel's SPLIT=False specialization; see the report).
-FUSED_ONE_SPLIT = True
-#: Time the split-K merge in rounds of split loads (kvmodel.timing.merge_rounds) instead of per split.
-FUSED_MERGE_IN_ROUNDS = False
 #: The H200's L2 (hardware/h200.yaml, datasheet 50 MB): a call whose benchmark rotation pool (``working_sets``
 #: copies of its inputs) fits in it reads them from L2 (:func:`kvmodel.timing.l2_hit_fraction`).
 L2_BYTES = 50 * 2**20
-#: Model the L2-resident loads of the smallest benchmark calls (fitted per curve where the training rows allow).
-FUSED_L2 = True
-FUSED_L2_ITERATIONS = 2
 TARGETS = {"attention_median": 5.0, "attention_max": 15.0, "e2e_median": 10.0}
 
 
-def _fmt(k, v) -> str:
-    return "fp16" if (k, v) == (16, 16) else (f"int{k}" if k == v else f"k{k}v{v}")
+_fmt = format_label
 
 
 def split_roles(df: pd.DataFrame, model_col: str = "model", heldout_model: Optional[str] = None) -> tuple:
@@ -113,30 +104,15 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
     if "group" not in d.columns:
         d["group"] = 32
     d["G"] = d["Hq"] // d["Hkv"]
-    d["format"] = [_fmt(k, v) for k, v in zip(d["k_bits"], d["v_bits"])]
+    # the fused kernel's columns (format, bytes_P5, programs, loads, block shape `config`, l2_hit): the same
+    # preparation kvmodel calibrate uses
+    d = fused_fit.add_fused_columns(d, H200_SMS, L2_BYTES)
     B, T, Hq, Hkv, hd = (d[c].to_numpy(float) for c in ("B", "T", "Hq", "Hkv", "d"))
     kb, vb, g = d["k_bits"].to_numpy(float), d["v_bits"].to_numpy(float), d["group"].to_numpy(float)
     ab = traffic.attention_layer_bytes
     d["bytes_P0"] = ab("P0", B, T, Hq, Hkv, hd)
     d["bytes_P0x"] = ab("P0-expand", B, T, Hq, Hkv, hd)
-    d["bytes_P5"] = ab("P5", B, T, Hq, Hkv, hd, kb, vb, g)
     d["bytes_dq"] = dequant_bytes(B, T, Hq, Hkv, hd, kb, vb, g)
-    vals = {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv, "d": hd, "d_v": hd, "d_q": hd, "b_a": 2, "b_k": kb, "b_v": vb,
-            "g": g, "m_k": np.where(kb >= 16, 0, 2), "m_v": np.where(vb >= 16, 0, 2)}
-    d["bytes_P5_perq"] = traffic.evaluate("attn_bytes_P5_nosplit_loads", vals)
-    ns = d["num_splits"].to_numpy(float)
-    nogqa = (d["variant"] == "nogqa").to_numpy()
-    d["programs"] = np.where(nogqa, B * Hq * ns, traffic.evaluate("fused_programs_splitk", {**vals, "n_split": ns}))
-    d["loads"] = np.where(nogqa, d["bytes_P5_perq"], d["bytes_P5"])
-    # the fused kernel's block shape for each call (the kernel's own rule, ported: kvmodel.timing.kernel_config)
-    cfgs = [kernel_config(kb_, vb_, hd_, b_, (hq_ if ng else hkv_), t_)
-            for kb_, vb_, hd_, b_, hq_, hkv_, t_, ng in zip(kb, vb, hd, B, Hq, Hkv, T, nogqa)]
-    d["config"] = [kernel_config_key(c) for c in cfgs]
-    d["large_launch"] = [bool(c["large"]) for c in cfgs]
-    # the benchmark cycles over `working_sets` copies of each call's inputs; a pool that fits in L2 stays there
-    ws = pd.to_numeric(d["working_sets"], errors="coerce").fillna(1.0) if "working_sets" in d.columns else 1.0
-    d["rotation_span"] = d["loads"] * ws
-    d["l2_hit"] = l2_hit_fraction(d["rotation_span"], L2_BYTES)
     return d.reset_index(drop=True)
 
 
@@ -161,33 +137,31 @@ class AttentionCalibration:
     p0: dict  # head_dim -> BandwidthCurve (SDPA is a different kernel per head dim)
     p0x: Optional[BandwidthCurve]
     dequant: Optional[BandwidthCurve]
-    fused: dict = field(default_factory=dict)  # (format, head_dim) -> OccupancyCurve (all block shapes pooled)
+    #: the fused kernel's occupancy curves (kvmodel.fused_fit: per format and head dim, and per block shape)
+    p5: FusedCurves = field(default_factory=FusedCurves)
     sm_count: int = H200_SMS
     info: dict = field(default_factory=dict)
-    #: (format, head_dim, block shape) -> OccupancyCurve: one curve per program the kernel actually runs
-    fused_cfg: dict = field(default_factory=dict)
-    #: per-program rate of L2-served loads over DRAM-served ones, shared by the P5 curves (1: none)
-    l2_rate_scale: float = 1.0
+
+    @property
+    def l2_rate_scale(self) -> float:
+        """Per-program rate of L2-served loads over DRAM-served ones, shared by the P5 curves (1: none)."""
+        return self.p5.l2_rate_scale
 
     def to_dict(self) -> dict:
         return {"P0 (per head_dim)": {int(k): curve_dict(v) for k, v in self.p0.items()},
                 "P0-expand": curve_dict(self.p0x) if self.p0x else None,
                 "P1 dequantize step": curve_dict(self.dequant) if self.dequant else None,
-                "P5 (per format and head_dim)": {f"{f}/d{hd}": v.as_dict() for (f, hd), v in self.fused.items()},
-                "P5 (per format, head_dim and block shape)": {f"{f}/d{hd}/{c}": v.as_dict()
-                                                              for (f, hd, c), v in self.fused_cfg.items()},
+                "P5 (per format and head_dim)": {fused_fit.curve_label(k): self.p5.pooled[k].as_dict()
+                                                 for k in sorted(self.p5.pooled, key=_p5_key)},
+                "P5 (per format, head_dim and block shape)": {
+                    fused_fit.curve_label(k): self.p5.per_shape[k].as_dict()
+                    for k in sorted(self.p5.per_shape, key=_p5_key)},
                 "sm_count": self.sm_count, **self.info}
 
-    def fused_curve(self, fmt: str, hd, config: Optional[str] = None) -> Optional[OccupancyCurve]:
-        """The curve of the program the kernel runs: (format, head dim, block shape) when calibrated, else the
-        format's pooled curve at the nearest head dim."""
-        if config is not None and (fmt, int(hd), config) in self.fused_cfg:
-            return self.fused_cfg[(fmt, int(hd), config)]
-        same = {k[1]: v for k, v in self.fused.items() if k[0] == fmt}
-        if not same:
-            same = {k[1]: v for k, v in self.fused.items() if k[0] == "int4"} or {
-                k[1]: v for k, v in self.fused.items()}
-        return _by_dim(same, hd) if same else None
+    def fused_curve(self, k_bits, v_bits, hd, config: Optional[str] = None) -> Optional[OccupancyCurve]:
+        """The curve of the program the kernel runs (:meth:`kvmodel.fused_fit.FusedCurves.curve`: block shape,
+        else the format's pooled curve at the nearest head dim)."""
+        return self.p5.curve(k_bits, v_bits, hd, config)
 
     def _p0_time(self, nbytes, hd):
         c = _by_dim(self.p0, hd)
@@ -228,10 +202,15 @@ class AttentionCalibration:
             out = np.full(B.shape, np.nan)
             for key in np.unique(keys):
                 m = keys == key
-                occ = self.fused_curve(fmt, d, str(key))
+                occ = self.fused_curve(k_bits, v_bits, d, str(key))
                 out[m] = occ.time_s(programs[m], nbytes[m], self.sm_count, head_dim=d, splits=ns[m])
             return out if out.ndim else float(out)
         raise ValueError(f"unknown pipeline {pipeline!r}")
+
+
+def _p5_key(key: tuple):
+    """Report order of P5 curves: by format label, then head dim (and block shape)."""
+    return (_fmt(key[0], key[1]), *key[2:])
 
 
 def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCalibration:
@@ -245,68 +224,12 @@ def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCal
         t0 = np.concatenate([cal._p0_time(g["bytes_P0"].to_numpy(float), hd) for hd, g in p1.groupby("d")])
         p1 = pd.concat([g for _, g in p1.groupby("d")])
         cal.dequant = fit_curve(p1["bytes_dq"], p1["median_s"], base_s=t0)
-    p5 = base[base.pipeline == "P5"]
-    # one L2-served rate shared by every P5 curve (the same loop's loads on L2 instead of DRAM latency): alternate
-    # fitting the curves with it held fixed and it with the curves held fixed
-    l2s = 1.0
-    for _ in range(FUSED_L2_ITERATIONS if FUSED_L2 else 1):
-        info, cfg_info = _fit_fused_curves(cal, p5, sm_count, l2s)
-        if not FUSED_L2:
-            break
-        l2s = _fit_l2_scale(cal, p5)
-    if FUSED_L2:
-        info, cfg_info = _fit_fused_curves(cal, p5, sm_count, l2s)
-    cal.l2_rate_scale = l2s
-    cal.info = {"fused_fit": info, "fused_fit_per_shape": cfg_info}
+    # P5: the occupancy curves kvmodel calibrate fits too (one implementation: kvmodel.fused_fit)
+    cal.p5 = fused_fit.fit_fused_curves(base[base.pipeline == "P5"], sm_count)
+    cal.info = {"fused_fit": {fused_fit.curve_label(k): cal.p5.info[k] for k in sorted(cal.p5.pooled, key=_p5_key)},
+                "fused_fit_per_shape": {fused_fit.curve_label(k): cal.p5.info[k]
+                                        for k in sorted(cal.p5.per_shape, key=_p5_key)}}
     return cal
-
-
-def _fit_fused_curves(cal, p5, sm_count, l2s):
-    cal.fused, cal.fused_cfg = {}, {}
-    info = {}
-    for (fmt, hd), g in p5.groupby(["format", "d"]):
-        if len(g) < 6:
-            continue
-        occ, inf = fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"],
-                                 splits=g["num_splits"], overheads=True,
-                                 one_split=FUSED_ONE_SPLIT, merge_in_rounds=FUSED_MERGE_IN_ROUNDS,
-                                 l2_hit=g["l2_hit"] if FUSED_L2 else None, l2_rate_scale=l2s)
-        cal.fused[(fmt, int(hd))] = occ
-        info[f"{fmt}/d{int(hd)}"] = inf
-    # one curve per block shape the kernel actually launches (kernel_config): small launches run 4-warp 64-token
-    # programs, large 4-bit launches 1-2-warp 32-token programs with other per-token costs and residency
-    cfg_info = {}
-    if "config" in p5.columns:
-        for (fmt, hd, cfg), g in p5.groupby(["format", "d", "config"]):
-            if g["config"].nunique() == p5[(p5.format == fmt) & (p5.d == hd)]["config"].nunique() == 1:
-                continue  # one shape only: the pooled curve is that shape's curve
-            if len(g) < MIN_ROWS_PER_SHAPE:
-                continue
-            occ, inf = fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"],
-                                     splits=g["num_splits"], overheads=True, c_res_choices=C_RES_CHOICES,
-                                         one_split=FUSED_ONE_SPLIT, merge_in_rounds=FUSED_MERGE_IN_ROUNDS,
-                                     l2_hit=g["l2_hit"] if FUSED_L2 else None, l2_rate_scale=l2s)
-            cal.fused_cfg[(fmt, int(hd), cfg)] = occ
-            cfg_info[f"{fmt}/d{int(hd)}/{cfg}"] = inf
-    return info, cfg_info
-
-
-def _fit_l2_scale(cal, p5) -> float:
-    """The shared L2-served rate scale, fitted on the training P5 rows whose rotation pool fits in L2."""
-    from scipy.optimize import minimize_scalar
-
-    hit = p5[p5["l2_hit"] > 0.5]
-    if len(hit) < 3:
-        return 1.0
-
-    def cost(ls):
-        s = float(np.exp(ls))
-        for c in list(cal.fused.values()) + list(cal.fused_cfg.values()):
-            c.l2_rate_scale = s
-        r = np.log(predict_attention(cal, hit) / hit["median_s"].to_numpy(float))
-        return float(np.sum(np.sqrt(1.0 + (r / 0.05) ** 2) - 1.0))
-
-    return float(np.exp(minimize_scalar(cost, bounds=(0.0, np.log(4.0)), method="bounded").x))
 
 
 def predict_attention(cal: AttentionCalibration, d: pd.DataFrame) -> np.ndarray:
@@ -327,17 +250,9 @@ def predict_attention(cal: AttentionCalibration, d: pd.DataFrame) -> np.ndarray:
         if c is not None:
             out[m] = curve_time_s(d.loc[m, "bytes_P0x"].to_numpy(float), c.t0_s, c.bw_GBps, c.knee_bytes,
                                   c.sharpness)
-    p5 = d[pl == "P5"]
-    if "config" not in p5.columns:
-        p5 = p5.assign(config="")
-    for (fmt, hd, cfg), g in p5.groupby(["format", "d", "config"]):
-        occ = cal.fused_curve(fmt, hd, cfg or None)
-        if occ is None:
-            continue
-        idx = d.index.get_indexer(g.index)
-        out[idx] = occ.time_s(g["programs"].to_numpy(float), g["loads"].to_numpy(float), cal.sm_count,
-                              head_dim=g["d"].to_numpy(float), splits=g["num_splits"].to_numpy(float),
-                              l2_hit=g["l2_hit"].to_numpy(float) if "l2_hit" in g.columns else None)
+    m = pl == "P5"
+    if m.any():
+        out[m] = cal.p5.time_s(d[m], cal.sm_count)
     return out
 
 
@@ -562,6 +477,14 @@ def run_predict_heldout(attention: dict, e2e: dict, attention_path: Optional[Pat
     fa = fa[(fa.role != "train") & (fa.variant == "")].copy()
     fa["pred_s"] = predict_attention_shipped(cal, fa)
     fa = fa[np.isfinite(fa.pred_s)]
+    # predict takes the split count of the kernel's rule as ported; the validation model the measured one
+    p5 = fa[fa.pipeline == "P5"]
+    rule = np.array([float(kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, H200_SMS))
+                     for r in p5.itertuples()])
+    same = rule == p5["num_splits"].to_numpy(float)
+    split_rule = {"n_rows": int(len(p5)), "n_split_mismatch": int((~same).sum()),
+                  "matching": error_stats(p5.pred_s[same], p5.median_s[same]),
+                  "mismatching": error_stats(p5.pred_s[~same], p5.median_s[~same])}
     fe = e2e["frame"]
     fe = fe[fe.role != "train"].copy()
     fe["pred_s"], _ = shipped_predictions(fe, cal, "held-out calibration")
@@ -569,13 +492,15 @@ def run_predict_heldout(attention: dict, e2e: dict, attention_path: Optional[Pat
     return {
         "available": True,
         "model": "kvmodel predict (shipped model: TimeModel curves per op class, attention curve looked up by "
-                 "pipeline/format/head dim and fused-kernel block shape; step = overheads + weights + attention), calibrated by "
-                 "kvmodel.calibration.fit_calibration on the training split only",
+                 "pipeline/format/head dim, the fused kernel by occupancy curves per format/head dim/block shape; "
+                 "step = overheads + weights + attention), calibrated by kvmodel.calibration.fit_calibration on the "
+                 "training split only",
         "n_train_attention_rows": int(len(raw_a)), "n_train_e2e_rows": int(len(raw_e)),
         "calibration_ops": sorted(cal.ops), "step_overhead_s": cal.step_overhead_s,
         "layer_overhead_s": cal.layer_overhead_s,
         "attention": error_stats(fa.pred_s, fa.median_s),
         "attention_per_pipeline_format": grouped_stats(fa.assign(meas_s=fa.median_s), ["pipeline", "format"]),
+        "p5_split_rule": split_rule,
         "e2e": error_stats(fe.pred_s, fe.median_s),
         "e2e_per_pipeline_format": grouped_stats(fe.assign(meas_s=fe.median_s), ["pipeline", "format"]),
         "e2e_per_role": grouped_stats(fe.assign(meas_s=fe.median_s), "role"),

@@ -375,22 +375,31 @@ def _predict_text(pr: dict) -> list:
           "`kvmodel.calibration.fit_calibration` from the committed probes.csv plus only the training rows "
           f"({pr['n_train_attention_rows']} decode_attention.csv rows, {pr['n_train_e2e_rows']} e2e_decode.csv "
           "kvmodel-graph rows written to a temporary folder); the held-out rows below are the same rows as the "
-          "validation model's. Attention per call is `kvmodel.predict.attention_call_time_s` (the curve "
-          "`attention_time_s` charges each layer: the most specific calibrated curve by pipeline, format, head "
-          "dim and, for the fused kernel, the block shape its own launch-size rule picks); steps are "
-          "`kvmodel.predict.step_time_s`.", "",
+          "validation model's. Attention per call is `kvmodel.predict.attention_call_time_s` (what "
+          "`attention_time_s` charges each layer: the most specific calibrated bandwidth curve by pipeline, format "
+          "and head dim; the fused kernel (P5) by the calibration's occupancy curves, `Calibration.fused`, per "
+          "format, head dim and the block shape its own launch-size rule picks, with the split count of its own "
+          "split rule); steps are `kvmodel.predict.step_time_s`.", "",
           md_table([_stats_row("kvmodel predict: H200 attention, held-out", a),
                     _stats_row("kvmodel predict: H200 end-to-end, held-out", e)], STAT_COLS), "",
           "Per pipeline and format (attention):", "",
           md_table([_stats_row(k, v) for k, v in pr["attention_per_pipeline_format"].items()], STAT_COLS), "",
           "Per pipeline and format (end-to-end):", "",
           md_table([_stats_row(k, v) for k, v in pr["e2e_per_pipeline_format"].items()], STAT_COLS), "",
-          "The shipped model times every fused (P5) call with one saturating bytes curve per (format, head dim, "
-          "block shape); the validation model above adds what a bytes curve cannot express — program waves "
-          "and occupancy per block shape, the one-split program, and L2-served benchmark calls (the smallest "
-          "calls' rotated input copies fit in the 50 MB L2, which a real decode step's KV never does). That is "
-          "where the two differ most: the small P5 calls of the microbenchmark. On whole decode steps, where "
-          "neither L2 hits nor tiny launches occur, the shipped model's held-out error is the table above.", ""]
+          "Both models time the fused (P5) calls with occupancy curves (program waves per SM, per format, head "
+          "dim and block shape, the one-split program) fitted by the same code, "
+          "`kvmodel.fused_fit.fit_fused_curves`, on the same training rows. They differ in two inputs: the "
+          "validation model takes each benchmark call's measured split count and its L2 hits (the smallest "
+          "calls' rotated input copies fit in the 50 MB L2), kvmodel predict the split count of the kernel's "
+          "rule as ported (`kvmodel.timing.kernel_split_count`) and no L2 hits (a real decode step's KV exceeds "
+          "the L2).", ""]
+    sr = pr.get("p5_split_rule")
+    if sr:
+        n_same = sr["n_rows"] - sr["n_split_mismatch"]
+        L += [f"Held-out P5 rows whose measured split count the ported rule reproduces: {n_same} of "
+              f"{sr['n_rows']}; kvmodel predict's error on them and on the others:", "",
+              md_table([_stats_row("P5, ported split count = measured", sr["matching"]),
+                        _stats_row("P5, ported split count != measured", sr["mismatching"])], STAT_COLS), ""]
     return L
 
 
@@ -434,7 +443,9 @@ def _h200_section(att: dict, e2e: dict, pr: Optional[dict] = None) -> str:
                   md_table([_stats_row(k, v) for k, v in sp.items()], STAT_COLS), ""]
         L += ["`predict` looks each attention call's curve up by pipeline, K/V format and head dim "
               "('attention:P5:k4v4:d128', then 'attention:P5:k4v4', then 'attention:P5'), so each kernel "
-              "variant is timed by its own measured efficiency. The tables below are the **validation model**'s "
+              "variant is timed by its own measured efficiency; fused (P5) calls by the occupancy curve of their "
+              "format, head dim and block shape where the calibration has one ('attention:P5:k4v4:d128:n32w1', "
+              "then 'attention:P5:k4v4:d128'). The tables below are the **validation model**'s "
               "held-out split (calibrated on the split's training rows only), per model and per pipeline/format:",
               ""]
         L += [md_table([_stats_row(k, s) for k, s in e2e["per_model"].items()], STAT_COLS), ""]

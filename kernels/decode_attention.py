@@ -112,6 +112,22 @@ if triton is not None:
             return (x - (bias + 2.0 ** (BITS - 1))) * s
 
     @triton.jit
+    def _split_scales(s_base, offs_n, mask_n, stride_st, D: tl.constexpr, GROUP: tl.constexpr, NGH: tl.constexpr):
+        """Group scales of the channel halves [0, D/2) and [D/2, D) of BLOCK_N tokens, from one load of each
+        token's NG = D/GROUP scales: two [BLOCK_N, NGH, 1] tensors (NGH groups per half; one shared group when
+        GROUP > D/2)."""
+        NG: tl.constexpr = D // GROUP
+        if NG == 1:
+            s = tl.load(s_base + offs_n[:, None, None] * stride_st + tl.zeros([1, 1, 1], tl.int32),
+                        mask=mask_n[:, None, None], other=0.0)
+            return s, s
+        else:
+            f = tl.arange(0, NG)[None, :]
+            row = tl.load(s_base + offs_n[:, None] * stride_st + f, mask=mask_n[:, None], other=0.0)  # [BLOCK_N, NG]
+            sa, sb = tl.split(tl.permute(tl.reshape(row, (row.shape[0], 2, NGH)), (0, 2, 1)))
+            return sa[:, :, None], sb[:, :, None]
+
+    @triton.jit
     def _load_tile(base, s_base, z_base, offs_n, mask_n, stride_t, stride_st,
                    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
                    BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
@@ -153,13 +169,11 @@ if triton is not None:
             pa = base + n3 * stride_t + gh * W + w
             ba = tl.load(pa, mask=m3, other=0)
             bb = tl.load(pa + HALF_D, mask=m3, other=0)
-            ga = (gh * W) // GROUP
-            gb = (HALF_D + gh * W) // GROUP
-            sa = tl.load(s_base + n3 * stride_st + ga, mask=m3, other=0.0)
-            sb = tl.load(s_base + n3 * stride_st + gb, mask=m3, other=0.0)
+            # the token's whole scale row (NG contiguous fp16, one load the pipeliner can copy asynchronously when
+            # the stride is constant), split into the halves' groups: [BLOCK_N, NGH, 1] each
+            sa, sb = _split_scales(s_base, offs_n, mask_n, stride_st, D, GROUP, NGH)
             if ASYM:
-                za = tl.load(z_base + n3 * stride_st + ga, mask=m3, other=0.0)
-                zb = tl.load(z_base + n3 * stride_st + gb, mask=m3, other=0.0)
+                za, zb = _split_scales(z_base, offs_n, mask_n, stride_st, D, GROUP, NGH)
             else:
                 za = sa
                 zb = sb
@@ -490,12 +504,15 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
     """Split count that fills the SMs: minimizes (waves of programs) × (tiles per program + overhead).
 
     ``programs_per_sm`` is how many programs one SM runs at once; a program costs about one extra tile of
-    overhead (q load, epilogue, partial write); splits below ``min_tiles_per_split`` tiles are not worth it.
+    overhead (q load, epilogue, partial write); splits below ``min_tiles_per_split`` tiles are not worth it, nor
+    more than two waves of programs.
     """
     n = B * Hkv
     tiles = max(1, -(-T // block_n))
     slots = max(1, sms * programs_per_sm)
-    s_max = max(1, min(max_splits, tiles // min_tiles_per_split))
+    # at most two waves of programs (v5: beyond that, more splits only add per-program overhead — 8/4 Llama B=16
+    # T=128K: 24 splits 1116 us vs 12 splits 1006)
+    s_max = max(1, min(max_splits, tiles // min_tiles_per_split, (2 * slots) // n))
     best, best_cost = 1, None
     for s in range(1, s_max + 1):
         per = -(-tiles // s)
@@ -510,38 +527,50 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: Version of the fused decode-attention kernel and its defaults, as kernels/NOTES.md names them (v1: halves path,
 #: synchronous scale loads; v2: v_full option; v3: constant-stride async scales, block shape by launch size,
 #: chunked split merge; v4: LARGE_WORK 2^18, 4-bit V in the token_octet cache layout at d >= 128, and a fused
-#: split merge as an option (the separate merge launch stays the default)).
+#: split merge as an option (the separate merge launch stays the default); v5: 8-bit scales loaded as one row per
+#: token (asynchronous copies, no division in the index), 8-bit parts use the 1-/2-warp 32-token shapes at large
+#: launches, the split rule's programs per SM of the 1-warp shape tuned on the H200 (SHAPE_PROGRAMS_PER_SM: 16 for
+#: 4/4, 8 for 8-bit parts and for a 16-bit part at d = 128)).
 #: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
 #: measured.
-KERNEL_VERSION = "v4"
+KERNEL_VERSION = "v5"
 
 LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
 
+#: Programs per SM the split rule assumes for the 1-warp 32-token shape, by format class and head dim (kernel v5;
+#: the 4-warp shapes and (32, 2) at d = 256 assume 4). Tuned on the H200 (NOTES.md v5), not the resource count
+#: (``python -m kvmodel.kernels.sass_probe --occupancy`` prints what registers / shared memory allow: 4/4 d=128
+#: 10-11, 8-bit parts 7-16, a 16-bit part 8 at d=128): the loop is issue-bound and more programs than fit at
+#: once win. 4/4: 16 (2,048 programs at Llama B=32 T=32K: 525 us vs 564 at v4's 12, 667 at the resource count
+#: 10; Qwen2.5-7B B=32 T=32K 274 vs 346 us); 8-bit parts 8 (8/8 Llama B=32 T=32K 922 us vs 1056 at 4; 8/4 541 vs
+#: 686); a 16-bit part 8 at d=128 (630 us vs 741 at v4's 9) and 9 at d=64 (v4, not probed).
+SHAPE_PROGRAMS_PER_SM = {("4/4", 64): 16, ("4/4", 128): 16, ("16-bit part", 64): 9, ("16-bit part", 128): 8,
+                         ("8-bit part", 64): 8, ("8-bit part", 128): 8}
+
+
 def shape_programs_per_sm(k_bits: int, v_bits: int, d: int, block_n: int, num_warps: int) -> int:
-    """Programs of one block shape an SM holds at once (registers of the sm_90 build, ``sass_probe``), which the
-    split rule assumes: (32, 1) 4/4 d ≤ 128 ~168 registers → 12; (32, 1) with a 16-bit part ~190–210 → 9; other
-    shapes 4 (the 4-warp shapes, and (32, 2) at d = 256 with ~223 registers)."""
-    if block_n == 32 and num_warps == 1 and d <= 128 and 16 not in (k_bits, v_bits) and 8 not in (k_bits, v_bits):
-        return 12
-    if block_n == 32 and num_warps == 1 and d <= 128 and 8 not in (k_bits, v_bits):
-        return 9
+    """Programs of one block shape the split rule assumes an SM runs at once (:data:`SHAPE_PROGRAMS_PER_SM` for the
+    1-warp 32-token shape with a quantized part; 4 for every other shape)."""
+    if block_n == 32 and num_warps == 1 and d in (64, 128) and (k_bits, v_bits) != (16, 16):
+        fmt = "8-bit part" if 8 in (k_bits, v_bits) else "4/4" if (k_bits, v_bits) == (4, 4) else "16-bit part"
+        return SHAPE_PROGRAMS_PER_SM[(fmt, d)]
     return 4
 
 
 def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T: int) -> dict:
-    """Block shape of the split kernel for a format, head dim and size (H200 probe, NOTES.md v3).
+    """Block shape of the split kernel for a format, head dim and size (H200 probes, NOTES.md v3–v5).
 
-    ``programs_per_sm`` is how many programs of that shape one SM holds at once (registers and shared memory of
-    the sm_90 build), used by :func:`choose_num_splits`. Small launches (< ``LARGE_WORK`` token-heads) are
-    latency-bound and keep 4 warps per program; large ones with 4-bit parts use 1–2 warps per program and 32-token
-    tiles (no cross-warp softmax reductions, more independent programs per SM)."""
+    ``programs_per_sm`` is how many programs of that shape the split rule (:func:`choose_num_splits`) assumes an
+    SM runs at once (:func:`shape_programs_per_sm`). Small launches (< ``LARGE_WORK`` token-heads) are
+    latency-bound and keep 4 warps per program; large ones with a quantized part use 1–2 warps per program and
+    32-token tiles (no cross-warp softmax reductions, more independent programs per SM)."""
     large = B * prog_heads * T >= LARGE_WORK
     if k_bits == 16 and v_bits == 16:
         if d == 128 and large:
             return dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)
         return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
-    if 8 in (k_bits, v_bits) or not large:
+    if not large:
         return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
     bn, w = (32, 2) if d > 128 else (32, 1)
     ppsm = shape_programs_per_sm(k_bits, v_bits, d, bn, w)

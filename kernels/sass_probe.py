@@ -8,6 +8,7 @@ opcode histogram.
 
     python -m kvmodel.kernels.sass_probe --kb 4 --vb 4 --d 128 --G 4 --block-n 32 --warps 1 [--vtp]
     python -m kvmodel.kernels.sass_probe --table        # v3 halves vs token_pair V, both block shapes
+    python -m kvmodel.kernels.sass_probe --occupancy    # resident programs per SM of the 1-warp builds
 """
 
 from __future__ import annotations
@@ -117,6 +118,39 @@ def probe(**cfg) -> dict:
                 hist=hist)
 
 
+#: Hopper SM resources (sm_90): registers, shared memory usable by resident blocks (bytes), reserved per block,
+#: register allocation granularity per thread, resident blocks.
+SM90_REGS, SM90_SMEM, SM90_SMEM_PER_BLOCK, SM90_REG_UNIT, SM90_MAX_BLOCKS = 65536, 228 * 1024, 1024, 8, 32
+
+
+def programs_per_sm(regs: int, smem_bytes: int, num_warps: int) -> int:
+    """Resident programs of one build on an sm_90 SM: the tighter of registers (rounded up to 8 per thread,
+    32 threads a warp) and shared memory (+1 KB reserved per block)."""
+    per_warp = -(-regs // SM90_REG_UNIT) * SM90_REG_UNIT * 32
+    by_regs = (SM90_REGS // per_warp) // num_warps
+    by_smem = SM90_SMEM // (smem_bytes + SM90_SMEM_PER_BLOCK)
+    return int(min(by_regs, by_smem, SM90_MAX_BLOCKS))
+
+
+def occupancy_table(groups=(1, 2, 4, 7, 8)) -> dict:
+    """(K/V bits, d, V layout) → the fewest resident programs per SM over ``groups`` (G = Hq/Hkv) of the 1-warp
+    32-token shape (a resource count; ``decode_attention.SHAPE_PROGRAMS_PER_SM`` is tuned on the GPU beside it)."""
+    out = {}
+    builds = [(4, 4, 64, 0), (4, 4, 128, 0), (4, 4, 128, 1), (4, 4, 128, 2), (16, 4, 64, 0), (16, 4, 128, 2),
+              (4, 16, 64, 0), (4, 16, 128, 0), (8, 8, 64, 0), (8, 8, 128, 0), (8, 4, 128, 2), (4, 8, 128, 0)]
+    for kb, vb, d, vtp in builds:
+        best = None
+        for G in groups:
+            k = compile_kernel(kb=kb, vb=vb, d=d, G=G, block_n=32, num_warps=1, vtp=vtp)
+            _, regs = sass_of(k)
+            n = programs_per_sm(regs, k.metadata.shared, 1)
+            print(f"  {kb}/{vb} d={d} vtp={vtp} G={G}: {regs} registers, {k.metadata.shared} B shared -> {n}",
+                  flush=True)
+            best = n if best is None else min(best, n)
+        out[(f"{kb}/{vb}", d, ("channel", "token_pair", "token_octet")[vtp])] = best
+    return out
+
+
 def _fmt(name, r):
     top = ", ".join(f"{k} {v}" for k, v in r["hist"].most_common(14))
     return (f"{name:34s} loop {r['loop_instr']:4d} instr/warp/tile = {r['per_token_head']:5.1f} warp-instr per "
@@ -136,7 +170,17 @@ def main(argv=None):
     ap.add_argument("--vtp", action="store_true", help="token_pair V (v4 candidate)")
     ap.add_argument("--v-full", action="store_true")
     ap.add_argument("--table", action="store_true", help="v3 vs v4 candidate at both default block shapes")
+    ap.add_argument("--occupancy", action="store_true",
+                    help="resident programs per SM of the 1-warp shape's builds (registers, shared memory)")
     a = ap.parse_args(argv)
+    if a.occupancy:
+        from .decode_attention import shape_programs_per_sm
+
+        for (fmt, d, layout), n in occupancy_table().items():
+            kb, vb = map(int, fmt.split("/"))
+            print(f"{fmt} d={d} V {layout}: {n} fit (the split rule assumes "
+                  f"{shape_programs_per_sm(kb, vb, d, 32, 1)})")
+        return
     if a.table:
         for bn, w in ((32, 1), (64, 4)):
             for vtp in (False, True):

@@ -258,13 +258,14 @@ def fused_kernel_time_s(programs, nbytes, sm_count, c_res, r1_GBps, rc_GBps, t0_
 def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64, programs_per_sm: int = 4,
                 min_tiles_per_split: int = 4, max_splits: int = 128):
     """Splits along the context that fill the SMs: the rule of kernels.decode_attention.choose_num_splits (minimize
-    waves x (tiles per program + 1) + 0.5 for the merge launch), ported without torch. Vectorized (element-wise)."""
+    waves x (tiles per program + 1) + 0.5 for the merge launch, at most two waves), ported without torch.
+    Vectorized (element-wise)."""
 
     def one(n, T):
         n = max(int(n), 1)
         tiles = max(1, -(-int(T) // block_n))
         slots = max(1, sm_count * programs_per_sm)
-        s_max = max(1, min(max_splits, tiles // min_tiles_per_split))
+        s_max = max(1, min(max_splits, tiles // min_tiles_per_split, (2 * slots) // n))  # at most two waves
         best, best_cost = 1, None
         for s in range(1, s_max + 1):
             per = -(-tiles // s)
@@ -284,7 +285,7 @@ KERNEL_LARGE_WORK = 1 << 18
 
 def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
     """The fused split-K kernel's block shape for one call: the rule of ``kernels.decode_attention.default_config``
-    (kernel v4), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
+    (kernel v5), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
     assumes) and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of the call, so
     a model may use it: the two sides of the threshold are different programs with different per-token costs."""
     kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
@@ -293,13 +294,18 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
         if d == 128 and large:
             return dict(block_n=128, num_warps=4, programs_per_sm=4, large=large)
         return dict(block_n=64, num_warps=4, programs_per_sm=4, large=large)
-    if 8 in (kb, vb) or not large:
+    if not large:
         return dict(block_n=64, num_warps=4, programs_per_sm=4, large=large)
     if d > 128:
         return dict(block_n=32, num_warps=2, programs_per_sm=4, large=large)
-    if kb == 4 and vb == 4:
-        return dict(block_n=32, num_warps=1, programs_per_sm=12, large=large)
-    return dict(block_n=32, num_warps=1, programs_per_sm=9, large=large)
+    # programs per SM the split rule assumes for the 1-warp shape (kernels.decode_attention.SHAPE_PROGRAMS_PER_SM)
+    if 8 in (kb, vb):
+        pps = 8 if d in (64, 128) else 4
+    elif (kb, vb) == (4, 4):
+        pps = 16 if d in (64, 128) else 4
+    else:
+        pps = {64: 9, 128: 8}.get(d, 4)
+    return dict(block_n=32, num_warps=1, programs_per_sm=pps, large=large)
 
 
 def kernel_config_key(cfg: dict) -> str:

@@ -405,28 +405,40 @@ PROBE_VARIANTS = {
     "a32x4sp64": dict(block_n=32, num_warps=4, num_stages=3, num_splits=64),
     "a32x1sp64": dict(block_n=32, num_warps=1, num_stages=3, num_splits=64),
 }
-_SMALL = ["mk", "dflt", "a32x1", "a32x2", "a64x2"]  # is the large-launch shape already better below LARGE_WORK?
-# (model, B, T, (kb, vb), variants); P0 is timed beside every case (P1 too for quantized ones); v4 questions:
-# fused vs separate merge, the B=1 latency path, LARGE_WORK, stages / maxnreg for the (32, 1) shape
+# explicit split counts (spN = N splits): v5's first question was what kernel v4's split rule launched where the
+# resource-derived rule differed (6, 9, 12, 17, 24); its second, whether more programs than the rule launches help
+# the issue-bound 1-warp programs (the rest)
+for _n in (4, 6, 8, 9, 12, 16, 17, 24, 48, 64, 96):
+    PROBE_VARIANTS[f"sp{_n}"] = dict(num_splits=_n)
+# synchronous scale loads (runtime scale stride): how v4's 8-bit paths loaded their scales
+PROBE_VARIANTS["sync"] = dict(async_scales=False)
+# (model, B, T, (kb, vb), variants); P0 is timed beside every case (P1 too for quantized ones).
+# v5, first probe (decode_attention_probe_v5.jsonl, run with an intermediate rule): the split rule's programs per SM
+# (dflt vs the v4 rule's split count), the 8-bit paths' asynchronous scale loads (dflt vs "sync"), and the 1-warp
+# 32-token shape for 8-bit parts. The v4 probe's cases are in git history (decode_attention_probe_v4.jsonl).
+PROBE_CASES_V5A = [
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "sp6"]),
+    ("llama-3.1-8b", 128, 32768, (4, 4), ["dflt", "sp17"]),
+    ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "sp24"]),
+    ("qwen2.5-0.5b", 64, 16384, (4, 4), ["dflt", "sp12"]),
+    ("llama-3.1-8b", 32, 32768, (16, 4), ["dflt", "sp9"]),
+    ("llama-3.1-8b", 32, 32768, (8, 8), ["dflt", "sync", "a32x1", "a32x2"]),
+    ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "sync", "a32x1"]),
+    ("gemma-3-12b", 32, 32768, (8, 8), ["dflt", "sync", "a32x2"]),
+    ("qwen2.5-0.5b", 64, 16384, (8, 8), ["dflt", "sync", "a32x1"]),
+    ("llama-3.1-8b", 1, 4096, (8, 8), ["dflt", "sync"]),
+]
+# v5, second probe (decode_attention_probe_v5b.jsonl, the final v5 rule as dflt): more splits than the rule picks
 PROBE_CASES = [
-    ("llama-3.1-8b", 1, 4096, (4, 4), ["v1", "mk", "dflt", "a32x1", "a32x2", "a32x4", "a64x4sp32", "a32x4sp32",
-                                        "a32x4sp64", "a32x1sp64"]),
-    ("llama-3.1-8b", 1, 4096, (16, 16), ["mk", "dflt", "a32x4", "a32x4sp32"]),
-    ("gemma-3-12b", 1, 4096, (4, 4), ["mk", "dflt", "a32x2", "a32x4", "a32x4sp32"]),
-    ("qwen2.5-7b", 1, 4096, (4, 4), ["mk", "dflt", "a32x1", "a32x4", "a32x4sp32"]),
-    ("llama-3.1-8b", 1, 32768, (4, 4), ["mk", "dflt", "a32x1", "a32x4"]),
-    ("llama-3.1-8b", 8, 4096, (4, 4), _SMALL),
-    ("llama-3.1-8b", 16, 4096, (4, 4), _SMALL),
-    ("llama-3.1-8b", 4, 16384, (4, 4), _SMALL),
-    ("qwen2.5-0.5b", 64, 4096, (4, 4), _SMALL),
-    ("qwen2.5-7b", 16, 4096, (4, 4), _SMALL),
-    ("gemma-3-12b", 8, 4096, (4, 4), ["mk", "dflt", "a32x2", "a64x2"]),
-    ("llama-3.1-8b", 32, 32768, (4, 4), ["v1", "mk", "dflt", "a32x1st2", "a32x1st4", "a32x1r128",
-                                          "a32x1r128st2", "a32x2", "a64x4"]),
-    ("llama-3.1-8b", 32, 32768, (16, 4), ["mk", "dflt", "a32x1r128", "a32x1st2"]),
-    ("llama-3.1-8b", 32, 32768, (16, 16), ["mk", "dflt", "a128x4"]),
-    ("gemma-3-12b", 32, 32768, (4, 4), ["mk", "dflt", "a32x1", "a32x2"]),
-    ("qwen2.5-0.5b", 64, 16384, (4, 4), ["mk", "dflt", "a32x1r128"]),
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "sp8", "sp12", "sp16"]),
+    ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "sp48", "sp64"]),
+    ("qwen2.5-7b", 32, 32768, (4, 4), ["dflt", "sp16", "sp24"]),
+    ("llama-3.1-8b", 4, 32768, (4, 4), ["dflt", "sp64", "sp96"]),
+    ("gemma-3-12b", 32, 32768, (4, 4), ["dflt", "sp4", "sp8"]),
+    ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "sp4", "sp6", "sp8"]),
+    ("llama-3.1-8b", 32, 32768, (8, 8), ["dflt", "sp4", "sp6"]),
+    ("llama-3.1-8b", 16, 131072, (8, 4), ["dflt", "sp12", "sp24"]),
+    ("qwen2.5-0.5b", 64, 16384, (8, 8), ["dflt", "sp8", "sp16"]),
 ]
 
 

@@ -228,7 +228,8 @@ def test_default_config():
     assert default_config(4, 4, 256, 32, 8, 32768)["num_warps"] == 2
     assert default_config(4, 4, 128, 1, 8, 4096)["num_warps"] == 4  # small: latency-bound, 4 warps
     assert default_config(16, 16, 128, 32, 8, 32768)["block_n"] == 128
-    assert default_config(8, 8, 128, 32, 8, 32768)["block_n"] == 64
+    assert default_config(8, 8, 128, 32, 8, 32768)["block_n"] == 32  # v5: 8-bit parts use the 1-warp shape too
+    assert default_config(8, 8, 128, 1, 8, 4096)["block_n"] == 64  # small launch
     for kb, vb in BIT_PAIRS:
         for d in D_VALUES:
             c = default_config(kb, vb, d, 64, 8, 131072)
@@ -238,14 +239,16 @@ def test_default_config():
 @pytest.mark.parametrize("block_n,num_warps", [(32, 1), (32, 2), (128, 4)])
 def test_decode_attention_block_shapes(block_n, num_warps):
     """The block shapes default_config picks for large launches, on small inputs."""
-    for i, (kb, vb) in enumerate([(4, 4), (16, 4), (4, 16), (16, 16)]):
+    for i, (kb, vb) in enumerate([(4, 4), (16, 4), (4, 16), (16, 16), (8, 8), (8, 4)]):
         d = (64, 128, 256)[i % 3] if block_n < 128 else 128
-        check_attention(2, (4, 7, 2, 1)[i], 1, d, 150, kb, vb, seed=80 + i, block_n=block_n, num_warps=num_warps)
+        check_attention(2, (4, 7, 2, 1, 8, 3)[i], 1, d, 150, kb, vb, seed=80 + i, block_n=block_n,
+                        num_warps=num_warps)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kb,vb,d,G", [(4, 4, 128, 4), (4, 4, 256, 2), (16, 16, 128, 4), (16, 4, 128, 4),
-                                       (4, 4, 64, 7)])
+                                       (4, 4, 64, 7), (8, 8, 128, 4), (8, 4, 128, 7), (8, 8, 256, 2),
+                                       (8, 8, 64, 7)])
 def test_decode_attention_large_launch_gpu(kb, vb, d, G):
     """A launch past LARGE_WORK token-heads, so the default (throughput) block shape and split count are used."""
     check_attention(2, G, 8, d, 65543, kb, vb, seed=kb + vb + d + G)
@@ -754,3 +757,13 @@ def test_decode_attention_random_shapes(B, G, d, T, kb, vb, asym, seed, token_pa
     torch dequantize + SDPA path against the float32 reference (hypothesis draws new cases every run; 4-bit V
     in either layout)."""
     check_attention(B, G, 1, d, T, kb, vb, 32, asym, seed=seed, v_layout="token_pair" if token_pair else "channel")
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 4096), T=st.integers(1, 262144), block_n=st.sampled_from([32, 64, 128]),
+       pps=st.integers(1, 16), sms=st.sampled_from([78, 132]))
+def test_split_rule_launches_at_most_two_waves(n, T, block_n, pps, sms):
+    """v5: the split rule never launches more than two waves of programs (past that, more splits measured slower),
+    unless one split per sequence-head already does."""
+    s = choose_num_splits(n, 1, T, block_n, sms, pps)
+    assert 1 <= s and (s == 1 or n * s <= 2 * sms * pps)

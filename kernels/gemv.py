@@ -32,7 +32,8 @@ reasoning and the measurement it rests on — never from run-time autotuning (a 
 autotune). Every field can be overridden per call (``block_n``, ``block_k``, ``split_k``, ``num_warps``,
 ``num_stages``, ``dot``), which is how ``kvmodel.measure.gemv_probe`` sweeps them.
 
-Prologue fusions (opt-in, prepared for the decode step, not yet measured on a GPU; off by default, when the
+Prologue fusions (opt-in; measured on the H200 and not adopted: no gain at B = 1, 3-10x slower at B >= 2 on
+the tensor-core path, kernels/NOTES.md "GEMV prologue fusion: measured"; off by default, when the
 kernel is specialized exactly as before): the launcher kwargs select constexprs that transform each chunk of x as
 it is loaded, in fp32, before the inner product — the w stream (tiles, order, eviction) is unchanged.
 

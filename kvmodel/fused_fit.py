@@ -24,12 +24,19 @@ from kvmodel.timing import (OccupancyCurve, kernel_config, kernel_config_key, ke
 
 #: A (format, head dim) gets its pooled curve from this many rows.
 MIN_ROWS_POOLED = 6
-#: A block shape gets its own curve from this many rows (else the pooled curve of its format and head dim).
-MIN_ROWS_PER_SHAPE = 8
+#: A block shape gets its own curve from this many rows (else the pooled curve of its format and head dim). 5: the
+#: small-launch (64, 4) shape of a format whose large launches use another shape has 5 calibration rows at d = 128
+#: in the committed split; the pooled curve, dominated by the other shape's rows, missed those launches by up to 31 %.
+MIN_ROWS_PER_SHAPE = 5
+#: Programs at which an SM's throughput saturates for the 1-warp 32-token shape (``n32w1``), held fixed in its fit:
+#: an SM has 4 warp schedulers, and up to 4 one-warp programs issue without competing. Fits that see programs per
+#: SM below 8 (d = 64, whose B = 1-2 launches have 256-512 programs) find 3.7-4.6; the d = 128 rows (>= 1,024
+#: programs) cannot tell, and a free knee there mispredicted 512-program launches by up to 27 %.
+KNEE_PROGRAMS_1WARP = 4
 #: Resident programs per SM tried for a pooled curve (a 4-warp program always fits twice on a Hopper SM).
 C_RES_CHOICES_POOLED = (2, 3, 4)
 #: Resident programs per SM tried when fitting a block shape's curve (1-warp programs fit many times per SM).
-C_RES_CHOICES = (2, 3, 4, 6, 8, 9, 11, 12)
+C_RES_CHOICES = (2, 3, 4, 6, 8, 9, 10, 11, 12, 16)
 #: Fit the one-split launch's own per-program rate (the kernel's SPLIT=False specialization).
 FUSED_ONE_SPLIT = True
 #: Time the split-K merge in rounds of split loads (kvmodel.timing.merge_rounds) instead of per split.
@@ -122,7 +129,7 @@ def r2_log(t, pred) -> float:
 def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choices=C_RES_CHOICES_POOLED,
                   fit_head_dim=True, splits=None, overheads: bool = False,
                   merge_in_rounds: bool = False, one_split: bool = False,
-                  l2_hit=None, l2_rate_scale=None) -> tuple[OccupancyCurve, dict]:
+                  l2_hit=None, l2_rate_scale=None, knee_programs=None) -> tuple[OccupancyCurve, dict]:
     """Fit a fused kernel's :class:`OccupancyCurve` to measured calls.
 
     Parameters: t0, the sharing rate r_c, the lone-program rate r_1 = r_c * c_res^u with u in [0, 1] (a lone program
@@ -132,7 +139,8 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     ``one_split`` the one-split launch's own rate where the rows hold both kinds of launch; with ``l2_hit`` (fraction
     of each call's loads served by L2) an L2-served rate, fitted unless ``l2_rate_scale`` holds it fixed. c_res
     (programs resident per SM) is an integer, 2..4 by default (a 4-warp program always fits twice on a Hopper SM):
-    each choice is fitted and the fewest resident programs within 1 % of the best robust cost kept.
+    each choice is fitted and the fewest resident programs within 1 % of the best robust cost kept. ``knee_programs``:
+    hold the programs per SM at which the SM saturates fixed (r_1 = c_res * r_c / knee) instead of fitting u.
     Returns (curve, fit info: c_res_costs, r2_log, n_points, median_abs_pct_error).
     """
     programs = np.asarray(programs, dtype=float)
@@ -156,6 +164,8 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     def make(th, c):
         t0, rc = np.exp(th[0]), np.exp(th[1])
         u = th[2]
+        if knee_programs:  # an SM's throughput saturates at knee programs: r_1 = c * r_c / knee (u = 1 - ln k/ln c)
+            u = float(np.clip(1.0 - np.log(knee_programs) / np.log(c), 0.0, 1.0)) if c > 1 else 0.0
         k = 3
         e = 0.0
         if fit_e:
@@ -278,11 +288,12 @@ def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float) -> FusedC
     """Every pooled and per-shape curve with the L2-served rate held at ``l2_rate_scale``."""
     out = FusedCurves(l2_rate_scale=l2_rate_scale)
 
-    def fit(g, c_res_choices):
+    def fit(g, c_res_choices, knee=None):
         return fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"],
                              c_res_choices=c_res_choices, splits=g["num_splits"], overheads=True,
                              one_split=FUSED_ONE_SPLIT, merge_in_rounds=FUSED_MERGE_IN_ROUNDS,
-                             l2_hit=g["l2_hit"] if FUSED_L2 else None, l2_rate_scale=l2_rate_scale)
+                             l2_hit=g["l2_hit"] if FUSED_L2 else None, l2_rate_scale=l2_rate_scale,
+                             knee_programs=knee)
 
     for (kb, vb, hd), g in p5.groupby(["k_bits", "v_bits", "d"]):
         if len(g) < MIN_ROWS_POOLED:
@@ -297,7 +308,8 @@ def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float) -> FusedC
         for cfg, gc in g.groupby("config"):
             if len(gc) < MIN_ROWS_PER_SHAPE:
                 continue
-            out.per_shape[key + (str(cfg),)], out.info[key + (str(cfg),)] = fit(gc, C_RES_CHOICES)
+            knee = KNEE_PROGRAMS_1WARP if str(cfg) == "n32w1" else None
+            out.per_shape[key + (str(cfg),)], out.info[key + (str(cfg),)] = fit(gc, C_RES_CHOICES, knee)
     return out
 
 

@@ -31,6 +31,20 @@ def test_fit_occupancy_recovers_known_curve():
     assert info["n_points"] == B.size and info["median_abs_pct_error"] < 2
 
 
+def test_fixed_knee_sets_the_lone_program_rate():
+    """knee_programs holds the SM's saturation point fixed: r_1 = c_res * r_c / knee, whatever the rows say; the
+    1-warp shape's curves are fitted with KNEE_PROGRAMS_1WARP (4 warp schedulers per SM)."""
+    rng = np.random.default_rng(1)
+    truth = OccupancyCurve(5e-6, r1_GBps=10.0, rc_GBps=4.0, c_res=10)  # knee 10 * 4 / 10 = 4 programs
+    programs = np.array([264, 528, 1056, 1320, 2112, 2640, 5280.0])
+    nbytes = programs * 2e6
+    t = truth.time_s(programs, nbytes, SMS) * np.exp(0.005 * rng.standard_normal(programs.size))
+    c, _ = fused_fit.fit_occupancy(programs, nbytes, t, SMS, c_res_choices=(10,), knee_programs=4)
+    assert c.c_res == 10 and c.r1_GBps == pytest.approx(c.c_res * c.rc_GBps / 4, rel=1e-6)
+    assert c.rc_GBps == pytest.approx(4.0, rel=0.05)
+    assert fused_fit.KNEE_PROGRAMS_1WARP == 4
+
+
 def test_fit_fused_curves_on_synthetic_grid(tmp_path):
     """heldout.synthetic_attention's ground truth: INT4 (30, 15.5 GB/s) and FP16 (40, 17 GB/s), 2 per SM."""
     path = heldout.synthetic_attention(tmp_path / "decode_attention.csv", noise=0.01)

@@ -51,7 +51,8 @@ MiB = 1024**2
 
 __all__ = [
     "CalibrationDataError", "fit_curve", "curve_quality", "fit_stream", "fit_weights", "fit_lm_head",
-    "fit_attention", "fit_fused", "fit_overheads", "attention_op", "fit_calibration", "fit_all", "write_calibration", "load_calibration",
+    "fit_attention", "fit_fused", "fit_overheads", "attention_op", "fit_calibration", "fit_all", "write_calibration",
+    "load_calibration",
     "find_calibration", "calibration_path", "gpu_slug", "read_csv_rows",
 ]
 

@@ -416,7 +416,7 @@ PROBE_VARIANTS["sync"] = dict(async_scales=False)
 # v5, first probe (decode_attention_probe_v5.jsonl, run with an intermediate rule): the split rule's programs per SM
 # (dflt vs the v4 rule's split count), the 8-bit paths' asynchronous scale loads (dflt vs "sync"), and the 1-warp
 # 32-token shape for 8-bit parts. The v4 probe's cases are in git history (decode_attention_probe_v4.jsonl).
-PROBE_CASES_V5A = [
+_PROBE_V5A = [
     ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "sp6"]),
     ("llama-3.1-8b", 128, 32768, (4, 4), ["dflt", "sp17"]),
     ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "sp24"]),
@@ -428,8 +428,9 @@ PROBE_CASES_V5A = [
     ("qwen2.5-0.5b", 64, 16384, (8, 8), ["dflt", "sync", "a32x1"]),
     ("llama-3.1-8b", 1, 4096, (8, 8), ["dflt", "sync"]),
 ]
-# v5, second probe (decode_attention_probe_v5b.jsonl, the final v5 rule as dflt): more splits than the rule picks
-PROBE_CASES = [
+# v5, second probe (decode_attention_probe_v5b.jsonl, run with the rule-12 kernel as dflt): more splits than the
+# rule picks
+_PROBE_V5B = [
     ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "sp8", "sp12", "sp16"]),
     ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "sp48", "sp64"]),
     ("qwen2.5-7b", 32, 32768, (4, 4), ["dflt", "sp16", "sp24"]),
@@ -440,6 +441,8 @@ PROBE_CASES = [
     ("llama-3.1-8b", 16, 131072, (8, 4), ["dflt", "sp12", "sp24"]),
     ("qwen2.5-0.5b", 64, 16384, (8, 8), ["dflt", "sp8", "sp16"]),
 ]
+#: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
+PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B}
 
 
 def _probe_compile(spec):
@@ -470,13 +473,14 @@ def probe(args, ceil):
     from kvmodel.kernels import decode_attention
     from kvmodel.kernels.pipelines import p0, p1
 
-    specs = sorted({(m, kb, vb, v) for m, B, T, (kb, vb), vs in PROBE_CASES for v in vs})
+    cases = PROBE_SETS[args.probe_set]
+    specs = sorted({(m, kb, vb, v) for m, B, T, (kb, vb), vs in cases for v in vs})
     t0 = time.time()
     with mp.get_context("spawn").Pool(min(args.procs, len(specs))) as pool:
         errs = [e for e in pool.map(_probe_compile, specs) if e]
     log(f"probe: compiled {len(specs)} variants in {time.time() - t0:.1f}s; errors: {errs}")
     out = open(args.probe_out, "a") if args.probe_out else None
-    for model, B, T, (kb, vb), names in PROBE_CASES:
+    for model, B, T, (kb, vb), names in cases:
         Hq, Hkv, d = MODELS[model]
         ws = cache_bytes(B, Hkv, T, d, kb, vb)
         n_sets = max(1, min(64, math.ceil(4 * L2_BYTES / ws)))
@@ -531,6 +535,8 @@ def main(argv=None):
     ap.add_argument("--p5-config", default=None, help="block_n,num_warps,num_stages[,v_full] for P5 (default: built-in)")
     ap.add_argument("--probe", action="store_true", help="print a P5 tuning table instead of the grid")
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
+    ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
+                    help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

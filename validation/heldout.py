@@ -37,10 +37,10 @@ import numpy as np
 import pandas as pd
 
 from kvmodel import fused_fit, traffic
-from kvmodel.fused_fit import C_RES_CHOICES, MIN_ROWS_PER_SHAPE, FusedCurves, format_label  # noqa: F401
-from kvmodel.predict import attention_call_time_s
+from kvmodel.fused_fit import FusedCurves, format_label
+from kvmodel.predict import attention_call_time_s, fused_launches
 from kvmodel.specs import BandwidthCurve, KVFormat, get_model
-from kvmodel.timing import (OccupancyCurve, curve_time_s, kernel_config, kernel_config_key, kernel_split_count,
+from kvmodel.timing import (OccupancyCurve, curve_time_s, kernel_split_count,
                             split_count)
 
 from .common import curve_dict, data_path, error_stats, fit_curve, grouped_stats
@@ -167,7 +167,7 @@ class AttentionCalibration:
         c = _by_dim(self.p0, hd)
         return curve_time_s(nbytes, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
 
-    def time_s(self, pipeline: str, fmt: str, B, T, Hq, Hkv, d, k_bits, v_bits, group=32, num_splits=None,
+    def time_s(self, pipeline: str, B, T, Hq, Hkv, d, k_bits, v_bits, group=32, num_splits=None,
                variant: str = ""):
         """Predicted seconds of one attention-layer call (vectorized over B and T; one shape, pipeline, format)."""
         B, T = np.asarray(B, dtype=float), np.asarray(T, dtype=float)
@@ -185,20 +185,16 @@ class AttentionCalibration:
                     + curve_time_s(dequant_bytes(B, T, Hq, Hkv, d, k_bits, v_bits, group), c.t0_s, c.bw_GBps,
                                    c.knee_bytes, c.sharpness))
         if pipeline == "P5":
-            # the kernel's block shape and split count for each call (its own rules, ported)
+            # the kernel's block shape and split count for each call (its own rules, ported; kvmodel predict's)
             B, T = np.broadcast_arrays(B, T)
             ph = Hq if variant == "nogqa" else Hkv
-            if num_splits is None:
-                ns = kernel_split_count(k_bits, v_bits, d, B, ph, T, self.sm_count)
-            else:
+            ns, keys = fused_launches(k_bits, v_bits, d, B, ph, T, self.sm_count)
+            if num_splits is not None:
                 ns = np.broadcast_to(np.asarray(num_splits, float), B.shape)
             nbytes = np.broadcast_to(ab("P5", B, T, Hq, Hkv, d, k_bits, v_bits, group), B.shape)
-            programs = B * Hkv * ns
-            if variant == "nogqa":  # one program per query head: each loads its KV head's tiles
-                programs = B * Hq * ns
+            programs = B * ph * ns  # nogqa: one program per query head, each loading its KV head's tiles
+            if variant == "nogqa":
                 nbytes = nbytes * Hq / Hkv
-            keys = np.array([kernel_config_key(kernel_config(k_bits, v_bits, d, b, ph, t))
-                             for b, t in zip(B.ravel(), T.ravel())]).reshape(B.shape)
             out = np.full(B.shape, np.nan)
             for key in np.unique(keys):
                 m = keys == key
@@ -348,7 +344,7 @@ def _attention_per_step(att: AttentionCalibration, model, rows: pd.DataFrame) ->
         if pl not in ("P0", "P0-expand", "P1", "P5"):
             out[idx] = np.nan
             continue
-        t = att.time_s(pl, _fmt(kb, vb), g["B"], g["T"], model.num_heads, model.num_kv_heads, hd, kb, vb)
+        t = att.time_s(pl, g["B"], g["T"], model.num_heads, model.num_kv_heads, hd, kb, vb)
         out[idx] = model.num_layers * t
     return out
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from kvmodel import __version__
+from kvmodel import __version__, fused_fit
 
 from . import h100_study, heldout, peers, published
 from .common import atomic_savefig, atomic_write_json, atomic_write_text, md_table
@@ -485,7 +485,7 @@ def _p5_shape_text(att: dict) -> list:
         "every measured `num_splits` of the grid): each P5 call is timed by the curve of the block shape the "
         "kernel launches for it, one occupancy curve per (format, head dim, block shape), fitted on the "
         "calibration rows of that shape only, with resident programs per SM chosen from "
-        f"{{{', '.join(str(c) for c in heldout.C_RES_CHOICES)}}} (register- and shared-memory-derived residencies "
+        f"{{{', '.join(str(c) for c in fused_fit.C_RES_CHOICES)}}} (register- and shared-memory-derived residencies "
         "of the sm_90 builds of the 1-warp shape, `python -m kvmodel.kernels.sass_probe --occupancy`: 4/4 d = 128 "
         "10-11 with token_octet V, 12 with channel V; 8-bit parts 7-16; a 16-bit part 8 at d = 128; d = 64 "
         "14-17). Fitted residency of the "
@@ -636,14 +636,18 @@ def _misses_section(r: dict, att: dict) -> str:
               "2^18 token-heads) and its split rule targets ~1,000-2,000 programs, so the d = 128 calibration rows "
               "(Llama, Hkv = 8) never show fewer than ~8 one-warp programs per SM, and each 8-bit format has only "
               "5 small-launch rows. Two physical constraints fixed most of the misses this caused (16 rows > 15 %, "
-              "worst 31 % before them): the 1-warp shape's SM saturates at 4 programs (4 warp schedulers; "
+              f"worst 31 % before them): the 1-warp shape's SM saturates at {fused_fit.KNEE_PROGRAMS_1WARP} programs "
+              "(4 warp schedulers; "
               "`kvmodel.fused_fit.KNEE_PROGRAMS_1WARP`, what the d = 64 fits find from their 256-512-program "
-              "launches), and a block shape gets its own curve from 5 rows (`MIN_ROWS_PER_SHAPE`), so the 8-bit "
+              f"launches), and a block shape gets its own curve from {fused_fit.MIN_ROWS_PER_SHAPE} rows "
+              "(`MIN_ROWS_PER_SHAPE`), so the 8-bit "
               "small launches are no longer timed by a pooled curve dominated by the large-launch shape. What is "
               "left: the split-K merge cost per split is identified per curve from the one 128-split calibration "
               "row (B = 1, T = 128K), where streaming hides it, so 128-split calls of short programs (B = 1, "
-              "T = 32K) are over-predicted (the merge kernel is the same for every format; a merge cost shared by "
-              "all curves is the next fix); P0 / P0-expand of the held-out Qwen2.5-7B at T = 128K and P1 at small "
+              "T = 32K) are over-predicted (a merge cost shared by all curves — the merge kernel is the same for "
+              "every format — was tried and moved the miss to other 128-split calls; the fix is calibration rows "
+              "at 64-128 splits of short programs); P0 / P0-expand of the held-out Qwen2.5-7B at T = 128K and P1 "
+              "at small "
               "sizes miss by 15-16 %.",
               "- **P1 with a 16-bit half** (K16/V4): `attn_bytes_P1` charges the FP16 staging buffer (write + "
               "read) only for the halves stored below 16 bits; the validation model's dequantize-step bytes are "

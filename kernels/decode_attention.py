@@ -40,6 +40,8 @@ except ImportError:  # pragma: no cover
 LOG2E = 1.4426950408889634
 V_FULL_DEFAULT = False  # True: V dequantized to a full-width fp16 tile before the P·V dot (_load_v_full); measured no faster for 4/4 (NOTES.md), so the grid default is the halves path
 DEFAULT_SMS = 132  # H200; the launcher reads the real count from the device when there is one
+SWAP_MIN_ROWS = 8  # query rows of the swapped (tokens-as-M) dots: mma.m16n8k16's N is 8
+SWAP_DEFAULT = True  # formats with a quantized part use the swapped dots (v6; offline SASS −15…−25 % instructions)
 
 
 def _interpreting() -> bool:
@@ -303,7 +305,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
         V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
         VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
-        MERGE_SB: tl.constexpr = 1,
+        MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False,
     ):
         pid_s = tl.program_id(0)
         pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
@@ -356,7 +358,21 @@ if triton is not None:
 
         m_i = tl.full([M_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([M_PAD], tl.float32)
-        if V_FULL or VTP:
+        if SW:
+            # swapped operands: the tile's tokens are the mma M side and the query rows its N side (8 instead of
+            # 16 padded rows: half the mma work and half the softmax registers at G <= 8); scores and P are
+            # [BLOCK_N, M_PAD], the accumulators [channels, M_PAD]
+            if K_FULL:
+                qf = tl.trans(qf)
+            else:
+                qa = tl.trans(qa)
+                qb = tl.trans(qb)
+            if V_FULL or VTP:
+                acc = tl.zeros([D, M_PAD], tl.float32)
+            else:
+                acc_a = tl.zeros([HALF_D, M_PAD], tl.float32)
+                acc_b = tl.zeros([HALF_D, M_PAD], tl.float32)
+        elif V_FULL or VTP:
             acc = tl.zeros([M_PAD, D], tl.float32)
         else:
             acc_a = tl.zeros([M_PAD, HALF_D], tl.float32)
@@ -365,40 +381,80 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            if K_FULL:
-                kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                  ASM)
-                s = tl.dot(qf, tl.trans(kf))
+            if SW:
+                if K_FULL:
+                    kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N,
+                                      MAGIC, ASM)
+                    st = tl.dot(kf, qf)
+                else:
+                    ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N,
+                                        MAGIC, ASM)
+                    st = tl.dot(ka, qa)
+                    st = tl.dot(kb, qb, st)  # [BLOCK_N, M_PAD]
+                st = st * qk_scale
+                st = tl.where(mask_n[:, None], st, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(st, 0))
+                alpha = tl.math.exp2(m_i - m_new)
+                pt = tl.math.exp2(st - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(pt, 0)
+                m_i = m_new
+                pt16 = pt.to(tl.float16)
+                if VTP == 2:
+                    v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
+                    acc = tl.dot(tl.trans(v), pt16, acc * alpha[None, :])
+                elif VTP:
+                    v = _load_v_pairs(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
+                    acc = tl.dot(tl.trans(v), pt16, acc * alpha[None, :])
+                elif V_FULL:
+                    v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
+                                     MAGIC, ASM)
+                    acc = tl.dot(tl.trans(v), pt16, acc * alpha[None, :])
+                else:
+                    va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
+                                        MAGIC, ASM)
+                    acc_a = tl.dot(tl.trans(va), pt16, acc_a * alpha[None, :])
+                    acc_b = tl.dot(tl.trans(vb), pt16, acc_b * alpha[None, :])
             else:
-                ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                    ASM)
-                s = tl.dot(qa, tl.trans(ka))
-                s = tl.dot(qb, tl.trans(kb), s)
-            s = s * qk_scale
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-            p16 = p.to(tl.float16)
-            if VTP == 2:
-                v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
-                acc = tl.dot(p16, v, acc * alpha[:, None])
-            elif VTP:
-                v = _load_v_pairs(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
-                acc = tl.dot(p16, v, acc * alpha[:, None])
-            elif V_FULL:
-                v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                 ASM)
-                acc = tl.dot(p16, v, acc * alpha[:, None])
-            else:
-                va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
-                                    MAGIC, ASM)
-                acc_a = tl.dot(p16, va, acc_a * alpha[:, None])
-                acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
+                if K_FULL:
+                    kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                      ASM)
+                    s = tl.dot(qf, tl.trans(kf))
+                else:
+                    ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                        ASM)
+                    s = tl.dot(qa, tl.trans(ka))
+                    s = tl.dot(qb, tl.trans(kb), s)
+                s = s * qk_scale
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
+                p16 = p.to(tl.float16)
+                if VTP == 2:
+                    v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
+                    acc = tl.dot(p16, v, acc * alpha[:, None])
+                elif VTP:
+                    v = _load_v_pairs(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
+                    acc = tl.dot(p16, v, acc * alpha[:, None])
+                elif V_FULL:
+                    v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                     ASM)
+                    acc = tl.dot(p16, v, acc * alpha[:, None])
+                else:
+                    va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
+                                        MAGIC, ASM)
+                    acc_a = tl.dot(p16, va, acc_a * alpha[:, None])
+                    acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
+        if SW:
+            if V_FULL or VTP:
+                acc = tl.trans(acc)
+            else:
+                acc_a = tl.trans(acc_a)
+                acc_b = tl.trans(acc_b)
         if V_FULL or VTP:
             # split the full-width accumulator into the two stored halves (channels [0, D/2) and [D/2, D))
             acc = acc / l_safe[:, None]
@@ -568,13 +624,13 @@ def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T:
     large = B * prog_heads * T >= LARGE_WORK
     if k_bits == 16 and v_bits == 16:
         if d == 128 and large:
-            return dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4)
-        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
+            return dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, swap=False)
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=False)
     if not large:
-        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=SWAP_DEFAULT)
     bn, w = (32, 2) if d > 128 else (32, 1)
     ppsm = shape_programs_per_sm(k_bits, v_bits, d, bn, w)
-    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm)
+    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=SWAP_DEFAULT)
 
 
 def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
@@ -642,7 +698,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      sm_scale: float | None = None, out: torch.Tensor | None = None,
                      workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
                      async_scales: bool | None = None, merge: str = "kernel",
-                     maxnreg: int | None = None) -> torch.Tensor:
+                     maxnreg: int | None = None, swap: bool | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -653,6 +709,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     ``merge``: "kernel" (default) — a second launch merges the splits; "fused" — the last program of each head
     group to finish merges them (one launch; measured 2–30 % slower on the H200, NOTES.md v4, kept as an option).
     ``maxnreg``: register cap per thread passed to the compiler (probe option; spills below ~160 for 4/4).
+    ``swap``: swapped mma operands (the tile's tokens on the M side, the query rows on N, padded to 8 instead
+    of 16).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -677,7 +735,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     if magic is None:
         magic = True
     asm = bool(magic) and q.device.type == "cuda" and not _interpreting()
-    m_pad = max(16, triton.next_power_of_2(hpp))
+    if swap is None:
+        swap = cfg["swap"]
+    m_pad = max(SWAP_MIN_ROWS if swap else 16, triton.next_power_of_2(hpp))
     if num_splits is None:
         num_splits = choose_num_splits(B, prog_heads, T, block_n, num_sms(q.device), programs_per_sm)
     if num_splits < 1:
@@ -749,7 +809,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         Hq * num_splits * d, num_splits * d, d,
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
-        K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb,
+        K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:

@@ -28,13 +28,13 @@ def _bin(name: str) -> str:
 
 
 def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3, group=32, asym=False,
-                   vtp=False, v_full=False, k_full=False, sc=True, split=True):
+                   vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=False):
     """The compiled kernel (``triton.compile`` result) for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .decode_attention import _attn_split_kernel
+    from .decode_attention import SWAP_MIN_ROWS, _attn_split_kernel
 
     fn = _attn_split_kernel
     dt = {4: "u8", 8: "u8", 16: "fp16"}
@@ -46,7 +46,8 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     # the scale token strides are d/group (4 for d=128, g=32): not 16-divisible; every other int of a real launch
     # (T = 32K, strides of 16-aligned allocations) is
     not_div = {"sks_t", "svs_t"}
-    consts = dict(G=G, HPP=G, M_PAD=max(16, triton.next_power_of_2(G)), D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
+    m_pad = max(SWAP_MIN_ROWS, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G))
+    consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
                   ASYM=asym, BLOCK_N=block_n, MAGIC=True, ASM=True, SPLIT=split, V_FULL=v_full, SC=sc,
                   K_FULL=k_full, VTP=vtp)
     sig, attrs = {}, {}
@@ -167,7 +168,9 @@ def main(argv=None):
     ap.add_argument("--block-n", type=int, default=32)
     ap.add_argument("--warps", type=int, default=1)
     ap.add_argument("--stages", type=int, default=3)
-    ap.add_argument("--vtp", action="store_true", help="token_pair V (v4 candidate)")
+    ap.add_argument("--vtp", type=int, default=0, choices=(0, 1, 2),
+                    help="4-bit V layout: 0 channel, 1 token_pair, 2 token_octet (the default cache at d >= 128)")
+    ap.add_argument("--swap", action="store_true", help="swapped operands: tokens on the mma M side")
     ap.add_argument("--v-full", action="store_true")
     ap.add_argument("--table", action="store_true", help="v3 vs v4 candidate at both default block shapes")
     ap.add_argument("--occupancy", action="store_true",
@@ -190,7 +193,7 @@ def main(argv=None):
                            probe(**cfg)), flush=True)
         return
     cfg = dict(kb=a.kb, vb=a.vb, d=a.d, G=a.G, group=a.group, block_n=a.block_n, num_warps=a.warps,
-               num_stages=a.stages, vtp=a.vtp, v_full=a.v_full)
+               num_stages=a.stages, vtp=a.vtp, v_full=a.v_full, swap=a.swap)
     print(_fmt(str(cfg), probe(**cfg)))
 
 

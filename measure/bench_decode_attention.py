@@ -441,8 +441,34 @@ _PROBE_V5B = [
     ("llama-3.1-8b", 16, 131072, (8, 4), ["dflt", "sp12", "sp24"]),
     ("qwen2.5-0.5b", 64, 16384, (8, 8), ["dflt", "sp8", "sp16"]),
 ]
+# v6 (swapped mma operands: tokens on M, the query rows on N): "nosw" is the v5 kernel's dot orientation at the
+# same block shape and split count; swNN = swapped with NN splits (the swapped 1-warp programs use ~128 registers,
+# so 16 fit on an SM where v5's 4/4 fitted 11)
+PROBE_VARIANTS["nosw"] = dict(swap=False)
+for _n in (8, 16, 24, 32, 48, 64, 96, 128):
+    PROBE_VARIANTS[f"sw{_n}"] = dict(swap=True, num_splits=_n)
+PROBE_VARIANTS["sw32x1"] = dict(swap=True, block_n=32, num_warps=1, num_stages=3)
+PROBE_VARIANTS["sw32x1st4"] = dict(swap=True, block_n=32, num_warps=1, num_stages=4)
+PROBE_VARIANTS["sw64x1"] = dict(swap=True, block_n=64, num_warps=1, num_stages=3)
+PROBE_VARIANTS["sw64x2"] = dict(swap=True, block_n=64, num_warps=2, num_stages=3)
+_PROBE_V6 = [
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "nosw", "sw32", "sw48", "sw64x1", "sw32x1st4"]),
+    ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "nosw", "sw64", "sw96"]),
+    ("qwen2.5-7b", 32, 32768, (4, 4), ["dflt", "nosw", "sw32", "sw48"]),
+    ("gemma-3-12b", 32, 32768, (4, 4), ["dflt", "nosw", "sw8", "sw16", "sw64x2"]),
+    ("qwen2.5-0.5b", 64, 16384, (4, 4), ["dflt", "nosw", "sw16", "sw24"]),
+    ("llama-3.1-8b", 4, 32768, (4, 4), ["dflt", "nosw", "sw96", "sw128"]),
+    ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "nosw", "sw16"]),
+    ("llama-3.1-8b", 32, 32768, (8, 8), ["dflt", "nosw", "sw16"]),
+    ("llama-3.1-8b", 32, 32768, (16, 4), ["dflt", "nosw", "sw16"]),
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["dflt", "nosw", "sw16", "sw32x1", "sw32"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["dflt", "nosw", "sw16", "sw32x1", "sw32"]),
+    ("qwen2.5-0.5b", 1, 4096, (4, 4), ["dflt", "nosw", "sw16", "sw32x1", "sw32"]),
+    ("gemma-3-12b", 1, 4096, (4, 4), ["dflt", "nosw", "sw16", "sw32"]),
+    ("llama-3.1-8b", 8, 4096, (4, 4), ["dflt", "nosw", "sw32x1"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
-PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B}
+PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6}
 
 
 def _probe_compile(spec):
@@ -536,7 +562,8 @@ def main(argv=None):
     ap.add_argument("--probe", action="store_true", help="print a P5 tuning table instead of the grid")
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
-                    help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits)")
+                    help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits; "
+                         "v6: swapped mma operands)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

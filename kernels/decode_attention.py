@@ -586,10 +586,13 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: split merge as an option (the separate merge launch stays the default); v5: 8-bit scales loaded as one row per
 #: token (asynchronous copies, no division in the index), 8-bit parts use the 1-/2-warp 32-token shapes at large
 #: launches, the split rule's programs per SM of the 1-warp shape tuned on the H200 (SHAPE_PROGRAMS_PER_SM: 16 for
-#: 4/4, 8 for 8-bit parts and for a 16-bit part at d = 128)).
+#: 4/4, 8 for 8-bit parts and for a 16-bit part at d = 128); v6: swapped mma operands for every format with a
+#: quantized part (the tile's tokens on the mma M side, the query rows on N, padded to 8 instead of 16: half the mma
+#: and softmax work, 128 instead of 182 registers for 4/4 d = 128), and 16 programs per SM for the 2-warp 4/4
+#: d = 256 shape).
 #: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
 #: measured.
-KERNEL_VERSION = "v5"
+KERNEL_VERSION = "v6"
 
 LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
@@ -600,14 +603,17 @@ LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from wh
 #: 10-11, 8-bit parts 7-16, a 16-bit part 8 at d=128): the loop is issue-bound and more programs than fit at
 #: once win. 4/4: 16 (2,048 programs at Llama B=32 T=32K: 525 us vs 564 at v4's 12, 667 at the resource count
 #: 10; Qwen2.5-7B B=32 T=32K 274 vs 346 us); 8-bit parts 8 (8/8 Llama B=32 T=32K 922 us vs 1056 at 4; 8/4 541 vs
-#: 686); a 16-bit part 8 at d=128 (630 us vs 741 at v4's 9) and 9 at d=64 (v4, not probed).
+#: 686); a 16-bit part 8 at d=128 (630 us vs 741 at v4's 9) and 9 at d=64 (v4, not probed). v6 (swapped dots):
+#: the 2-warp shape of 4/4 at d=256 assumes 16 (Gemma B=32 T=32K: 8 splits 1282 us vs 2 splits 1371 at 4).
 SHAPE_PROGRAMS_PER_SM = {("4/4", 64): 16, ("4/4", 128): 16, ("16-bit part", 64): 9, ("16-bit part", 128): 8,
-                         ("8-bit part", 64): 8, ("8-bit part", 128): 8}
+                         ("8-bit part", 64): 8, ("8-bit part", 128): 8, ("4/4", 256): 16}
 
 
 def shape_programs_per_sm(k_bits: int, v_bits: int, d: int, block_n: int, num_warps: int) -> int:
     """Programs of one block shape the split rule assumes an SM runs at once (:data:`SHAPE_PROGRAMS_PER_SM` for the
-    1-warp 32-token shape with a quantized part; 4 for every other shape)."""
+    1-warp 32-token shape with a quantized part and the 2-warp one of 4/4 at d = 256; 4 for every other shape)."""
+    if block_n == 32 and num_warps == 2 and d == 256 and (k_bits, v_bits) == (4, 4):
+        return SHAPE_PROGRAMS_PER_SM[("4/4", 256)]
     if block_n == 32 and num_warps == 1 and d in (64, 128) and (k_bits, v_bits) != (16, 16):
         fmt = "8-bit part" if 8 in (k_bits, v_bits) else "4/4" if (k_bits, v_bits) == (4, 4) else "16-bit part"
         return SHAPE_PROGRAMS_PER_SM[(fmt, d)]

@@ -285,7 +285,7 @@ KERNEL_LARGE_WORK = 1 << 18
 
 def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
     """The fused split-K kernel's block shape for one call: the rule of ``kernels.decode_attention.default_config``
-    (kernel v5), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
+    (kernel v6), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
     assumes) and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of the call, so
     a model may use it: the two sides of the threshold are different programs with different per-token costs."""
     kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
@@ -297,7 +297,7 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
     if not large:
         return dict(block_n=64, num_warps=4, programs_per_sm=4, large=large)
     if d > 128:
-        return dict(block_n=32, num_warps=2, programs_per_sm=4, large=large)
+        return dict(block_n=32, num_warps=2, programs_per_sm=16 if (kb, vb) == (4, 4) else 4, large=large)
     # programs per SM the split rule assumes for the 1-warp shape (kernels.decode_attention.SHAPE_PROGRAMS_PER_SM)
     if 8 in (kb, vb):
         pps = 8 if d in (64, 128) else 4

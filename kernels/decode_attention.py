@@ -42,6 +42,7 @@ V_FULL_DEFAULT = False  # True: V dequantized to a full-width fp16 tile before t
 DEFAULT_SMS = 132  # H200; the launcher reads the real count from the device when there is one
 SWAP_MIN_ROWS = 8  # query rows of the swapped (tokens-as-M) dots: mma.m16n8k16's N is 8
 SWAP_DEFAULT = True  # formats with a quantized part use the swapped dots (v6; offline SASS −15…−25 % instructions)
+V_FOLD_DEFAULT = True  # swapped dots + symmetric 4-bit token_octet V: V scales on the P tile (v7 candidate)
 
 
 def _interpreting() -> bool:
@@ -253,7 +254,7 @@ if triton is not None:
     @triton.jit
     def _load_v_octets(base, s_base, z_base, n0, end, stride_t, stride_st,
                        D: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MAGIC: tl.constexpr, ASM: tl.constexpr, SC: tl.constexpr):
+                       MAGIC: tl.constexpr, ASM: tl.constexpr, SC: tl.constexpr, RAW: tl.constexpr = False):
         """One 4-bit V tile in the token_octet layout: per 8 tokens (n0 + 8r + k) and channel c one 32-bit word,
         byte m = token m (low nibble) | token m + 4 (high nibble). The word's low nibbles unpack (LOP3 + 2 PRMT)
         to the fp16x2 pairs (t0, t1), (t2, t3) and its high nibbles to (t4, t5), (t6, t7): the 8 consecutive k of
@@ -265,6 +266,11 @@ if triton is not None:
         f = tl.arange(0, 4 * D)[None, :]  # one contiguous row of 4·D bytes per 8 tokens
         b = tl.load(base + (n0 // 8 + r)[:, None] * stride_t + f, mask=mrow, other=0)
         b = tl.reshape(b, (R, NG, GROUP, 4))
+        if RAW:  # the centered codes c - 8 (exact in fp16); the caller applies the scales (V fold)
+            lo, hi = _nibbles_f16(b, MAGIC, ASM)
+            off: tl.constexpr = (1024.0 if MAGIC else 0.0) + 8.0
+            v = tl.permute(tl.join(lo - off, hi - off), (0, 4, 3, 1, 2))  # [R, 2, 4, NG, GROUP]
+            return tl.reshape(v, (BLOCK_N, D))
         # scales of the 8 tokens (token n0 + 8r + 4e + m, group g): [R, 8·NG] → [R, NG, 1, 4] for e = 0 and e = 1
         f8 = tl.arange(0, 8 * NG)[None, :]
         tok = n0 + 8 * r[:, None] + f8 // NG
@@ -305,7 +311,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
         V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
         VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
-        MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False,
+        MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False,
     ):
         pid_s = tl.program_id(0)
         pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
@@ -367,7 +373,12 @@ if triton is not None:
             else:
                 qa = tl.trans(qa)
                 qb = tl.trans(qb)
-            if V_FULL or VTP:
+            if VF:
+                # V fold: per channel group g, O^T_g = codes_g^T · (P ⊙ s_g): the group scale multiplies the
+                # [BLOCK_N, M_PAD] P tile instead of the [BLOCK_N, D] V tile (one batched dot over the groups)
+                NGV: tl.constexpr = D // GROUP
+                acc3 = tl.zeros([NGV, GROUP, M_PAD], tl.float32)
+            elif V_FULL or VTP:
                 acc = tl.zeros([D, M_PAD], tl.float32)
             else:
                 acc_a = tl.zeros([HALF_D, M_PAD], tl.float32)
@@ -399,7 +410,15 @@ if triton is not None:
                 l_i = l_i * alpha + tl.sum(pt, 0)
                 m_i = m_new
                 pt16 = pt.to(tl.float16)
-                if VTP == 2:
+                if VF:
+                    v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC,
+                                       True)
+                    sv = tl.load(vs + offs_n[None, :] * svs_t + tl.arange(0, NGV)[:, None], mask=mask_n[None, :],
+                                 other=0.0)  # [NG, BLOCK_N]
+                    b3 = pt16[None, :, :] * sv[:, :, None]  # [NG, BLOCK_N, M_PAD] fp16
+                    a3 = tl.permute(tl.reshape(v, (BLOCK_N, NGV, GROUP)), (1, 2, 0))  # [NG, GROUP, BLOCK_N]
+                    acc3 = tl.dot(a3, b3, acc3 * alpha[None, None, :])
+                elif VTP == 2:
                     v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
                     acc = tl.dot(tl.trans(v), pt16, acc * alpha[None, :])
                 elif VTP:
@@ -450,7 +469,9 @@ if triton is not None:
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         if SW:
-            if V_FULL or VTP:
+            if VF:
+                acc = tl.trans(tl.reshape(acc3, (D, M_PAD)))
+            elif V_FULL or VTP:
                 acc = tl.trans(acc)
             else:
                 acc_a = tl.trans(acc_a)
@@ -704,7 +725,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      sm_scale: float | None = None, out: torch.Tensor | None = None,
                      workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
                      async_scales: bool | None = None, merge: str = "kernel",
-                     maxnreg: int | None = None, swap: bool | None = None) -> torch.Tensor:
+                     maxnreg: int | None = None, swap: bool | None = None,
+                     v_fold: bool | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -717,6 +739,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     ``maxnreg``: register cap per thread passed to the compiler (probe option; spills below ~160 for 4/4).
     ``swap``: swapped mma operands (the tile's tokens on the M side, the query rows on N, padded to 8 instead
     of 16).
+    ``v_fold``: with ``swap`` and a symmetric 4-bit token_octet V, V's group scales multiply the P tile per group
+    (one batched dot over the channel groups) instead of dequantizing V.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -802,6 +826,11 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         raise ValueError(f"the {k.layout} layout is supported for V only")
     if vtp and (block_n < 32 or block_n % 8):
         raise ValueError(f"a {v.layout} V cache needs block_n >= 32 (a multiple of 8)")
+    fold_ok = bool(swap) and vtp == 2 and not cache.asym and v.bits == 4 and not v_full
+    if v_fold is None:
+        v_fold = fold_ok and V_FOLD_DEFAULT
+    if v_fold and not fold_ok:
+        raise ValueError("v_fold needs swap=True and a symmetric 4-bit V in the token_octet layout")
     merge_sb = min(16, triton.next_power_of_2(num_splits))
     merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step
     grid = (num_splits, prog_heads, B)
@@ -816,6 +845,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
         K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
+        VF=bool(v_fold),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:

@@ -28,7 +28,7 @@ def _bin(name: str) -> str:
 
 
 def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3, group=32, asym=False,
-                   vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=False):
+                   vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=False, vf=False):
     """The compiled kernel (``triton.compile`` result) for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -47,7 +47,7 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     # (T = 32K, strides of 16-aligned allocations) is
     not_div = {"sks_t", "svs_t"}
     m_pad = max(SWAP_MIN_ROWS, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G))
-    consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
+    consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, VF=vf, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
                   ASYM=asym, BLOCK_N=block_n, MAGIC=True, ASM=True, SPLIT=split, V_FULL=v_full, SC=sc,
                   K_FULL=k_full, VTP=vtp)
     sig, attrs = {}, {}
@@ -171,6 +171,7 @@ def main(argv=None):
     ap.add_argument("--vtp", type=int, default=0, choices=(0, 1, 2),
                     help="4-bit V layout: 0 channel, 1 token_pair, 2 token_octet (the default cache at d >= 128)")
     ap.add_argument("--swap", action="store_true", help="swapped operands: tokens on the mma M side")
+    ap.add_argument("--vf", action="store_true", help="V fold (with --swap --vtp 2): V scales on the P tile")
     ap.add_argument("--v-full", action="store_true")
     ap.add_argument("--table", action="store_true", help="v3 vs v4 candidate at both default block shapes")
     ap.add_argument("--occupancy", action="store_true",
@@ -193,7 +194,7 @@ def main(argv=None):
                            probe(**cfg)), flush=True)
         return
     cfg = dict(kb=a.kb, vb=a.vb, d=a.d, G=a.G, group=a.group, block_n=a.block_n, num_warps=a.warps,
-               num_stages=a.stages, vtp=a.vtp, v_full=a.v_full, swap=a.swap)
+               num_stages=a.stages, vtp=a.vtp, v_full=a.v_full, swap=a.swap, vf=a.vf)
     print(_fmt(str(cfg), probe(**cfg)))
 
 

@@ -467,8 +467,28 @@ _PROBE_V6 = [
     ("gemma-3-12b", 1, 4096, (4, 4), ["dflt", "nosw", "sw16", "sw32"]),
     ("llama-3.1-8b", 8, 4096, (4, 4), ["dflt", "nosw", "sw32x1"]),
 ]
+# v7 candidate (V fold: with the swapped dots and a symmetric 4-bit token_octet V, V's group scales multiply the
+# P tile per group, one batched dot over the groups): "novf" = v6 (the V tile dequantized), same shape and splits
+PROBE_VARIANTS["novf"] = dict(v_fold=False)
+PROBE_VARIANTS["a64x2sp8"] = dict(block_n=64, num_warps=2, num_stages=3, num_splits=8)
+PROBE_VARIANTS["a64x2sp16"] = dict(block_n=64, num_warps=2, num_stages=3, num_splits=16)
+_PROBE_V7 = [
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "novf", "sp24", "sp32"]),
+    ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "novf"]),
+    ("qwen2.5-7b", 32, 32768, (4, 4), ["dflt", "novf"]),
+    ("qwen2.5-7b", 16, 131072, (4, 4), ["dflt", "novf"]),
+    ("gemma-3-12b", 32, 32768, (4, 4), ["dflt", "novf", "a64x2", "a64x2sp8", "a64x2sp16"]),
+    ("gemma-3-12b", 8, 32768, (4, 4), ["dflt", "novf", "a64x2"]),
+    ("llama-3.1-8b", 4, 32768, (4, 4), ["dflt", "novf"]),
+    ("llama-3.1-8b", 8, 4096, (4, 4), ["dflt", "novf"]),
+    ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "novf"]),
+    ("llama-3.1-8b", 32, 32768, (16, 4), ["dflt", "novf"]),
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["dflt", "novf"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["dflt", "novf"]),
+    ("gemma-3-12b", 1, 4096, (4, 4), ["dflt", "novf"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
-PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6}
+PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7}
 
 
 def _probe_compile(spec):
@@ -563,7 +583,7 @@ def main(argv=None):
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
                     help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits; "
-                         "v6: swapped mma operands)")
+                         "v6: swapped mma operands; v7: V scales folded into P)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

@@ -552,6 +552,57 @@ def test_decode_attention_token_octet_v(block_n, num_warps, d):
                         block_n=block_n, num_warps=num_warps, **opts)
 
 
+@pytest.mark.parametrize("B,G,Hkv,d,T,kb,group,block_n,num_warps,num_splits", [
+    (2, 4, 1, 128, 150, 4, 32, 32, 1, None), (1, 7, 2, 128, 65, 4, 64, 64, 4, 3), (2, 2, 1, 256, 100, 4, 32, 32, 2, 1),
+    (1, 8, 1, 128, 63, 8, 128, 32, 1, 2), (3, 1, 1, 256, 40, 16, 64, 64, 4, None), (1, 3, 1, 128, 1000, 4, 32, 32, 1, 5)])
+def test_decode_attention_v_fold(B, G, Hkv, d, T, kb, group, block_n, num_warps, num_splits):
+    """V fold (swapped dots, symmetric 4-bit token_octet V: V's group scales multiply the P tile per group, one
+    batched dot over the groups) against the float32 reference on tail-poisoned caches; T not a multiple of the
+    block or of 8, G 1-8, every group size."""
+    check_attention(B, G, Hkv, d, T, kb, 4, group, False, seed=T + G + d, v_layout="token_octet", swap=True,
+                    v_fold=True, block_n=block_n, num_warps=num_warps, num_splits=num_splits)
+
+
+def test_v_fold_is_the_default_only_where_it_applies():
+    """v_fold=True is refused where it cannot apply (asymmetric V, channel layout, no swap); the default turns it
+    on exactly for swapped symmetric 4-bit token_octet V (same result as v_fold=False)."""
+    cache, g = _make_cache(1, 1, 40, 128, 4, 4, 32, True, 3, v_layout="token_octet")
+    q = torch.randn(1, 4, 128, generator=g).half().to(DEV)
+    with pytest.raises(ValueError, match="v_fold"):
+        decode_attention(q, cache, v_fold=True)
+    cache, g = _make_cache(1, 1, 40, 128, 4, 4, 32, False, 3, v_layout="channel")
+    with pytest.raises(ValueError, match="v_fold"):
+        decode_attention(q, cache, v_fold=True)
+    cache, g = _make_cache(1, 1, 40, 128, 4, 4, 32, False, 3, v_layout="token_octet")
+    with pytest.raises(ValueError, match="v_fold"):
+        decode_attention(q, cache, v_fold=True, swap=False)
+    a = decode_attention(q, cache)
+    b = decode_attention(q, cache, v_fold=False)
+    c = decode_attention(q, cache, v_fold=True)
+    assert torch.equal(a, c) and (a.float() - b.float()).abs().max().item() < 5e-3
+
+
+def _octet_gpu_cases():
+    """The cross product's T, G, B for every K width over a 4-bit token_octet V (the default cache layout at
+    d >= 128, where the swapped dots and the V fold run)."""
+    for G, d, kb, T, B in itertools.product(G_VALUES, (128, 256), (4, 8, 16), T_VALUES, B_VALUES):
+        yield pytest.param(B, G, 2, d, T, kb, id=f"B{B}-G{G}-d{d}-T{T}-k{kb}v4octet")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,G,Hkv,d,T,kb", list(_octet_gpu_cases()))
+def test_decode_attention_octet_v_full_gpu(B, G, Hkv, d, T, kb):
+    check_attention(B, G, Hkv, d, T, kb, 4, seed=T * 5 + G * 3 + d + B + kb, v_layout="token_octet")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb,d,G", [(4, 128, 4), (4, 256, 2), (8, 128, 7), (16, 128, 4), (4, 128, 7)])
+def test_decode_attention_large_launch_octet_gpu(kb, d, G):
+    """A launch past LARGE_WORK token-heads on a token_octet V cache: the default throughput shape, split count,
+    swapped dots and V fold."""
+    check_attention(2, G, 8, d, 65543, kb, 4, seed=kb + d + G, v_layout="token_octet")
+
+
 # ------------------------------------------------------------------------------------------- quantization
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("asym", [False, True])

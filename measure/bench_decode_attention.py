@@ -473,7 +473,7 @@ PROBE_VARIANTS["novf"] = dict(v_fold=False)
 PROBE_VARIANTS["a64x2sp8"] = dict(block_n=64, num_warps=2, num_stages=3, num_splits=8)
 PROBE_VARIANTS["a64x2sp16"] = dict(block_n=64, num_warps=2, num_stages=3, num_splits=16)
 _PROBE_V7 = [
-    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "novf", "sp24", "sp32"]),
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "novf", "sp24", "sp48"]),
     ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "novf"]),
     ("qwen2.5-7b", 32, 32768, (4, 4), ["dflt", "novf"]),
     ("qwen2.5-7b", 16, 131072, (4, 4), ["dflt", "novf"]),

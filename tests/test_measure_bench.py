@@ -29,3 +29,16 @@ def test_fallback_bytes_equal_traffic(monkeypatch, pipe, kb, vb):
     monkeypatch.setattr(builtins, "__import__", no_traffic)
     got, src = bench.bytes_moved(*args)
     assert src == "fallback" and got == want
+
+
+def test_every_probe_set_names_known_variants_and_models():
+    """Each ``--probe-set`` case names a model of the grid and variants that exist (a misspelt variant would
+    only fail on the GPU, after the compile step)."""
+    from kvmodel.measure import bench_decode_attention as bench
+
+    for name, cases in bench.PROBE_SETS.items():
+        for model, B, T, (kb, vb), variants in cases:
+            assert model in bench.MODELS, (name, model)
+            assert B >= 1 and T >= 1 and kb in (4, 8, 16) and vb in (4, 8, 16), (name, model)
+            for v in variants:
+                assert v in bench.PROBE_VARIANTS, (name, model, v)

@@ -42,7 +42,7 @@ V_FULL_DEFAULT = False  # True: V dequantized to a full-width fp16 tile before t
 DEFAULT_SMS = 132  # H200; the launcher reads the real count from the device when there is one
 SWAP_MIN_ROWS = 8  # query rows of the swapped (tokens-as-M) dots: mma.m16n8k16's N is 8
 SWAP_DEFAULT = True  # formats with a quantized part use the swapped dots (v6; offline SASS −15…−25 % instructions)
-V_FOLD_DEFAULT = True  # swapped dots + symmetric 4-bit token_octet V: V scales on the P tile (v7 candidate)
+V_FOLD_DEFAULT = True  # swapped dots + symmetric 4-bit token_octet V (K not 8-bit): V scales on the P tile (v7)
 
 
 def _interpreting() -> bool:
@@ -610,10 +610,11 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: 4/4, 8 for 8-bit parts and for a 16-bit part at d = 128); v6: swapped mma operands for every format with a
 #: quantized part (the tile's tokens on the mma M side, the query rows on N, padded to 8 instead of 16: half the mma
 #: and softmax work, 128 instead of 182 registers for 4/4 d = 128), and 16 programs per SM for the 2-warp 4/4
-#: d = 256 shape).
+#: d = 256 shape; v7: V fold — with the swapped dots, a symmetric 4-bit token_octet V and K at 4 or 16 bits, V's
+#: group scales multiply the P tile per group (one batched dot over the groups) instead of the V tile).
 #: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
 #: measured.
-KERNEL_VERSION = "v6"
+KERNEL_VERSION = "v7"
 
 LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
@@ -827,8 +828,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     if vtp and (block_n < 32 or block_n % 8):
         raise ValueError(f"a {v.layout} V cache needs block_n >= 32 (a multiple of 8)")
     fold_ok = bool(swap) and vtp == 2 and not cache.asym and v.bits == 4 and not v_full
-    if v_fold is None:
-        v_fold = fold_ok and V_FOLD_DEFAULT
+    if v_fold is None:  # not with an 8-bit K: 8/4 measured slower folded (Llama B=32 T=32K 502 vs 464 us)
+        v_fold = fold_ok and V_FOLD_DEFAULT and k.bits != 8
     if v_fold and not fold_ok:
         raise ValueError("v_fold needs swap=True and a symmetric 4-bit V in the token_octet layout")
     merge_sb = min(16, triton.next_power_of_2(num_splits))

@@ -33,6 +33,7 @@ from .quant import QuantizedKVCache
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -311,8 +312,10 @@ if triton is not None:
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
         V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
         VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
-        MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False,
+        MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch: the merge grid may be scheduled once every program has started
+            gdc_launch_dependents()
         pid_s = tl.program_id(0)
         pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
         pid_b = tl.program_id(2).to(tl.int64)
@@ -539,9 +542,12 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(PartO, PartL, Out, num_splits, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-                      Hq, D: tl.constexpr, BLOCK_S: tl.constexpr):
+                      Hq, D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
         """Out[b, h] = Σ_s w_s · PartO[b, h, s] with w_s ∝ 2^lse_s (fp32). BLOCK_S splits are read per step
-        (one round of loads in flight instead of one per split)."""
+        (one round of loads in flight instead of one per split). PDL: launched as a programmatic dependent of the
+        split kernel, so it waits here for that grid's completion (and its memory) before reading the partials."""
+        if PDL:
+            gdc_wait()
         pid = tl.program_id(0)
         b = (pid // Hq).to(tl.int64)
         h = (pid % Hq).to(tl.int64)
@@ -736,7 +742,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     allocation and a memset per call; one workspace per stream: its counters must not be shared by concurrent
     launches).
     ``merge``: "kernel" (default) — a second launch merges the splits; "fused" — the last program of each head
-    group to finish merges them (one launch; measured 2–30 % slower on the H200, NOTES.md v4, kept as an option).
+    group to finish merges them (one launch; measured 2–30 % slower on the H200, NOTES.md v4, kept as an option);
+    "pdl" — the merge launch is a programmatic dependent launch of the split kernel (Hopper+: it is scheduled while
+    the split kernel's last programs run and waits on-device for its completion; elsewhere "kernel").
     ``maxnreg``: register cap per thread passed to the compiler (probe option; spills below ~160 for 4/4).
     ``swap``: swapped mma operands (the tile's tokens on the M side, the query rows on N, padded to 8 instead
     of 16).
@@ -785,8 +793,10 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         out = torch.empty(B, Hq, d, dtype=torch.float16, device=q.device)
     elif out.shape != (B, Hq, d) or out.dtype != torch.float16 or out.stride(-1) != 1:
         raise ValueError("out must be a [B, Hq, d] fp16 tensor contiguous in d")
-    if merge not in ("fused", "kernel"):
-        raise ValueError(f"merge must be 'fused' or 'kernel', got {merge!r}")
+    if merge not in ("fused", "kernel", "pdl"):
+        raise ValueError(f"merge must be 'fused', 'kernel' or 'pdl', got {merge!r}")
+    pdl = (merge == "pdl" and q.device.type == "cuda" and not _interpreting()
+           and torch.cuda.get_device_capability(q.device)[0] >= 9)
     split = num_splits > 1
     fuse = split and merge == "fused"
     counter = out  # unused unless fused
@@ -846,13 +856,13 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
         K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
-        VF=bool(v_fold),
+        VF=bool(v_fold), PDL=bool(pdl and split),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:
         _merge_kernel[(B * Hq,)](
             part_o, part_l, out, num_splits, Hq * num_splits * d, num_splits * d, d,
-            out.stride(0), out.stride(1), Hq, D=d, BLOCK_S=4 if num_splits <= 4 else 16,
-            num_warps=1 if num_splits <= 4 else 4,
+            out.stride(0), out.stride(1), Hq, D=d, BLOCK_S=4 if num_splits <= 4 else 16, PDL=pdl,
+            num_warps=1 if num_splits <= 4 else 4, **({"launch_pdl": True} if pdl else {}),
         )
     return out

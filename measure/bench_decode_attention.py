@@ -487,8 +487,23 @@ _PROBE_V7 = [
     ("qwen2.5-7b", 1, 4096, (4, 4), ["dflt", "novf"]),
     ("gemma-3-12b", 1, 4096, (4, 4), ["dflt", "novf"]),
 ]
+# programmatic dependent launch of the split merge (merge="pdl"): the launch gap between the split kernel and
+# its merge, which dominates small calls (B = 1, T = 4K: ~10 us of latency for ~1 us of bytes)
+PROBE_VARIANTS["pdl"] = dict(merge="pdl")
+PROBE_VARIANTS["pdlsw32x1"] = dict(merge="pdl", block_n=32, num_warps=1, num_stages=3)
+_PROBE_PDL = [
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["dflt", "pdl"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["dflt", "pdl"]),
+    ("qwen2.5-0.5b", 1, 4096, (4, 4), ["dflt", "pdl", "pdlsw32x1"]),
+    ("gemma-3-12b", 1, 4096, (4, 4), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 1, 4096, (16, 16), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 1, 32768, (4, 4), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 8, 4096, (4, 4), ["dflt", "pdl"]),
+    ("qwen2.5-7b", 4, 16384, (8, 8), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "pdl"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
-PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7}
+PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL}
 
 
 def _probe_compile(spec):
@@ -583,7 +598,7 @@ def main(argv=None):
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
                     help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits; "
-                         "v6: swapped mma operands; v7: V scales folded into P)")
+                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

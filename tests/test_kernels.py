@@ -166,7 +166,7 @@ def test_decode_attention_options(num_splits, gqa_shared):
                     gqa_shared=gqa_shared, block_n=32)
 
 
-@pytest.mark.parametrize("merge", ["fused", "kernel"])
+@pytest.mark.parametrize("merge", ["fused", "kernel", "pdl"])
 @pytest.mark.parametrize("G,d,num_splits", [(4, 64, 5), (7, 128, 3), (16, 64, 2), (1, 256, 4)])
 def test_split_merge_fused_and_separate(merge, G, d, num_splits):
     check_attention(2, G, 2, d, 150, 4, 4, seed=60 + G + num_splits, num_splits=num_splits, block_n=32,
@@ -580,6 +580,31 @@ def test_v_fold_is_the_default_only_where_it_applies():
     b = decode_attention(q, cache, v_fold=False)
     c = decode_attention(q, cache, v_fold=True)
     assert torch.equal(a, c) and (a.float() - b.float()).abs().max().item() < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,G,Hkv,d,T,kb,vb", [(1, 4, 8, 128, 4096, 4, 4), (1, 7, 4, 128, 4097, 4, 4),
+                                               (3, 7, 2, 64, 1000, 8, 8), (2, 2, 8, 256, 4096, 16, 16),
+                                               (4, 4, 8, 128, 32768, 4, 4)])
+def test_pdl_merge_matches_the_separate_merge_in_a_cuda_graph_gpu(B, G, Hkv, d, T, kb, vb):
+    """merge="pdl" (the merge launched as a programmatic dependent of the split kernel, waiting on-device) gives
+    the separate merge's output, eagerly and replayed from a CUDA graph (how the benchmarks time it)."""
+    check_attention(B, G, Hkv, d, T, kb, vb, seed=T + G, merge="pdl")
+    cache, g = _make_cache(B, Hkv, T, d, kb, vb, 32, False, 7, v_layout="auto" if vb == 4 else "channel")
+    q = (torch.randn(B, G * Hkv, d, generator=g) * 1.5).half().to(DEV)
+    want = decode_attention(q, cache, merge="kernel")
+    out = torch.full_like(want, float("nan"))
+    ws = {}
+    decode_attention(q, cache, merge="pdl", out=out, workspace=ws)  # compile and allocate outside the capture
+    torch.cuda.synchronize()
+    out.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, cache, merge="pdl", out=out, workspace=ws)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
 
 
 def _octet_gpu_cases():

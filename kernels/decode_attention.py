@@ -16,6 +16,12 @@ The head dimension is handled as two halves A/B, so that 4-bit data is used stra
 ``q_even·k_lo + q_odd·k_hi``; for 8- and 16-bit data they are channels [0, d/2) and [d/2, d). Same for V and the
 output accumulators.
 
+Swapped operands (``swap``, the default for formats with a quantized part since v6): the tile's tokens are the
+mma M side and the query rows its N side, padded to 8 instead of 16 (``S^T = K·q^T``, ``O^T = V^T·P^T``): half the
+mma and softmax work and accumulator registers at G ≤ 8. V fold (``v_fold``, v7, a symmetric 4-bit token_octet V
+with K at 4 or 16 bits): per channel group, ``O^T_g = (codes_g − 8)^T · (P ⊙ s_g)`` in one batched dot — the group
+scale multiplies the [BLOCK_N, 8] P tile instead of the [BLOCK_N, d] V tile.
+
 Kernel 2 (``_merge_kernel``) merges the splits' normalized partial outputs by their log-sum-exp. With one split
 kernel 1 writes the output directly (the study's no-split design).
 """

@@ -43,15 +43,16 @@ from scipy.optimize import least_squares, nnls
 
 from kvmodel.specs import (BandwidthCurve, Calibration, FusedKernelCurve, GPUSpec, SpecError, get_gpu,
                            load_yaml_spec)
-from kvmodel.timing import (DEFAULT_FLOP_EFFICIENCY, curve_time_s, fused_curve_key, kernel_config,
-                            kernel_config_key)
+from kvmodel.timing import (DEFAULT_FLOP_EFFICIENCY, curve_time_s, expand_charged_bytes, expand_reread_miss,
+                            fused_curve_key, kernel_config, kernel_config_key)
 
 RUNTIMES = ("kvmodel-graph", "hf-eager", "hf-static-graph")
 MiB = 1024**2
 
 __all__ = [
     "CalibrationDataError", "fit_curve", "curve_quality", "fit_stream", "fit_weights", "fit_lm_head",
-    "fit_attention", "fit_fused", "fit_overheads", "attention_op", "fit_calibration", "fit_all", "write_calibration",
+    "fit_attention", "fit_curve_reread", "expand_points_from_grid", "grid_calibration_rows", "fit_fused",
+    "fit_overheads", "attention_op", "fit_calibration", "fit_all", "write_calibration",
     "load_calibration",
     "find_calibration", "calibration_path", "gpu_slug", "read_csv_rows",
 ]
@@ -162,6 +163,102 @@ def fit_curve(nbytes, times, fixed: Optional[dict] = None, init: Optional[dict] 
     curve = BandwidthCurve(t0_s=float(p["t0_s"]), bw_GBps=float(p["bw_GBps"]),
                            knee_bytes=float(p["knee_bytes"]), sharpness=float(p["sharpness"]))
     return curve.model_copy(update=curve_quality(x, t, curve))
+
+
+def _robust_cost(pred, times) -> float:
+    """The fits' soft-L1 cost (scale 0.05) of log-time residuals."""
+    r = np.log(np.maximum(np.asarray(pred, float), 1e-30) / np.asarray(times, float))
+    return float(np.sum(np.sqrt(1.0 + (r / 0.05) ** 2) - 1.0))
+
+
+def fit_curve_reread(nbytes, reread_bytes, times, fit=None, max_weight: float = 2.0) -> BandwidthCurve:
+    """A P0-expand curve with its repeat-read term: ``t = curve(bytes + w x reread_bytes)``
+    (:func:`kvmodel.timing.expand_charged_bytes`; ``reread_bytes``: the repeat reads DRAM serves, i.e.
+    ``attn_bytes_P0_expand_reread`` x :func:`kvmodel.timing.expand_reread_miss`). The weight w in
+    [0, ``max_weight``] is found by a bounded scalar search on the robust cost, the curve re-fitted by ``fit``
+    (default :func:`fit_curve`; any ``fit(bytes, times) -> BandwidthCurve``) at each w. Without DRAM-served repeat
+    reads among the points the weight is not identified: the plain curve, ``reread_weight`` None."""
+    from scipy.optimize import minimize_scalar
+
+    fit = fit or fit_curve
+    x = np.asarray(nbytes, float)
+    r = np.asarray(reread_bytes, float)
+    t = np.asarray(times, float)
+    if not np.any(r > 0):
+        return fit(x, t)
+
+    def curve_at(w):
+        return fit(expand_charged_bytes(x, r, 1.0, w), t)
+
+    def cost(w):
+        c = curve_at(w)
+        return _robust_cost(curve_time_s(expand_charged_bytes(x, r, 1.0, w), c.t0_s, c.bw_GBps, c.knee_bytes,
+                                         c.sharpness), t)
+
+    res = minimize_scalar(cost, bounds=(0.0, max_weight), method="bounded", options={"xatol": 1e-3})
+    w = float(res.x) if cost(float(res.x)) <= cost(0.0) else 0.0
+    return curve_at(w).model_copy(update={"reread_weight": w})
+
+
+#: Extra calibration rows beside a decode-attention grid ``<stem>.csv``: ``<stem>_calib.csv`` (the grid's format;
+#: written by ``python -m kvmodel.measure.p5_calib_probe``: explicit split counts, variant ``sp<N>``).
+GRID_CALIB_SUFFIX = "_calib"
+
+
+def _json_file(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def grid_calibration_rows(grid_path) -> tuple[list[dict], str]:
+    """The extra calibration rows beside the decode-attention grid at ``grid_path`` (``<stem>_calib.csv``), as rows
+    of the grid: explicit-split variants ``sp<N>`` become 'default' (the default kernel at a given split count: the
+    measured ``num_splits`` is what the fits use); ablation variants are dropped. None when the file is absent or
+    its provenance names another kernel version than the grid's. Returns (rows, note)."""
+    grid_path = Path(grid_path)
+    path = grid_path.with_name(grid_path.stem + GRID_CALIB_SUFFIX + ".csv")
+    if not path.exists():
+        return [], "not present"
+    kv_grid = _json_file(grid_path.with_name(grid_path.stem + ".provenance.json")).get("kernel_version")
+    kv_cal = _json_file(path.with_name(path.stem + ".provenance.json")).get("kernel_version")
+    if kv_grid and kv_cal and kv_grid != kv_cal:
+        return [], f"left out: measured with kernel {kv_cal}, the grid with {kv_grid}"
+    rows = []
+    for r in read_csv_rows(path):
+        v = (r.get("variant") or "default").strip()
+        if v == "default" or re.fullmatch(r"sp\d+", v):
+            rows.append({**r, "variant": "default"})
+    return rows, f"{len(rows)} rows"
+
+
+def expand_points_from_grid(grid_rows: Sequence[dict], l2_bytes: float) -> dict[str, tuple[list, list, list]]:
+    """(bytes, DRAM-served repeat-read bytes, seconds) of the grid's P0-expand rows, under ``attention:P0-expand``
+    and ``attention:P0-expand:d<d>`` (the keys :func:`attention_points_from_grid` files them under). Repeat reads:
+    symbolic ``attn_bytes_P0_expand_reread`` x :func:`kvmodel.timing.expand_reread_miss`."""
+    from kvmodel import traffic
+
+    pts: dict[str, tuple[list, list, list]] = {}
+    for r in grid_rows:
+        if not _ok(r) or (r.get("variant") or "default") != "default" or r.get("pipeline") != "P0-expand":
+            continue
+        b, t = _f(r, "bytes_moved"), _f(r, "median_s")
+        dims = [_f(r, k) for k in ("B", "T", "Hq", "Hkv", "d")]
+        if not (b and t) or not all(dims):
+            continue
+        B, T, Hq, Hkv, d = dims
+        rr = float(traffic.evaluate("attn_bytes_P0_expand_reread", {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv, "d": d,
+                                                                      "d_v": d, "b_a": 2}))
+        rr *= float(expand_reread_miss(T, d, l2_bytes))
+        for k in ("attention:P0-expand", f"attention:P0-expand:d{int(d)}"):
+            xs, rs, ts = pts.setdefault(k, ([], [], []))
+            xs.append(b)
+            rs.append(rr)
+            ts.append(t)
+    return pts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,6 +569,8 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
     e2e_rows = read_csv_rows(data_dir / "e2e_decode.csv")
     grid_path = Path(attention_csv) if attention_csv else data_dir / "decode_attention.csv"
     grid_rows = read_csv_rows(grid_path)
+    extra_rows, extra_note = grid_calibration_rows(grid_path) if grid_rows else ([], "")
+    grid_rows = grid_rows + extra_rows
     prov = _provenance(data_dir, "probes") or _provenance(data_dir, "e2e_decode")
     g = _resolve_gpu(gpu, prov)
     peak = g.fp16_dense_TFLOPS * 1e12 * DEFAULT_FLOP_EFFICIENCY
@@ -493,7 +592,9 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
         ops["lm_head"] = lm
     if grid_rows:
         att = fit_attention(attention_points_from_grid(grid_rows))
-        notes.append(f"attention: decode-attention grid {grid_path.name} ({len(grid_rows)} rows)")
+        notes.append(f"attention: decode-attention grid {grid_path.name} ({len(grid_rows) - len(extra_rows)} rows"
+                     + (f", + {len(extra_rows)} calibration rows of {grid_path.stem}{GRID_CALIB_SUFFIX}.csv)"
+                        if extra_rows else ")"))
         # pipelines the grid lacks but the e2e step measured
         for op, c in fit_attention(attention_points_from_e2e(e2e_rows)).items():
             if op not in att:
@@ -503,6 +604,10 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
         att = fit_attention(attention_points_from_e2e(e2e_rows))
         if att:
             notes.append("attention: e2e attention-only timings (no decode_attention.csv yet)")
+    # P0-expand: its repeat reads leave L2 once a (sequence, head) slab and its copy exceed it
+    for op, (xs, rs, ts) in expand_points_from_grid(grid_rows, g.l2_cache_MiB * MiB).items():
+        if op in att and len(xs) >= 4:
+            att[op] = fit_curve_reread(xs, rs, ts)
     ops.update(att)
     if fused is None:
         fused = fit_fused(grid_rows, g) if grid_rows else {}

@@ -5,7 +5,9 @@ Each call is timed by :class:`kvmodel.timing.OccupancyCurve` (programs in waves 
 ``fused_wave_time``) with programs = ``fused_programs_splitk`` (B x Hkv x splits) and bytes = ``attn_bytes_P5``.
 One curve per (K/V format, head dim), all block shapes pooled, and one per (format, head dim, block shape) where the
 kernel launches more than one shape (:func:`kvmodel.timing.kernel_config`) and the rows allow. The L2-served rate
-(``l2_rate_scale``) is one value shared by every curve, fitted by alternating with the curves.
+(``l2_rate_scale``) is one value shared by every curve, fitted by alternating with the curves; so is the split-K
+merge, one ``merge_s + merge_per_split_s x splits`` per head dim (:data:`FUSED_MERGE_PER_HEAD_DIM`: the merge launch
+reads fp32 partials of d channels whatever the format and block shape of the split kernel).
 
 Analytic side only: numpy, scipy, pandas (never torch).
 """
@@ -41,6 +43,13 @@ C_RES_CHOICES = (2, 3, 4, 6, 8, 9, 10, 11, 12, 16)
 FUSED_ONE_SPLIT = True
 #: Time the split-K merge in rounds of split loads (kvmodel.timing.merge_rounds) instead of per split.
 FUSED_MERGE_IN_ROUNDS = False
+#: One split-K merge cost per head dim, shared by all formats and block shapes, fitted by alternating with the
+#: curves (:func:`_fit_merge_per_head_dim`). Per curve, the merge was identified by one 128-split training row per
+#: curve and over-charged 64-128-split calls of short programs; the calibration probe's same-work pairs
+#: (``kvmodel.measure.p5_calib_probe``) identify it per head dim.
+FUSED_MERGE_PER_HEAD_DIM = True
+#: Alternations of (merge per head dim with the curves held, the curves with the merge held).
+FUSED_MERGE_ITERATIONS = 2
 #: Model the L2-resident loads of the smallest benchmark calls (one rate shared by all curves).
 FUSED_L2 = True
 #: Alternations of (fit the curves with the L2 rate fixed, fit the L2 rate with the curves fixed), at most.
@@ -129,7 +138,8 @@ def r2_log(t, pred) -> float:
 def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choices=C_RES_CHOICES_POOLED,
                   fit_head_dim=True, splits=None, overheads: bool = False,
                   merge_in_rounds: bool = False, one_split: bool = False,
-                  l2_hit=None, l2_rate_scale=None, knee_programs=None) -> tuple[OccupancyCurve, dict]:
+                  l2_hit=None, l2_rate_scale=None, knee_programs=None,
+                  merge_fixed=None) -> tuple[OccupancyCurve, dict]:
     """Fit a fused kernel's :class:`OccupancyCurve` to measured calls.
 
     Parameters: t0, the sharing rate r_c, the lone-program rate r_1 = r_c * c_res^u with u in [0, 1] (a lone program
@@ -141,6 +151,7 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     (programs resident per SM) is an integer, 2..4 by default (a 4-warp program always fits twice on a Hopper SM):
     each choice is fitted and the fewest resident programs within 1 % of the best robust cost kept. ``knee_programs``:
     hold the programs per SM at which the SM saturates fixed (r_1 = c_res * r_c / knee) instead of fitting u.
+    ``merge_fixed``: hold the split-K merge at ``(merge_s, merge_per_split_s)`` instead of fitting it.
     Returns (curve, fit info: c_res_costs, r2_log, n_points, median_abs_pct_error).
     """
     programs = np.asarray(programs, dtype=float)
@@ -157,7 +168,7 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     fit_l2 = (l2_rate_scale is None and l2h is not None and int(np.sum(l2h > 0.5)) >= 3
               and int(np.sum(l2h < 0.5)) >= 3)
     fit_s1 = (one_split and sp is not None and int(np.sum(sp <= 1)) >= 2 and int(np.sum(sp > 1)) >= 2)
-    use_merge = overheads and sp is not None and bool(np.any(sp > 1))
+    use_merge = overheads and sp is not None and bool(np.any(sp > 1)) and merge_fixed is None
     big = programs >= np.percentile(programs, 75)
     plateau0 = float(np.median(nbytes[big] / t_s[big])) / 1e9
 
@@ -178,6 +189,8 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
             if use_merge:
                 ms, mps = float(np.exp(th[k])), float(np.exp(th[k + 1]))
             k += 2 if use_merge else 0
+        if merge_fixed is not None:
+            ms, mps = float(merge_fixed[0]), float(merge_fixed[1])
         mpr = 0.0
         if merge_in_rounds:
             mps, mpr = 0.0, mps
@@ -284,16 +297,18 @@ class FusedCurves:
         return out
 
 
-def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float) -> FusedCurves:
-    """Every pooled and per-shape curve with the L2-served rate held at ``l2_rate_scale``."""
+def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float, merge: Optional[dict] = None) -> FusedCurves:
+    """Every pooled and per-shape curve with the L2-served rate held at ``l2_rate_scale`` (and, with ``merge``,
+    the split-K merge held at ``merge[head_dim] = (merge_s, merge_per_split_s)``)."""
     out = FusedCurves(l2_rate_scale=l2_rate_scale)
 
     def fit(g, c_res_choices, knee=None):
+        mf = None if merge is None else merge.get(int(g["d"].iloc[0]))
         return fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"],
                              c_res_choices=c_res_choices, splits=g["num_splits"], overheads=True,
                              one_split=FUSED_ONE_SPLIT, merge_in_rounds=FUSED_MERGE_IN_ROUNDS,
                              l2_hit=g["l2_hit"] if FUSED_L2 else None, l2_rate_scale=l2_rate_scale,
-                             knee_programs=knee)
+                             knee_programs=knee, merge_fixed=mf)
 
     for (kb, vb, hd), g in p5.groupby(["k_bits", "v_bits", "d"]):
         if len(g) < MIN_ROWS_POOLED:
@@ -333,13 +348,47 @@ def _fit_l2_scale(curves: FusedCurves, p5: pd.DataFrame, sm_count: int) -> float
     return float(np.exp(minimize_scalar(cost, bounds=(0.0, np.log(4.0)), method="bounded").x))
 
 
+def _fit_merge_per_head_dim(curves: FusedCurves, p5: pd.DataFrame, sm_count: int) -> dict:
+    """The split-K merge per head dim, ``(merge_s, merge_per_split_s)``, shared by every format and block shape
+    of that head dim (the merge launch reads fp32 partials of d channels whatever the split kernel's format), fitted
+    on the rows with splits > 1 with the curves' other terms held."""
+    out = {}
+    for hd, g in p5.groupby("d"):
+        g = g[g["num_splits"] > 1]
+        if len(g) < 3:
+            continue
+        saved = {}
+        for c in curves.all_curves():
+            saved[id(c)] = (c.merge_s, c.merge_per_split_s)
+            c.merge_s = c.merge_per_split_s = 0.0
+        base = curves.time_s(g, sm_count)
+        for c in curves.all_curves():
+            c.merge_s, c.merge_per_split_s = saved[id(c)]
+        ok = np.isfinite(base)
+        base, meas, ns = base[ok], g["median_s"].to_numpy(float)[ok], g["num_splits"].to_numpy(float)[ok]
+
+        def resid(th):
+            return np.log((base + np.exp(th[0]) + np.exp(th[1]) * ns) / meas)
+
+        r = lsq(resid, [np.log(2e-6), np.log(5e-8)], bounds=([np.log(1e-9), np.log(1e-11)],
+                                                             [np.log(1e-4), np.log(1e-5)]))
+        out[int(hd)] = (float(np.exp(r.x[0])), float(np.exp(r.x[1])))
+    return out
+
+
 def fit_fused_curves(p5: pd.DataFrame, sm_count: int) -> FusedCurves:
     """All P5 curves of a grid's default-kernel rows (prepared by :func:`add_fused_columns`, with ``median_s``):
-    pooled per (format, head dim), per block shape where fitted, and one L2-served rate shared by all, found by
-    alternating (:data:`FUSED_L2_ITERATIONS`) fits of the curves with it fixed and of it with the curves fixed, until
-    it moves by less than :data:`FUSED_L2_TOLERANCE`."""
+    pooled per (format, head dim), per block shape where fitted, the split-K merge per head dim shared by all of
+    them (:data:`FUSED_MERGE_PER_HEAD_DIM`, :data:`FUSED_MERGE_ITERATIONS` alternations), and one L2-served rate
+    shared by all, found by alternating (:data:`FUSED_L2_ITERATIONS`) fits of the curves with it fixed and of it
+    with the curves fixed, until it moves by less than :data:`FUSED_L2_TOLERANCE`."""
     l2s = 1.0
     curves = _fit_curves(p5, sm_count, l2s)
+    merge = None
+    if FUSED_MERGE_PER_HEAD_DIM:
+        for _ in range(FUSED_MERGE_ITERATIONS):
+            merge = _fit_merge_per_head_dim(curves, p5, sm_count)
+            curves = _fit_curves(p5, sm_count, l2s, merge)
     if not FUSED_L2:
         return curves
     for _ in range(FUSED_L2_ITERATIONS):
@@ -350,5 +399,5 @@ def fit_fused_curves(p5: pd.DataFrame, sm_count: int) -> FusedCurves:
             curves.l2_rate_scale = new
             break
         l2s = new
-        curves = _fit_curves(p5, sm_count, l2s)
+        curves = _fit_curves(p5, sm_count, l2s, merge)
     return curves

@@ -18,7 +18,8 @@ from kvmodel import traffic
 from kvmodel.architecture import param_breakdown, weight_calls
 from kvmodel.specs import GiB, GPUSpec, KVFormat, ModelSpec, Workload
 from kvmodel.symbolic import PIPELINE_FORMULAS
-from kvmodel.timing import KERNEL_LARGE_WORK, TimeModel, kernel_config, kernel_config_key, kernel_split_count
+from kvmodel.timing import (KERNEL_LARGE_WORK, TimeModel, expand_charged_bytes, expand_reread_miss, kernel_config,
+                            kernel_config_key, kernel_split_count)
 
 #: Memory reserved beside weights and KV (CUDA context, activations, allocator slack), bytes.
 DEFAULT_WORKSPACE_BYTES = 2 * GiB
@@ -86,7 +87,8 @@ def fused_launches(k_bits: int, v_bits: int, head_dim: int, B, Hkv, T, sm_count:
     return splits, keys
 
 
-def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: int, B, Hkv, T, nbytes, flops):
+def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: int, B, Hkv, T, nbytes, flops,
+                       reread_bytes=None):
     """Seconds of one attention call (B sequences, Hkv KV heads, T cached tokens) from its bytes and FLOPs.
 
     Non-fused pipelines: the most specific calibrated bandwidth curve. The fused kernel (P5) runs one of its
@@ -95,9 +97,16 @@ def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: in
     the calibration has an occupancy curve for the format and head dim (``Calibration.fused``), the call is timed
     by program waves: programs = ``fused_programs_splitk`` (B x Hkv x splits), the block shape's curve (else the
     pooled one), no L2 hits (a decode step's KV exceeds the L2), roofline-checked like every op. Otherwise each
-    block shape's bandwidth curve (``attention:P5:...:<shape>`` where calibrated)."""
+    block shape's bandwidth curve (``attention:P5:...:<shape>`` where calibrated). P0-expand: with
+    ``reread_bytes`` (symbolic ``attn_bytes_P0_expand_reread``) and a curve fitted with a repeat-read weight, the
+    repeat reads L2 cannot serve are charged too (:func:`kvmodel.timing.expand_charged_bytes`)."""
     if pipeline != "P5":
-        return tm.op_time(tm.attention_op(pipeline, fmt.k_bits, fmt.v_bits, head_dim), nbytes, flops)
+        op = tm.attention_op(pipeline, fmt.k_bits, fmt.v_bits, head_dim)
+        w = getattr(tm.curves.get(op), "reread_weight", None)
+        if pipeline == "P0-expand" and reread_bytes is not None and w:
+            miss = expand_reread_miss(T, head_dim, tm.gpu.l2_cache_MiB * 2**20)
+            nbytes = expand_charged_bytes(nbytes, reread_bytes, miss, w)
+        return tm.op_time(op, nbytes, flops)
     kb, vb = fmt.k_bits, fmt.v_bits
     if not tm.has_fused(kb, vb, head_dim):
         large = np.asarray(B, dtype=float) * np.asarray(Hkv, dtype=float) * np.asarray(T, dtype=float) \
@@ -133,7 +142,11 @@ def attention_call_time_s(tm: TimeModel, pipeline: str, kv: KVFormat, B, T, Hq, 
     nbytes = traffic.attention_layer_bytes(pipeline, B, T, Hq, Hkv, head_dim, fmt.k_bits, fmt.v_bits,
                                            fmt.group_size, fmt.asymmetric)
     flops = 2.0 * B * Hq * (2.0 * head_dim) * T
-    return _attention_op_time(tm, pipeline, fmt, head_dim, B, Hkv, T, nbytes, flops)
+    reread = None
+    if pipeline == "P0-expand":
+        reread = traffic.evaluate("attn_bytes_P0_expand_reread", {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv,
+                                                                  "d": head_dim, "d_v": head_dim, "b_a": 2})
+    return _attention_op_time(tm, pipeline, fmt, head_dim, B, Hkv, T, nbytes, flops, reread)
 
 
 def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeline: str, tp: int = 1):
@@ -156,7 +169,10 @@ def attention_time_s(tm: TimeModel, model: ModelSpec, kv: KVFormat, B, T, pipeli
 
     def layer_time(T_layer):
         nbytes = traffic.evaluate(name, {**vals, "T": T_layer})
-        return _attention_op_time(tm, pipeline, fmt, d, B, vals["H_kv"], T_layer, nbytes, flops_per_tok * T_layer)
+        reread = (traffic.evaluate("attn_bytes_P0_expand_reread", {**vals, "T": T_layer})
+                  if pipeline == "P0-expand" else None)
+        return _attention_op_time(tm, pipeline, fmt, d, B, vals["H_kv"], T_layer, nbytes, flops_per_tok * T_layer,
+                                  reread)
 
     t = (L - L_s) * layer_time(T)
     if L_s:

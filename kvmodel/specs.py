@@ -80,6 +80,10 @@ class BandwidthCurve(_Strict):
     bw_GBps: float = Field(gt=0, description="plateau bandwidth, GB/s")
     knee_bytes: float = Field(ge=0, default=0.0, description="bytes below which time is flat")
     sharpness: float = Field(gt=0, default=2.0, description="exponent n of the smooth max")
+    reread_weight: Optional[float] = Field(
+        default=None, ge=0,
+        description="P0-expand only: the curve is evaluated at bytes + reread_weight x the repeat reads DRAM serves "
+                    "(kvmodel.timing.expand_charged_bytes); None: no such term")
     r2: Optional[float] = Field(default=None, description="fit quality (R^2 of log time)")
     n_points: Optional[int] = None
     median_abs_pct_error: Optional[float] = None

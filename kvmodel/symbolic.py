@@ -208,10 +208,25 @@ attn_P0 = _def("attn_bytes_P0", _kv16_layer + _qo, "bytes",
 attn_P0_expand = _def(
     "attn_bytes_P0_expand", _kv16_layer + 2 * _kv_expanded + _qo, "bytes",
     "P0-expand (the study's baseline): FP16 KV read, repeated to every query head (write), re-read by SDPA.")
+attn_P0_expand_reread = _def(
+    "attn_bytes_P0_expand_reread", _kv_expanded - _kv16_layer, "bytes",
+    "P0-expand: the repeat copy reads each (sequence, KV head) slab once per query head of its group; the G - 1 "
+    "repeat reads are served by L2 while one slab and its copy fit there, else by DRAM "
+    "(kvmodel.timing.expand_reread_miss). Not in attn_bytes_P0_expand, which counts the KV read once.")
 attn_P1 = _def(
     "attn_bytes_P1", _kvq_layer + 2 * _buf16_layer + _qo, "bytes",
     "P1 (non-fused): quantized KV read, FP16 buffer written for each half stored below 16 bits, SDPA reads "
     "the buffer (and any 16-bit half straight from the cache).")
+# the dequantize step of P1, per half: one kernel per half stored below 16 bits (a 16-bit half is used in place), each
+# reading that half's codes and scales and writing its FP16 buffer; K + V = attn_bytes_P1 - attn_bytes_P0
+_kq_layer = B * T * Hkv * (d * bk / 8 + sp.ceiling(d / g) * mk)
+_vq_layer = B * T * Hkv * (dv * bv / 8 + sp.ceiling(dv / g) * mv)
+attn_P1_dequant_k = _def(
+    "attn_bytes_P1_dequant_k", _dequant_k * (_kq_layer + B * T * Hkv * d * 2), "bytes",
+    "P1's K dequantize kernel (launched when K is stored below 16 bits): K codes and scales read, FP16 K written.")
+attn_P1_dequant_v = _def(
+    "attn_bytes_P1_dequant_v", _dequant_v * (_vq_layer + B * T * Hkv * dv * 2), "bytes",
+    "P1's V dequantize kernel (launched when V is stored below 16 bits): V codes and scales read, FP16 V written.")
 attn_P1_expand = _def(
     "attn_bytes_P1_expand", _kvq_layer + 2 * _buf16_layer + 2 * _kv_expanded + _qo, "bytes",
     "The study's P1: dequantize to FP16, then expand to every query head, then SDPA.")

@@ -234,6 +234,57 @@ def l2_hit_fraction(span_bytes, l2_bytes):
     return np.where(np.asarray(span_bytes, dtype=float) <= float(l2_bytes), 1.0, 0.0)
 
 
+def expand_reread_miss(context, head_dim, l2_bytes):
+    """Fraction of P0-expand's repeat reads (symbolic ``attn_bytes_P0_expand_reread``: each (sequence, KV head) slab
+    is read once per query head of its group) that DRAM serves. ``repeat_interleave`` along the head axis is an
+    expand + contiguous clone: it writes the G copies of one slab of T x d fp16 values one after the other, so
+    between two reads of a source line the copy reads the rest of that slab and writes one copy of it, 2 x T x d x 2
+    bytes; L2 serves the repeats while that fits (:func:`l2_hit_fraction`), DRAM when it does not (H200, 50 MiB:
+    d = 128 from T = 128K, d = 64 not at 128K). Vectorized over context / head_dim."""
+    span = 2.0 * np.asarray(context, dtype=float) * np.asarray(head_dim, dtype=float) * 2.0
+    return 1.0 - l2_hit_fraction(span, l2_bytes)
+
+
+def expand_charged_bytes(nbytes, reread_bytes, miss, weight: float):
+    """Bytes a P0-expand curve is evaluated at: its counted traffic (``attn_bytes_P0_expand``, the KV read once)
+    plus ``weight`` x the repeat reads DRAM serves (``reread_bytes`` x ``miss``, :func:`expand_reread_miss`).
+    ``weight``: the time of a DRAM-served repeat read relative to a counted byte (the copy is not bound by DRAM
+    bandwidth, so less than 1), fitted; 0 switches the term off. Vectorized."""
+    return (np.asarray(nbytes, dtype=float)
+            + float(weight) * np.asarray(reread_bytes, dtype=float) * np.asarray(miss, dtype=float))
+
+
+def dequant_v_layout(v_bits, head_dim) -> str:
+    """Layout of a V cache as the kernels allocate it by default (``kernels.quant.default_v_layout``, kernel v4,
+    ported): 'token_octet' for 4-bit V at head_dim >= 128, else 'channel'. K is always 'channel'."""
+    return "token_octet" if int(v_bits) == 4 and int(head_dim) >= 128 else "channel"
+
+
+#: Layouts the non-fused pipeline's dequantize kernel reads (``kernels.quant.dequantize_fp16``: K in channel layout,
+#: V in :func:`dequant_v_layout`); each is its own code path with its own rate.
+DEQUANT_LAYOUTS = ("channel", "token_octet")
+
+
+def dequant_step_time_s(bytes_k, bytes_v, v_layout, curves: dict):
+    """Seconds of P1's dequantize step: one kernel per half stored below 16 bits (``bytes_k`` / ``bytes_v`` > 0:
+    symbolic ``attn_bytes_P1_dequant_k`` / ``_v``; a 16-bit half is used in place, no launch), each timed by the
+    bandwidth curve of the layout it reads (``curves[layout]``: K 'channel', V ``v_layout``,
+    :func:`dequant_v_layout`), so a call pays one launch floor per dequantized half. Vectorized over the bytes
+    (``v_layout`` one string, or an array of them)."""
+    bk = np.asarray(bytes_k, dtype=float)
+    bv = np.asarray(bytes_v, dtype=float)
+
+    def launch(nb, c):
+        return np.where(nb > 0, curve_time_s(nb, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness), 0.0)
+
+    lay = np.broadcast_to(np.asarray(v_layout, dtype=object), np.broadcast_shapes(bk.shape, bv.shape))
+    tv = np.zeros(lay.shape)
+    for name in set(lay.ravel()):
+        m = lay == name
+        tv = np.where(m, launch(bv, curves[name]), tv)
+    return launch(bk, curves["channel"]) + tv
+
+
 def merge_rounds(splits, round_splits: int = 16):
     """Rounds of loads the split-K merge makes: ``ceil(splits / r)`` with r = 4 for <= 4 splits, else
     ``round_splits`` (kernels.decode_attention's merge launch, BLOCK_S). Vectorized."""

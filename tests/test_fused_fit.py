@@ -70,6 +70,26 @@ def test_fit_fused_curves_on_synthetic_grid(tmp_path):
     assert fc.curve(4, 4, 96, nearest=False) is None and fc.curve(4, 4, 96) is not None
 
 
+def test_merge_is_shared_per_head_dim(tmp_path):
+    """The split-K merge is one launch whatever the split kernel's format and block shape: with
+    FUSED_MERGE_PER_HEAD_DIM every curve of a head dim carries the same (merge_s, merge_per_split_s), fitted with
+    fit_occupancy's merge_fixed holding it."""
+    path = heldout.synthetic_attention(tmp_path / "decode_attention.csv", noise=0.01)
+    d = heldout.load_attention(path)
+    p5 = d[(d.pipeline == "P5") & (d.variant == "")]
+    assert fused_fit.FUSED_MERGE_PER_HEAD_DIM
+    fc = fused_fit.fit_fused_curves(p5, SMS)
+    by_d = {}
+    for key, c in list(fc.pooled.items()) + list(fc.per_shape.items()):
+        by_d.setdefault(key[2], set()).add((round(c.merge_s, 15), round(c.merge_per_split_s, 18)))
+    assert set(by_d) == {64, 128, 256} and all(len(v) == 1 for v in by_d.values()), by_d
+    # merge_fixed: the merge is not a free parameter of the curve
+    g = p5[(p5.k_bits == 4) & (p5.v_bits == 4) & (p5.d == 128)]
+    c, _ = fused_fit.fit_occupancy(g["programs"], g["loads"], g["median_s"], SMS, splits=g["num_splits"],
+                                   overheads=True, merge_fixed=(3e-6, 1e-7))
+    assert (c.merge_s, c.merge_per_split_s) == (3e-6, 1e-7)
+
+
 def test_validation_and_calibration_share_the_fit(tmp_path, monkeypatch):
     """One implementation: the validation model (heldout.fit_attention) and kvmodel calibrate (fit_fused) both call
     kvmodel.fused_fit.fit_fused_curves; the validation package's fit_occupancy is kvmodel's."""

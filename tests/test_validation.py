@@ -319,3 +319,122 @@ def test_kernel_config_port_matches_measured_splits():
     p = d[(d.pipeline == "P5") & (d.variant == "")]
     ns = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, 132) for r in p.itertuples()]
     assert np.array_equal(np.asarray(ns, float), p.num_splits.to_numpy(float))
+
+
+# ------------------------------------------------------------------------------------------------- non-fused terms
+
+
+def test_dequant_half_bytes_sum_to_the_dequant_step():
+    """P1's per-half dequantize kernels (attn_bytes_P1_dequant_k / _v) add up to attn_bytes_P1 - attn_bytes_P0; a
+    16-bit half launches nothing."""
+    B, T, Hq, Hkv, d = 4, 1024, 32, 8, 128
+    for kb, vb in ((4, 4), (16, 4), (8, 4), (8, 8), (16, 16)):
+        bk, bv = heldout.dequant_half_bytes(B, T, Hkv, d, kb, vb)
+        assert bk + bv == pytest.approx(heldout.dequant_bytes(B, T, Hq, Hkv, d, kb, vb))
+        assert (bk == 0) == (kb == 16) and (bv == 0) == (vb == 16)
+
+
+def test_dequant_step_pays_one_launch_per_quantized_half():
+    from kvmodel.specs import BandwidthCurve
+    from kvmodel.timing import dequant_step_time_s, dequant_v_layout
+
+    assert dequant_v_layout(4, 128) == "token_octet" and dequant_v_layout(4, 64) == "channel"
+    assert dequant_v_layout(8, 256) == "channel"
+    ch = BandwidthCurve(t0_s=2e-6, bw_GBps=3000.0, knee_bytes=0.0)
+    curves = {"channel": ch, "token_octet": ch.model_copy(update={"bw_GBps": 1500.0})}
+    one = dequant_step_time_s(0.0, 3e6, "channel", curves)
+    assert one == pytest.approx(2e-6 + 1e-6)
+    assert dequant_step_time_s(3e6, 3e6, "channel", curves) == pytest.approx(2 * one)
+    assert dequant_step_time_s(0.0, 3e6, "token_octet", curves) == pytest.approx(2e-6 + 2e-6)
+    assert dequant_step_time_s(0.0, 0.0, "channel", curves) == 0.0
+
+
+def test_expand_repeat_reads_leave_l2_with_long_slabs():
+    """P0-expand's copy re-reads a (sequence, head) slab per query head; L2 (50 MiB) holds the slab and one copy up
+    to 2 x T x d x 2 bytes: d = 128 misses from T = 128K, d = 64 never at 128K."""
+    from kvmodel.timing import expand_charged_bytes, expand_reread_miss
+
+    L2 = 50 * 2**20
+    assert list(expand_reread_miss([32768, 131072], 128, L2)) == [0.0, 1.0]
+    assert float(expand_reread_miss(131072, 64, L2)) == 0.0
+    assert list(expand_reread_miss([32768, 131072], 256, L2)) == [0.0, 1.0]
+    v = dict(B=2, T=4096, H_q=28, H_kv=4, d=128, d_v=128, b_a=2)
+    rr = traffic.evaluate("attn_bytes_P0_expand_reread", v)
+    assert rr == pytest.approx((28 - 4) * 2 * 4096 * 256 * 2)  # (G - 1) x the KV
+    assert expand_charged_bytes(1e9, rr, 1.0, 0.5) == pytest.approx(1e9 + 0.5 * rr)
+    assert expand_charged_bytes(1e9, rr, 0.0, 0.5) == pytest.approx(1e9)
+
+
+@pytest.mark.parametrize("which", ["calibration", "validation"])
+def test_fit_curve_reread_recovers_the_weight(which):
+    from kvmodel import calibration
+    from kvmodel.timing import curve_time_s
+
+    rng = np.random.default_rng(1)
+    b = np.geomspace(1e6, 3e10, 40)
+    r = np.where(np.arange(b.size) % 3 == 0, 1.2 * b, 0.0)  # a third of the calls with DRAM-served repeat reads
+    t = curve_time_s(b + 0.4 * r, 8e-6, 1800.0, 2e6, 2.0) * np.exp(0.01 * rng.standard_normal(b.size))
+    fit = None if which == "calibration" else fit_curve
+    c = calibration.fit_curve_reread(b, r, t, fit=fit)
+    assert c.reread_weight == pytest.approx(0.4, abs=0.06)
+    assert c.bw_GBps == pytest.approx(1800, rel=0.08)
+    plain = calibration.fit_curve_reread(b, np.zeros_like(b), t, fit=fit)
+    assert plain.reread_weight is None
+
+
+def test_predict_charges_expand_repeat_reads_from_the_calibration():
+    from kvmodel.predict import attention_call_time_s
+    from kvmodel.specs import BandwidthCurve, Calibration, KVFormat, get_gpu
+    from kvmodel.timing import TimeModel
+
+    c = BandwidthCurve(t0_s=8e-6, bw_GBps=1800.0, knee_bytes=1e6)
+    g = get_gpu("h200")
+    plain = TimeModel(g, Calibration(gpu=g.name, read_bw_GBps=4600, ops={"attention:P0-expand": c}))
+    wtd = TimeModel(g, Calibration(gpu=g.name, read_bw_GBps=4600, ops={
+        "attention:P0-expand": c.model_copy(update={"reread_weight": 0.35})}))
+    kv = KVFormat(k_bits=16, v_bits=16)
+    args = ("P0-expand", kv, 4.0, np.array([32768.0, 131072.0]), 28, 4, 128)
+    t0, t1 = attention_call_time_s(plain, *args), attention_call_time_s(wtd, *args)
+    assert t1[0] == pytest.approx(t0[0])  # the slab and its copy fit in L2
+    assert t1[1] / t0[1] == pytest.approx(1 + 0.35 * 6 / 15, rel=0.01)  # (G - 1) / (1 + 2G) of the bytes, G = 7
+
+
+# ------------------------------------------------------------------------------------------------- extra rows
+
+
+def _calib_file(att_path: Path, rows: list[dict]) -> Path:
+    p = att_path.with_name(heldout.CALIB_FILE[1])
+    pd.DataFrame(rows).to_csv(p, index=False)
+    return p
+
+
+def test_calibration_rows_only_from_the_training_split(synthetic, tmp_path):
+    """decode_attention_calib.csv beside the grid: explicit-split rows of the training models x contexts are
+    added to the training split; held-out contexts, the held-out model and ablations are left out."""
+    import shutil
+
+    att = tmp_path / "decode_attention.csv"
+    shutil.copy(synthetic[0], att)
+    d = pd.read_csv(att)
+    p5 = d[(d.pipeline == "P5") & (d.variant.fillna("") == "")]
+    base = p5[(p5.model == "llama-3.1-8b") & (p5.B == 4)]
+    rows = []
+    for T, model, var in ((1024, "llama-3.1-8b", "sp8"), (16384, "llama-3.1-8b", "sp32"),
+                          (4096, "llama-3.1-8b", "sp8"), (1024, "qwen2.5-7b", "sp8"), (1024, "llama-3.1-8b", "nogqa")):
+        r = base[(base["T"] == (T if model == "llama-3.1-8b" else 1024)) & (base.k_bits == 4)].iloc[0].to_dict()
+        rows.append({**r, "T": T, "model": model, "variant": var, "num_splits": int(var[2:]) if var[:2] == "sp"
+                     else r["num_splits"]})
+    _calib_file(att, rows)
+    split = {"train_contexts": [1024, 16384], "heldout_model": "qwen2.5-7b"}
+    raw, info = heldout.calibration_rows(att, split)
+    assert info["n_rows"] == 2 and info["n_outside_training_split"] == 2  # the ablation row is dropped as well
+    assert set(raw.variant) == {"default"} and sorted(raw.num_splits) == [8, 32]
+    a = heldout.run_attention(att)
+    assert a["calibration_rows"]["n_rows"] == 2
+    g, _, _ = heldout.split_roles(heldout.load_attention(synthetic[0]))
+    assert a["n_train"] == int(((g.role == "train") & (g.variant == "")).sum()) + 2
+    # another kernel version than the grid's: the whole file is left out
+    for path, kv in ((att, "v5"), (att.with_name(heldout.CALIB_FILE[1]), "v6")):
+        path.with_name(path.stem + ".provenance.json").write_text(json.dumps({"kernel_version": kv}))
+    raw, info = heldout.calibration_rows(att, split)
+    assert raw.empty and "kernel v6" in info["note"]

@@ -40,12 +40,15 @@ from kvmodel import fused_fit, traffic
 from kvmodel.fused_fit import FusedCurves, format_label
 from kvmodel.predict import attention_call_time_s, fused_launches
 from kvmodel.specs import BandwidthCurve, KVFormat, get_model
-from kvmodel.timing import (OccupancyCurve, curve_time_s, kernel_split_count,
-                            split_count)
+from kvmodel.calibration import fit_curve_reread
+from kvmodel.timing import (DEQUANT_LAYOUTS, OccupancyCurve, curve_time_s, dequant_step_time_s, dequant_v_layout,
+                            expand_charged_bytes, expand_reread_miss, kernel_split_count, split_count)
 
 from .common import curve_dict, data_path, error_stats, fit_curve, grouped_stats
 
 ATTENTION_FILE = ("h200", "decode_attention.csv")
+#: Extra calibration rows (explicit split counts; training models x contexts only), beside the attention file.
+CALIB_FILE = ("h200", "decode_attention_calib.csv")
 E2E_FILE = ("h200", "e2e_decode.csv")
 #: Models held out entirely when present (first match), in the spelling of the files (case-insensitive).
 HELDOUT_MODEL_PREFERENCE = ("qwen2.5-7b", "Qwen2.5-7B")
@@ -89,7 +92,11 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
     path = Path(path) if path else data_path(*ATTENTION_FILE)
     if not path.exists():
         return None
-    d = pd.read_csv(path)
+    return prepare_attention(pd.read_csv(path))
+
+
+def prepare_attention(d: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a decode_attention CSV (the benchmark's format) with the columns the attention model needs."""
     if "status" in d.columns:
         d = d[d["status"].fillna("ok").isin(["ok", ""])]
     d = d[np.isfinite(pd.to_numeric(d["median_s"], errors="coerce"))].copy()
@@ -112,8 +119,28 @@ def load_attention(path: Optional[Path] = None) -> Optional[pd.DataFrame]:
     ab = traffic.attention_layer_bytes
     d["bytes_P0"] = ab("P0", B, T, Hq, Hkv, hd)
     d["bytes_P0x"] = ab("P0-expand", B, T, Hq, Hkv, hd)
+    # P0-expand's repeat reads that L2 cannot serve (kvmodel.timing.expand_reread_miss)
+    d["bytes_P0x_reread"] = expand_reread_bytes(B, T, Hq, Hkv, hd) * expand_reread_miss(T, hd, L2_BYTES)
     d["bytes_dq"] = dequant_bytes(B, T, Hq, Hkv, hd, kb, vb, g)
+    d["bytes_dq_k"], d["bytes_dq_v"] = dequant_half_bytes(B, T, Hkv, hd, kb, vb, g)
+    d["v_layout"] = [dequant_v_layout(v, h) for v, h in zip(vb, hd)]
     return d.reset_index(drop=True)
+
+
+def expand_reread_bytes(B, T, Hq, Hkv, d):
+    """P0-expand's repeat reads (symbolic ``attn_bytes_P0_expand_reread``): each (sequence, KV head) slab is read
+    once per query head of its group, the KV read counted once in ``attn_bytes_P0_expand``."""
+    return traffic.evaluate("attn_bytes_P0_expand_reread", {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv, "d": d,
+                                                            "d_v": d, "b_a": 2})
+
+
+def dequant_half_bytes(B, T, Hkv, d, k_bits, v_bits, group=32):
+    """Bytes of P1's K and V dequantize kernels (symbolic ``attn_bytes_P1_dequant_k`` / ``_v``; 0 for a 16-bit
+    half, used in place): they sum to :func:`dequant_bytes`."""
+    kb, vb = np.asarray(k_bits, dtype=float), np.asarray(v_bits, dtype=float)
+    vals = {"B": B, "T": T, "H_kv": Hkv, "d": d, "d_v": d, "b_k": kb, "b_v": vb, "g": group,
+            "m_k": np.where(kb >= 16, 0, 2), "m_v": np.where(vb >= 16, 0, 2)}
+    return (traffic.evaluate("attn_bytes_P1_dequant_k", vals), traffic.evaluate("attn_bytes_P1_dequant_v", vals))
 
 
 def dequant_bytes(B, T, Hq, Hkv, d, k_bits, v_bits, group=32):
@@ -135,8 +162,11 @@ def _by_dim(curves: dict, hd):
 @dataclass
 class AttentionCalibration:
     p0: dict  # head_dim -> BandwidthCurve (SDPA is a different kernel per head dim)
+    #: P0-expand's curve; its ``reread_weight`` charges the repeat reads L2 cannot serve (fit_curve_reread)
     p0x: Optional[BandwidthCurve]
-    dequant: Optional[BandwidthCurve]
+    #: P1's dequantize kernel, one launch per half stored below 16 bits: layout it reads -> BandwidthCurve
+    #: (kvmodel.timing.dequant_step_time_s; one launch floor and sharpness, a rate per layout)
+    dequant: Optional[dict]
     #: the fused kernel's occupancy curves (kvmodel.fused_fit: per format and head dim, and per block shape)
     p5: FusedCurves = field(default_factory=FusedCurves)
     sm_count: int = H200_SMS
@@ -150,7 +180,8 @@ class AttentionCalibration:
     def to_dict(self) -> dict:
         return {"P0 (per head_dim)": {int(k): curve_dict(v) for k, v in self.p0.items()},
                 "P0-expand": curve_dict(self.p0x) if self.p0x else None,
-                "P1 dequantize step": curve_dict(self.dequant) if self.dequant else None,
+                "P1 dequantize kernel (per launch, by layout)": ({k: curve_dict(v) for k, v in self.dequant.items()}
+                                                                  if self.dequant else None),
                 "P5 (per format and head_dim)": {fused_fit.curve_label(k): self.p5.pooled[k].as_dict()
                                                  for k in sorted(self.p5.pooled, key=_p5_key)},
                 "P5 (per format, head_dim and block shape)": {
@@ -178,12 +209,13 @@ class AttentionCalibration:
             c = self.p0x
             if c is None:
                 return self._p0_time(ab("P0-expand", B, T, Hq, Hkv, d), d)
-            return curve_time_s(ab("P0-expand", B, T, Hq, Hkv, d), c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
+            nb = expand_charged_bytes(ab("P0-expand", B, T, Hq, Hkv, d), expand_reread_bytes(B, T, Hq, Hkv, d),
+                                      expand_reread_miss(T, d, L2_BYTES), c.reread_weight or 0.0)
+            return curve_time_s(nb, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
         if pipeline == "P1":
-            c = self.dequant
+            bk, bv = dequant_half_bytes(B, T, Hkv, d, k_bits, v_bits, group)
             return (self._p0_time(ab("P0", B, T, Hq, Hkv, d), d)
-                    + curve_time_s(dequant_bytes(B, T, Hq, Hkv, d, k_bits, v_bits, group), c.t0_s, c.bw_GBps,
-                                   c.knee_bytes, c.sharpness))
+                    + dequant_step_time_s(bk, bv, dequant_v_layout(v_bits, d), self.dequant))
         if pipeline == "P5":
             # the kernel's block shape and split count for each call (its own rules, ported; kvmodel predict's)
             B, T = np.broadcast_arrays(B, T)
@@ -213,19 +245,62 @@ def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCal
     base = train[train["variant"] == ""]
     c0 = {int(hd): fit_curve(g["bytes_P0"], g["median_s"]) for hd, g in base[base.pipeline == "P0"].groupby("d")}
     px = base[base.pipeline == "P0-expand"]
-    cx = fit_curve(px["bytes_P0x"], px["median_s"]) if len(px) >= 6 else None
+    # P0-expand with its repeat reads that leave L2 (the same fit kvmodel calibrate uses, on this model's fitter)
+    cx = (fit_curve_reread(px["bytes_P0x"], px["bytes_P0x_reread"], px["median_s"], fit=fit_curve)
+          if len(px) >= 6 else None)
     cal = AttentionCalibration(p0=c0, p0x=cx, dequant=None, sm_count=sm_count)
     p1 = base[base.pipeline == "P1"]
     if len(p1) >= 6:
         t0 = np.concatenate([cal._p0_time(g["bytes_P0"].to_numpy(float), hd) for hd, g in p1.groupby("d")])
         p1 = pd.concat([g for _, g in p1.groupby("d")])
-        cal.dequant = fit_curve(p1["bytes_dq"], p1["median_s"], base_s=t0)
+        cal.dequant = fit_dequant_launches(p1["bytes_dq_k"], p1["bytes_dq_v"], p1["v_layout"], p1["median_s"],
+                                           base_s=t0)
     # P5: the occupancy curves kvmodel calibrate fits too (one implementation: kvmodel.fused_fit)
     cal.p5 = fused_fit.fit_fused_curves(base[base.pipeline == "P5"], sm_count)
     cal.info = {"fused_fit": {fused_fit.curve_label(k): cal.p5.info[k] for k in sorted(cal.p5.pooled, key=_p5_key)},
                 "fused_fit_per_shape": {fused_fit.curve_label(k): cal.p5.info[k]
                                         for k in sorted(cal.p5.per_shape, key=_p5_key)}}
     return cal
+
+
+def fit_dequant_launches(bytes_k, bytes_v, v_layout, t_s, base_s=None) -> dict:
+    """P1's dequantize kernels (:func:`kvmodel.timing.dequant_step_time_s`): one launch per half stored below 16
+    bits, ``t0 + smoothmax(bytes, knee)/BW_layout`` each, one floor (t0, knee, sharpness) for all launches and a
+    rate per layout read (K: channel; V: :func:`kvmodel.timing.dequant_v_layout`), fitted to the calls' times minus
+    ``base_s`` (the SDPA part). A layout without rows shares the other's rate. Returns layout -> BandwidthCurve."""
+    from kvmodel.fused_fit import lsq, r2_log
+
+    bk, bv = np.asarray(bytes_k, dtype=float), np.asarray(bytes_v, dtype=float)
+    lay = np.asarray(v_layout, dtype=object)
+    t = np.asarray(t_s, dtype=float)
+    base = np.zeros_like(t) if base_s is None else np.asarray(base_s, dtype=float)
+    octet = (lay == "token_octet") & (bv > 0)
+    fit_octet = bool(octet.sum() >= 3)
+
+    def curves(th):
+        t0, bw_c, bw_o, knee, n = np.exp(th)
+        c = BandwidthCurve(t0_s=float(t0), bw_GBps=float(bw_c), knee_bytes=float(knee), sharpness=float(n))
+        return {"channel": c, "token_octet": c.model_copy(update={"bw_GBps": float(bw_o if fit_octet else bw_c)})}
+
+    def model(th):
+        return base + dequant_step_time_s(bk, bv, lay, curves(th))
+
+    rest = np.maximum(t - base, 1e-9)
+    bw0 = float(np.median((bk + bv) / rest)) / 1e9
+    lo, hi = np.log([1e-8, 1.0, 1.0, 1.0, 0.5]), np.log([1.0, 1e5, 1e5, 1e12, 200.0])
+    best = None
+    for t00 in (1e-7, 2e-6):
+        for knee0 in (1e6, 1e7):
+            for n0 in (1.0, 2.0, 6.0):
+                x0 = np.clip(np.log([t00, bw0, bw0, knee0, n0]), lo + 1e-9, hi - 1e-9)
+                r = lsq(lambda th: np.log(model(th) / t), x0, bounds=(lo, hi))
+                if best is None or r.cost < best.cost:
+                    best = r
+    out = curves(best.x)
+    pred = model(best.x)
+    q = {"r2": r2_log(t, pred), "n_points": int(t.size),
+         "median_abs_pct_error": float(np.median(np.abs(pred / t - 1.0)) * 100.0)}
+    return {k: v.model_copy(update=q) for k, v in out.items() if k in DEQUANT_LAYOUTS}
 
 
 def predict_attention(cal: AttentionCalibration, d: pd.DataFrame) -> np.ndarray:
@@ -237,15 +312,16 @@ def predict_attention(cal: AttentionCalibration, d: pd.DataFrame) -> np.ndarray:
         p0 = cal._p0_time(d["bytes_P0"].to_numpy(float), hd)
         out[m & (pl == "P0")] = p0[m & (pl == "P0")]
         if cal.dequant is not None:
-            c = cal.dequant
-            t1 = p0 + curve_time_s(d["bytes_dq"].to_numpy(float), c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
+            t1 = p0 + dequant_step_time_s(d["bytes_dq_k"].to_numpy(float), d["bytes_dq_v"].to_numpy(float),
+                                          d["v_layout"].to_numpy(object), cal.dequant)
             out[m & (pl == "P1")] = t1[m & (pl == "P1")]
     m = pl == "P0-expand"
     if m.any():
         c = cal.p0x
         if c is not None:
-            out[m] = curve_time_s(d.loc[m, "bytes_P0x"].to_numpy(float), c.t0_s, c.bw_GBps, c.knee_bytes,
-                                  c.sharpness)
+            nb = expand_charged_bytes(d.loc[m, "bytes_P0x"].to_numpy(float), d.loc[m, "bytes_P0x_reread"]
+                                      .to_numpy(float), 1.0, c.reread_weight or 0.0)
+            out[m] = curve_time_s(nb, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
     m = pl == "P5"
     if m.any():
         out[m] = cal.p5.time_s(d[m], cal.sm_count)
@@ -257,6 +333,32 @@ def _label(d: pd.DataFrame) -> pd.Series:
     return d["pipeline"] + np.where(v.isna(), "", "-" + v.fillna("").astype(str))
 
 
+def calibration_rows(attention_path: Optional[Path], split: dict) -> tuple[pd.DataFrame, dict]:
+    """Extra calibration rows for the training split: ``decode_attention_calib.csv`` beside the attention file, read
+    by :func:`kvmodel.calibration.grid_calibration_rows` (what ``kvmodel calibrate`` adds to the grid too: rows of
+    explicit split counts, variant ``sp<N>`` -> 'default'; ablations dropped; the whole file left out when measured
+    with another kernel version than the grid). Only rows of the split's training models x contexts are kept (the
+    others are counted in info). Returns (raw rows in the grid's format, info)."""
+    from kvmodel.calibration import grid_calibration_rows
+
+    apath = Path(attention_path) if attention_path else data_path(*ATTENTION_FILE)
+    rows, note = grid_calibration_rows(apath)
+    info = {"file": CALIB_FILE[1], "n_rows": 0, "n_outside_training_split": 0, "note": note}
+    if not rows:
+        return pd.DataFrame(), info
+    raw = pd.DataFrame(rows)
+    for c in ("B", "T", "Hq", "Hkv", "d", "k_bits", "v_bits", "group", "num_splits", "median_s", "p10_s", "p90_s",
+              "n_samples", "calls_per_sample", "bytes_moved", "working_sets"):
+        if c in raw.columns:
+            raw[c] = pd.to_numeric(raw[c], errors="coerce")
+    inside = raw["T"].isin(split["train_contexts"]) & (raw["model"] != split["heldout_model"])
+    info["n_outside_training_split"] = int((~inside).sum())
+    raw = raw[inside]
+    info["n_rows"] = int(len(raw))
+    info["note"] = f"{len(raw)} rows added to the training split"
+    return raw.reset_index(drop=True), info
+
+
 def run_attention(path: Optional[Path] = None) -> dict:
     d = load_attention(path)
     if d is None:
@@ -264,6 +366,10 @@ def run_attention(path: Optional[Path] = None) -> dict:
                                               "attention benchmark has not landed)"}
     d, desc, split = split_roles(d)
     train = d[(d.role == "train") & (d.variant == "")]
+    extra_raw, calib_info = calibration_rows(path, split)
+    if len(extra_raw):
+        extra = prepare_attention(extra_raw).assign(role="train")
+        train = pd.concat([train, extra[train.columns.intersection(extra.columns)]], ignore_index=True)
     cal = fit_attention(train)
     d["pred_s"] = predict_attention(cal, d)
     d["meas_s"] = d["median_s"]
@@ -272,7 +378,7 @@ def run_attention(path: Optional[Path] = None) -> dict:
     core = held[held.variant == ""]
     return {
         "available": True, "split": desc, "split_detail": split, "calibration": cal.to_dict(),
-        "n_rows": int(len(d)), "n_train": int(len(train)),
+        "n_rows": int(len(d)), "n_train": int(len(train)), "calibration_rows": calib_info,
         "overall": error_stats(core.pred_s, core.meas_s),
         "calls_at_least_30us": error_stats(core[core.meas_s >= 30e-6].pred_s, core[core.meas_s >= 30e-6].meas_s),
         "rows_over_15pct": int((np.abs(core.pred_s / core.meas_s - 1) > 0.15).sum()),
@@ -458,6 +564,9 @@ def run_predict_heldout(attention: dict, e2e: dict, attention_path: Optional[Pat
     sa, se = attention["split_detail"], e2e["split_detail"]
     raw_a = pd.read_csv(att_path)
     raw_a = raw_a[raw_a["T"].isin(sa["train_contexts"]) & (raw_a["model"] != sa["heldout_model"])]
+    extra, _ = calibration_rows(att_path, sa)  # the same extra training rows as the validation model's
+    if len(extra):
+        raw_a = pd.concat([raw_a, extra], ignore_index=True)
     raw_e = pd.read_csv(e2e_path_)
     rt = raw_e["runtime"] if "runtime" in raw_e.columns else pd.Series("kvmodel-graph", index=raw_e.index)
     raw_e = raw_e[(rt == "kvmodel-graph") & raw_e["T"].isin(se["train_contexts"])

@@ -6,7 +6,7 @@ SASS with Triton's cuobjdump and counts the instructions of the main loop (the l
 Prints instructions per warp per tile, warp-instructions per token-head (× num_warps / BLOCK_N), registers and an
 opcode histogram.
 
-    python -m kvmodel.kernels.sass_probe --kb 4 --vb 4 --d 128 --G 4 --block-n 32 --warps 1 [--vtp]
+    python -m kvmodel.kernels.sass_probe --kb 4 --vb 4 --d 128 --G 4 --block-n 32 --warps 1 --vtp 2 [--swap 0|1]
     python -m kvmodel.kernels.sass_probe --table        # v3 halves vs token_pair V, both block shapes
     python -m kvmodel.kernels.sass_probe --occupancy    # resident programs per SM of the 1-warp builds
 """
@@ -28,13 +28,14 @@ def _bin(name: str) -> str:
 
 
 def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3, group=32, asym=False,
-                   vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=False, vf=False):
-    """The compiled kernel (``triton.compile`` result) for sm_90."""
+                   vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=None, vf=None):
+    """The compiled kernel (``triton.compile`` result) for sm_90. ``swap`` / ``vf`` None: the launcher's defaults
+    (swapped dots for a quantized part; the V fold for a symmetric 4-bit token_octet V with K not 8-bit)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .decode_attention import SWAP_MIN_ROWS, _attn_split_kernel
+    from .decode_attention import SWAP_DEFAULT, SWAP_MIN_ROWS, V_FOLD_DEFAULT, _attn_split_kernel
 
     fn = _attn_split_kernel
     dt = {4: "u8", 8: "u8", 16: "fp16"}
@@ -46,6 +47,10 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     # the scale token strides are d/group (4 for d=128, g=32): not 16-divisible; every other int of a real launch
     # (T = 32K, strides of 16-aligned allocations) is
     not_div = {"sks_t", "svs_t"}
+    if swap is None:
+        swap = SWAP_DEFAULT and (kb, vb) != (16, 16)
+    if vf is None:
+        vf = bool(swap) and V_FOLD_DEFAULT and vb == 4 and vtp == 2 and not asym and kb != 8 and not v_full
     m_pad = max(SWAP_MIN_ROWS, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G))
     consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, VF=vf, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
                   ASYM=asym, BLOCK_N=block_n, MAGIC=True, ASM=True, SPLIT=split, V_FULL=v_full, SC=sc,
@@ -170,8 +175,10 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--vtp", type=int, default=0, choices=(0, 1, 2),
                     help="4-bit V layout: 0 channel, 1 token_pair, 2 token_octet (the default cache at d >= 128)")
-    ap.add_argument("--swap", action="store_true", help="swapped operands: tokens on the mma M side")
-    ap.add_argument("--vf", action="store_true", help="V fold (with --swap --vtp 2): V scales on the P tile")
+    ap.add_argument("--swap", type=int, default=None, choices=(0, 1),
+                    help="swapped operands (tokens on the mma M side); default: the launcher's")
+    ap.add_argument("--vf", type=int, default=None, choices=(0, 1),
+                    help="V fold (swapped, token_octet 4-bit V): V scales on the P tile; default: the launcher's")
     ap.add_argument("--v-full", action="store_true")
     ap.add_argument("--table", action="store_true", help="v3 vs v4 candidate at both default block shapes")
     ap.add_argument("--occupancy", action="store_true",
@@ -194,7 +201,8 @@ def main(argv=None):
                            probe(**cfg)), flush=True)
         return
     cfg = dict(kb=a.kb, vb=a.vb, d=a.d, G=a.G, group=a.group, block_n=a.block_n, num_warps=a.warps,
-               num_stages=a.stages, vtp=a.vtp, v_full=a.v_full, swap=a.swap, vf=a.vf)
+               num_stages=a.stages, vtp=a.vtp, v_full=a.v_full,
+               swap=None if a.swap is None else bool(a.swap), vf=None if a.vf is None else bool(a.vf))
     print(_fmt(str(cfg), probe(**cfg)))
 
 

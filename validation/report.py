@@ -406,13 +406,19 @@ def _predict_text(pr: dict) -> list:
 def _h200_section(att: dict, e2e: dict, pr: Optional[dict] = None) -> str:
     L = ["## 4. Held-out accuracy on our H200 measurements", "",
          "Two models are held to the same split. **Validation model** (`kvmodel.validation.heldout`: per-head-dim "
-         "P0 curves, a P1 dequantize curve, P5 by occupancy per kernel block shape, its own step composition): "
+         "P0 curves, P0-expand with the repeat reads L2 cannot serve, P1's dequantize kernels per launch and cache "
+         "layout, P5 by occupancy per kernel block shape, its own step composition): "
          "the tables directly below. **kvmodel predict** (the shipped model, calibrated on the training split): "
          "the subsection after them.", ""]
     if not att.get("available"):
         L += [f"**Not available:** {att['reason']}. The code path is built and tested on synthetic data in the "
               "benchmark's format (`tests/test_validation.py`); it runs as soon as the file is committed.", ""]
     else:
+        ci = att.get("calibration_rows") or {}
+        if ci.get("n_rows") or str(ci.get("note", "")).startswith("left out"):
+            L += [f"**Extra calibration rows** (`{ci['file']}`, explicit split counts at the training contexts of the "
+                  f"training models): {ci['note']}; {ci.get('n_outside_training_split', 0)} rows outside the training "
+                  "split ignored.", ""]
         L += [f"**Split.** {att['split']}", "",
               f"Attention, held-out rows (default kernels): median {att['overall']['median_abs_pct']} %, p90 "
               f"{att['overall']['p90_abs_pct']} %, max {att['overall']['max_abs_pct']} % (targets: <= 5 % median, "
@@ -486,14 +492,15 @@ def _p5_shape_text(att: dict) -> list:
         "kernel launches for it, one occupancy curve per (format, head dim, block shape), fitted on the "
         "calibration rows of that shape only, with resident programs per SM chosen from "
         f"{{{', '.join(str(c) for c in fused_fit.C_RES_CHOICES)}}} (register- and shared-memory-derived residencies "
-        "of the sm_90 builds of the 1-warp shape, `python -m kvmodel.kernels.sass_probe --occupancy`: 4/4 d = 128 "
-        "10-11 with token_octet V, 12 with channel V; 8-bit parts 7-16; a 16-bit part 8 at d = 128; d = 64 "
-        "14-17). Fitted residency of the "
-        f"1-2-warp shapes: {shapes or '(none)'}. Kernel v5's split rule assumes 16 (4/4) and 8 (8-bit parts, "
-        "a 16-bit part at d = 128) for the 1-warp shape, more than fit at once for 4/4, and launches at most two "
-        "waves (kernels/NOTES.md v5: the issue-bound 1-warp programs run faster with ~2,000 programs than with one "
-        "exact wave); where few calibration rows sit in partial waves the fitted residency is weakly identified "
-        "(several choices fit within 1 %; the fewest is kept). Before "
+        "of the sm_90 builds of the 1-warp shape as kernel v7 compiles them (swapped dots, V fold), "
+        "`python -m kvmodel.kernels.sass_probe --occupancy`: 4/4 d = 128 16 with token_octet V, 12 with channel "
+        "V; 8-bit parts 11-21; a 16-bit part 8-9 at d = 128; d = 64 12-21). Fitted residency of the "
+        f"1-2-warp shapes: {shapes or '(none)'}. The split rule (kernel v5, unchanged in v6-v7 but for the "
+        "2-warp 4/4 d = 256 shape, which assumes 16) assumes 16 (4/4) and 8 (8-bit parts, a 16-bit part at "
+        "d = 128) programs per SM for the 1-warp shape and launches at most two waves (kernels/NOTES.md v5: the "
+        "issue-bound 1-warp programs run faster with ~2,000 programs than with one exact wave); where few "
+        "calibration rows sit in partial waves the fitted residency is weakly identified (several choices fit "
+        "within 1 %; the fewest is kept). Before "
         "the per-shape curves the held-out numbers were: attention "
         f"{PREVIOUS_HELDOUT['attention']}; end-to-end {PREVIOUS_HELDOUT['e2e']}.", "",
         "![H200 P5 residuals by launch side](h200_p5_residuals_launch_side.png)", "",
@@ -534,6 +541,56 @@ def _int_or_blank(x) -> str:
         return ""
 
 
+def _merge_text(att: dict) -> str:
+    """Section 6's sentences on the split-K merge (shared per head dim) and what is left, with this run's values."""
+    curves = (att.get("calibration") or {}).get("P5 (per format and head_dim)", {})
+    per_d = {}
+    for k, v in curves.items():
+        per_d.setdefault(int(k.split("/")[1][1:]), v)
+    vals = "; ".join(f"d = {d}: {v['merge_s'] * 1e6:.1f} us + {v['merge_per_split_s'] * 1e9:.0f} ns per split"
+                     for d, v in sorted(per_d.items()))
+    ci = att.get("calibration_rows") or {}
+    return ("The split-K merge is its own launch, the same for every format (it reads fp32 partials of d channels): "
+            "its cost is one term per head dim shared by all formats and block shapes "
+            f"(`kvmodel.fused_fit.FUSED_MERGE_PER_HEAD_DIM`; {vals}), fitted in turn with the curves. A merge per "
+            "curve was identified by that curve's one 128-split training row (B = 1, T = 128K) and over-charged "
+            "64-128-split calls of short programs by up to 25 %; a merge shared by every head dim moved the miss "
+            "elsewhere. What identifies the merge is the calibration probe's pairs of launches with the same "
+            "programs, tiles per program and memory order at different split counts (`python -m "
+            f"kvmodel.measure.p5_calib_probe`, `{ci.get('file', 'decode_attention_calib.csv')}`: "
+            f"{ci.get('note', 'not present')}): a 128-split merge of B = 1 costs 4 us (d = 64) to 9-15 us "
+            "(d = 128) more than a 16-split one. The same probe re-measured the FP16 Llama-3.1-8B B = 32, "
+            "T = 128K call at ~3.8 ms, against ~4.3 ms in every grid run (kernels v5-v7; the grid times it right "
+            "after P0-expand's 69 GB copy of the same shape): the grid row, not its held-out twin (Qwen2.5-7B "
+            "B = 64, the same programs and tiles, ~3.8 ms), is the outlier. Left: P0 with few KV "
+            "heads at B = 1 (SDPA's split of 2-4 KV heads over the SMs; no training model at d = 128 has fewer "
+            "than 8 KV heads), and 1-warp launches of 2-4 programs per SM at d = 128 (the held-out Qwen2.5-7B "
+            "B = 1, T = 128K: 512 programs).")
+
+
+def _expand_and_dequant_text(att: dict) -> str:
+    """Section 6's bullet on the two non-fused terms (P0-expand's repeat reads, P1's dequantize launches), with the
+    fitted values of this run."""
+    cal = att.get("calibration") or {}
+    w = (cal.get("P0-expand") or {}).get("reread_weight")
+    dq = cal.get("P1 dequantize kernel (per launch, by layout)") or {}
+    rates = ", ".join(f"{k} {v['bw_GBps']:.0f} GB/s" for k, v in dq.items())
+    floor = ""
+    if dq.get("channel"):
+        c = dq["channel"]
+        floor = f", launch floor {(c['t0_s'] + c['knee_bytes'] / (c['bw_GBps'] * 1e9)) * 1e6:.1f} us"
+    return ("- **P0-expand's repeat reads and P1's dequantize launches** (non-fused pipelines). `repeat_interleave` "
+            "is an expand + contiguous clone: it writes the G copies of one (sequence, KV head) slab in turn, so the "
+            "G - 1 repeat reads of the slab (`attn_bytes_P0_expand_reread`) come from L2 while the slab and one "
+            "copy (2 x T x d x 2 bytes) fit in it, from DRAM when not (`kvmodel.timing.expand_reread_miss`: at "
+            "T = 128K for d = 128 and 256, never for d = 64); those DRAM reads are charged at a fitted weight "
+            f"({w if w is None else round(w, 2)} of a counted byte: the copy is not DRAM-bound), which took the "
+            "held-out Qwen2.5-7B rows at T = 128K from -13..-15 % to within a few %. P1 runs one dequantize kernel "
+            "per half stored below 16 bits (a 16-bit half is used in place: K16/V4 launches one), each timed by "
+            "the curve of the cache layout it reads (`kvmodel.timing.dequant_step_time_s`; K channel, 4-bit V "
+            f"token_octet at d >= 128): {rates}{floor}.")
+
+
 def _worst_rows_text(att: dict, limit: float = 15.0, max_rows: int = 12) -> list:
     """The held-out attention rows the validation model misses by more than ``limit`` %, as a table generated
     from the data (what is still missing, not a hand-kept list)."""
@@ -552,10 +609,8 @@ def _worst_rows_text(att: dict, limit: float = 15.0, max_rows: int = 12) -> list
         L.append(f"| {r.pipeline} | {r.model} | {int(r.B)} | {int(r['T'])} | {int(r.k_bits)}/{int(r.v_bits)} | "
                  f"{_int_or_blank(r.get('num_splits'))} | {_int_or_blank(r.get('working_sets'))} | "
                  f"{r.meas_s * 1e6:.1f} | {r.pred_s * 1e6:.1f} | {r.err:+.1f} |")
-    L += ["", "Small calls (< 30 us: launch, partial wave and merge dominate), the study's P0-expand baseline of "
-          "Qwen2.5-7B (G = 7) at T = 128K, whose 7x expanded copy (up to 30 GB at B = 16) runs slower than the "
-          "training models' expansions (not identified from the training split), and P1's fixed dequantize cost "
-          "at small sizes.", ""]
+    L += ["", "SDPA (P0) with few KV heads at B = 1 (Qwen2.5-0.5B: 2, Qwen2.5-7B: 4; the d = 128 training model "
+          "has 8), fused calls of 64-128 splits (the merge, section 6) and of 2-4 one-warp programs per SM.", ""]
     return L
 
 
@@ -641,14 +696,9 @@ def _misses_section(r: dict, att: dict) -> str:
               "`kvmodel.fused_fit.KNEE_PROGRAMS_1WARP`, what the d = 64 fits find from their 256-512-program "
               f"launches), and a block shape gets its own curve from {fused_fit.MIN_ROWS_PER_SHAPE} rows "
               "(`MIN_ROWS_PER_SHAPE`), so the 8-bit "
-              "small launches are no longer timed by a pooled curve dominated by the large-launch shape. What is "
-              "left: the split-K merge cost per split is identified per curve from the one 128-split calibration "
-              "row (B = 1, T = 128K), where streaming hides it, so 128-split calls of short programs (B = 1, "
-              "T = 32K) are over-predicted (a merge cost shared by all curves — the merge kernel is the same for "
-              "every format — was tried and moved the miss to other 128-split calls; the fix is calibration rows "
-              "at 64-128 splits of short programs); P0 / P0-expand of the held-out Qwen2.5-7B at T = 128K and P1 "
-              "at small "
-              "sizes miss by 15-16 %.",
+              "small launches are no longer timed by a pooled curve dominated by the large-launch shape. "
+              + _merge_text(att),
+              _expand_and_dequant_text(att),
               "- **P1 with a 16-bit half** (K16/V4): `attn_bytes_P1` charges the FP16 staging buffer (write + "
               "read) only for the halves stored below 16 bits; the validation model's dequantize-step bytes are "
               "`attn_bytes_P1 - attn_bytes_P0` (kvmodel.validation.heldout.dequant_bytes), so no formula is "

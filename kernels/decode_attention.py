@@ -39,10 +39,15 @@ from .quant import QuantizedKVCache
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
+try:  # grid dependency control (programmatic dependent launch; merge="pdl"), triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAVE_PDL = True
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+    HAVE_PDL = False
 
 LOG2E = 1.4426950408889634
 V_FULL_DEFAULT = False  # True: V dequantized to a full-width fp16 tile before the P·V dot (_load_v_full); measured no faster for 4/4 (NOTES.md), so the grid default is the halves path
@@ -801,7 +806,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         raise ValueError("out must be a [B, Hq, d] fp16 tensor contiguous in d")
     if merge not in ("fused", "kernel", "pdl"):
         raise ValueError(f"merge must be 'fused', 'kernel' or 'pdl', got {merge!r}")
-    pdl = (merge == "pdl" and q.device.type == "cuda" and not _interpreting()
+    pdl = (merge == "pdl" and HAVE_PDL and q.device.type == "cuda" and not _interpreting()
            and torch.cuda.get_device_capability(q.device)[0] >= 9)
     split = num_splits > 1
     fuse = split and merge == "fused"

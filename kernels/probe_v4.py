@@ -1,6 +1,6 @@
 """GPU probe of the v4 candidate (4-bit V in the token_pair / token_octet layouts) against v3 (channel layout).
 
-    python -m kvmodel.kernels.probe_v4 [--out validation/data/h200/decode_attention_probe_v4.jsonl]
+    python -m kvmodel.kernels.probe_v4 [--out validation/data/h200/decode_attention_probe_v4.jsonl] [--cases d64]
 
 Times P5 4/4 (and 16/4) with the v3 halves V path and with the token_pair and token_octet V paths at the default
 block shape of each size and the other one, plus P0 (SDPA FP16) as the baseline, by CUDA-graph replays over
@@ -28,6 +28,18 @@ CASES = [  # (model, Hq, Hkv, d, B, T, k_bits)
 ]
 
 
+# v8 question (session 4): with the swapped dots and the V fold, is token_octet V now faster at d = 64 too?
+CASES_D64 = [
+    ("qwen2.5-0.5b", 14, 2, 64, 64, 16384, 4),
+    ("qwen2.5-0.5b", 14, 2, 64, 16, 131072, 4),
+    ("qwen2.5-0.5b", 14, 2, 64, 128, 32768, 4),
+    ("qwen2.5-0.5b", 14, 2, 64, 8, 32768, 4),
+    ("qwen2.5-0.5b", 14, 2, 64, 1, 4096, 4),
+    ("qwen2.5-0.5b", 14, 2, 64, 64, 16384, 16),
+]
+CASE_SETS = {"v4": CASES, "d64": CASES_D64}
+
+
 def main(argv=None):
     import torch
 
@@ -40,10 +52,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--target-s", type=float, default=0.3)
+    ap.add_argument("--cases", choices=sorted(CASE_SETS), default="v4",
+                    help="v4: the v4 layout question; d64: the same layouts at d = 64 with the current kernel")
     a = ap.parse_args(argv)
     out = open(a.out, "a") if a.out else None
     read_gbps = 4500.0  # the v3 grid's read ceiling (NOTES.md); % columns are relative to it
-    for model, Hq, Hkv, d, B, T, kb in CASES:
+    for model, Hq, Hkv, d, B, T, kb in CASE_SETS[a.cases]:
         ws = cache_bytes(B, Hkv, T, d, kb, 4)
         n_sets = max(1, min(16, math.ceil(4 * L2_BYTES / ws)))
         base = [make_cache(B, Hkv, T, d, kb, 4, "cuda", gen_seed=i) for i in range(n_sets)]

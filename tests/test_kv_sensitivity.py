@@ -164,7 +164,7 @@ def test_per_channel_cache_keeps_incomplete_group_in_full_precision():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_16_bit_cache_gives_bit_identical_logits(kind, llama, qwen2):
+def test_16_bit_cache_gives_the_uncached_logits(kind, llama, qwen2):
     model = llama if kind == "llama" else qwen2
     ids = _ids(80)
     from transformers import DynamicCache
@@ -175,7 +175,12 @@ def test_16_bit_cache_gives_bit_identical_logits(kind, llama, qwen2):
         ks.QuantizedKVCache(),
         ks.QuantizedKVCache(k_spec=ks.QuantSpec(bits=2), only_layers=[99]),  # no such layer
     ):
-        assert torch.equal(_logits(model, ids, cache), ref)
+        # identical up to float32 summation order: CPU GEMMs may round differently with the alignment of the
+        # cache's buffers (a fresh-clone CI run once differed from DynamicCache's in the last bits); 8-bit KV
+        # moves the logits far more than this tolerance (checked below), so a quantizing cache still fails it
+        torch.testing.assert_close(_logits(model, ids, cache), ref, rtol=1e-5, atol=1e-6)
+    q8 = _logits(model, ids, ks.QuantizedKVCache(k_spec=ks.QuantSpec(bits=8), v_spec=ks.QuantSpec(bits=8)))
+    assert not torch.allclose(q8, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

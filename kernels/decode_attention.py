@@ -406,55 +406,29 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
+            if K_FULL:
+                kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                  ASM)
+            else:
+                ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                    ASM)
+            # scores and softmax over the tile's tokens: [M_PAD, BLOCK_N], or [BLOCK_N, M_PAD] with swapped dots
             if SW:
                 if K_FULL:
-                    kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N,
-                                      MAGIC, ASM)
-                    st = tl.dot(kf, qf)
+                    s = tl.dot(kf, qf)
                 else:
-                    ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N,
-                                        MAGIC, ASM)
-                    st = tl.dot(ka, qa)
-                    st = tl.dot(kb, qb, st)  # [BLOCK_N, M_PAD]
-                st = st * qk_scale
-                st = tl.where(mask_n[:, None], st, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(st, 0))
+                    s = tl.dot(ka, qa)
+                    s = tl.dot(kb, qb, s)
+                s = s * qk_scale
+                s = tl.where(mask_n[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 0))
                 alpha = tl.math.exp2(m_i - m_new)
-                pt = tl.math.exp2(st - m_new[None, :])
-                l_i = l_i * alpha + tl.sum(pt, 0)
-                m_i = m_new
-                pt16 = pt.to(tl.float16)
-                if VF:
-                    v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC,
-                                       True)
-                    sv = tl.load(vs + offs_n[None, :] * svs_t + tl.arange(0, NGV)[:, None], mask=mask_n[None, :],
-                                 other=0.0)  # [NG, BLOCK_N]
-                    b3 = pt16[None, :, :] * sv[:, :, None]  # [NG, BLOCK_N, M_PAD] fp16
-                    a3 = tl.permute(tl.reshape(v, (BLOCK_N, NGV, GROUP)), (1, 2, 0))  # [NG, GROUP, BLOCK_N]
-                    acc3 = tl.dot(a3, b3, acc3 * alpha[None, None, :])
-                elif VTP == 2:
-                    v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
-                    acc = tl.dot(tl.trans(v), pt16, acc * alpha[None, :])
-                elif VTP:
-                    v = _load_v_pairs(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
-                    acc = tl.dot(tl.trans(v), pt16, acc * alpha[None, :])
-                elif V_FULL:
-                    v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
-                                     MAGIC, ASM)
-                    acc = tl.dot(tl.trans(v), pt16, acc * alpha[None, :])
-                else:
-                    va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
-                                        MAGIC, ASM)
-                    acc_a = tl.dot(tl.trans(va), pt16, acc_a * alpha[None, :])
-                    acc_b = tl.dot(tl.trans(vb), pt16, acc_b * alpha[None, :])
+                p = tl.math.exp2(s - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, 0)
             else:
                 if K_FULL:
-                    kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                      ASM)
                     s = tl.dot(qf, tl.trans(kf))
                 else:
-                    ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                        ASM)
                     s = tl.dot(qa, tl.trans(ka))
                     s = tl.dot(qb, tl.trans(kb), s)
                 s = s * qk_scale
@@ -463,21 +437,36 @@ if triton is not None:
                 alpha = tl.math.exp2(m_i - m_new)
                 p = tl.math.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
-                p16 = p.to(tl.float16)
+            m_i = m_new
+            p16 = p.to(tl.float16)
+            # P·V: the V tile (full width, or the two halves), then acc += P·V (swapped: acc^T += V^T·P^T)
+            if VF:
+                v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC, True)
+                sv = tl.load(vs + offs_n[None, :] * svs_t + tl.arange(0, NGV)[:, None], mask=mask_n[None, :],
+                             other=0.0)  # [NG, BLOCK_N]
+                b3 = p16[None, :, :] * sv[:, :, None]  # [NG, BLOCK_N, M_PAD] fp16
+                a3 = tl.permute(tl.reshape(v, (BLOCK_N, NGV, GROUP)), (1, 2, 0))  # [NG, GROUP, BLOCK_N]
+                acc3 = tl.dot(a3, b3, acc3 * alpha[None, None, :])
+            else:
                 if VTP == 2:
                     v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
-                    acc = tl.dot(p16, v, acc * alpha[:, None])
                 elif VTP:
                     v = _load_v_pairs(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
-                    acc = tl.dot(p16, v, acc * alpha[:, None])
                 elif V_FULL:
-                    v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                     ASM)
-                    acc = tl.dot(p16, v, acc * alpha[:, None])
+                    v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
+                                     MAGIC, ASM)
                 else:
                     va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
                                         MAGIC, ASM)
+                if V_FULL or VTP:
+                    if SW:
+                        acc = tl.dot(tl.trans(v), p16, acc * alpha[None, :])
+                    else:
+                        acc = tl.dot(p16, v, acc * alpha[:, None])
+                elif SW:
+                    acc_a = tl.dot(tl.trans(va), p16, acc_a * alpha[None, :])
+                    acc_b = tl.dot(tl.trans(vb), p16, acc_b * alpha[None, :])
+                else:
                     acc_a = tl.dot(p16, va, acc_a * alpha[:, None])
                     acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
 
@@ -659,6 +648,22 @@ def shape_programs_per_sm(k_bits: int, v_bits: int, d: int, block_n: int, num_wa
     return 4
 
 
+def default_swap(k_bits: int, v_bits: int) -> bool:
+    """Whether the split kernel uses the swapped dots by default (v6: every format with a quantized part)."""
+    return SWAP_DEFAULT and (k_bits, v_bits) != (16, 16)
+
+
+def v_fold_possible(swap: bool, vtp: int, asym: bool, v_bits: int, v_full: bool) -> bool:
+    """Whether the V fold can run: swapped dots over a symmetric 4-bit V in the token_octet layout (``vtp == 2``)."""
+    return bool(swap) and vtp == 2 and not asym and v_bits == 4 and not v_full
+
+
+def default_v_fold(swap: bool, vtp: int, asym: bool, k_bits: int, v_bits: int, v_full: bool) -> bool:
+    """The V fold's default (v7): wherever it can run, except with an 8-bit K (measured slower folded: Llama
+    B=32 T=32K 8/4 502 vs 464 us)."""
+    return V_FOLD_DEFAULT and k_bits != 8 and v_fold_possible(swap, vtp, asym, v_bits, v_full)
+
+
 def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T: int) -> dict:
     """Block shape of the split kernel for a format, head dim and size (H200 probes, NOTES.md v3–v5).
 
@@ -669,13 +674,13 @@ def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T:
     large = B * prog_heads * T >= LARGE_WORK
     if k_bits == 16 and v_bits == 16:
         if d == 128 and large:
-            return dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, swap=False)
-        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=False)
+            return dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, swap=default_swap(k_bits, v_bits))
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=default_swap(k_bits, v_bits))
     if not large:
-        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=SWAP_DEFAULT)
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=default_swap(k_bits, v_bits))
     bn, w = (32, 2) if d > 128 else (32, 1)
     ppsm = shape_programs_per_sm(k_bits, v_bits, d, bn, w)
-    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=SWAP_DEFAULT)
+    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=default_swap(k_bits, v_bits))
 
 
 def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
@@ -848,10 +853,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         raise ValueError(f"the {k.layout} layout is supported for V only")
     if vtp and (block_n < 32 or block_n % 8):
         raise ValueError(f"a {v.layout} V cache needs block_n >= 32 (a multiple of 8)")
-    fold_ok = bool(swap) and vtp == 2 and not cache.asym and v.bits == 4 and not v_full
-    if v_fold is None:  # not with an 8-bit K: 8/4 measured slower folded (Llama B=32 T=32K 502 vs 464 us)
-        v_fold = fold_ok and V_FOLD_DEFAULT and k.bits != 8
-    if v_fold and not fold_ok:
+    if v_fold is None:
+        v_fold = default_v_fold(swap, vtp, cache.asym, k.bits, v.bits, v_full)
+    if v_fold and not v_fold_possible(swap, vtp, cache.asym, v.bits, v_full):
         raise ValueError("v_fold needs swap=True and a symmetric 4-bit V in the token_octet layout")
     merge_sb = min(16, triton.next_power_of_2(num_splits))
     merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step

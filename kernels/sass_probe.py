@@ -35,7 +35,7 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .decode_attention import SWAP_DEFAULT, SWAP_MIN_ROWS, V_FOLD_DEFAULT, _attn_split_kernel
+    from .decode_attention import SWAP_MIN_ROWS, _attn_split_kernel, default_swap, default_v_fold
 
     fn = _attn_split_kernel
     dt = {4: "u8", 8: "u8", 16: "fp16"}
@@ -48,9 +48,9 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     # (T = 32K, strides of 16-aligned allocations) is
     not_div = {"sks_t", "svs_t"}
     if swap is None:
-        swap = SWAP_DEFAULT and (kb, vb) != (16, 16)
+        swap = default_swap(kb, vb)
     if vf is None:
-        vf = bool(swap) and V_FOLD_DEFAULT and vb == 4 and vtp == 2 and not asym and kb != 8 and not v_full
+        vf = default_v_fold(swap, vtp, asym, kb, vb, v_full)
     m_pad = max(SWAP_MIN_ROWS, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G))
     consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, VF=vf, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
                   ASYM=asym, BLOCK_N=block_n, MAGIC=True, ASM=True, SPLIT=split, V_FULL=v_full, SC=sc,

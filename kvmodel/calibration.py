@@ -250,8 +250,7 @@ def expand_points_from_grid(grid_rows: Sequence[dict], l2_bytes: float) -> dict[
         if not (b and t) or not all(dims):
             continue
         B, T, Hq, Hkv, d = dims
-        rr = float(traffic.evaluate("attn_bytes_P0_expand_reread", {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv, "d": d,
-                                                                      "d_v": d, "b_a": 2}))
+        rr = float(traffic.expand_reread_bytes(B, T, Hq, Hkv, d))
         rr *= float(expand_reread_miss(T, d, l2_bytes))
         for k in ("attention:P0-expand", f"attention:P0-expand:d{int(d)}"):
             xs, rs, ts = pts.setdefault(k, ([], [], []))

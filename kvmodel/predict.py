@@ -144,8 +144,7 @@ def attention_call_time_s(tm: TimeModel, pipeline: str, kv: KVFormat, B, T, Hq, 
     flops = 2.0 * B * Hq * (2.0 * head_dim) * T
     reread = None
     if pipeline == "P0-expand":
-        reread = traffic.evaluate("attn_bytes_P0_expand_reread", {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv,
-                                                                  "d": head_dim, "d_v": head_dim, "b_a": 2})
+        reread = traffic.expand_reread_bytes(B, T, Hq, Hkv, head_dim)
     return _attention_op_time(tm, pipeline, fmt, head_dim, B, Hkv, T, nbytes, flops, reread)
 
 

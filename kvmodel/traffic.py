@@ -84,6 +84,14 @@ def model_symbols(m: ModelSpec) -> dict:
     }
 
 
+def expand_reread_bytes(B, T, Hq, Hkv, d):
+    """P0-expand's repeat reads of one attention-layer call (symbolic ``attn_bytes_P0_expand_reread``): each
+    (sequence, KV head) slab is read once per query head of its group, the KV read counted once in
+    ``attn_bytes_P0_expand``. Vectorized over array arguments."""
+    return evaluate("attn_bytes_P0_expand_reread", {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv, "d": d, "d_v": d,
+                                                    "b_a": 2})
+
+
 def attention_layer_bytes(pipeline: str, B, T, Hq, Hkv, d, k_bits=16, v_bits=16, group=32, asymmetric=False):
     """Bytes one attention-layer call must move for one decode step (q read + KV + output write + buffers).
 

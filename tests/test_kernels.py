@@ -824,6 +824,16 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
             assert list(got) == want, (block_n, pps, sm, T)
 
 
+def test_timing_port_of_the_default_v_layout_matches_the_kernels():
+    """kvmodel.timing.dequant_v_layout (P1's dequantize rate by layout) ports kernels.quant.default_v_layout; a
+    layout change in the kernels that is not mirrored in the model fails here."""
+    from kvmodel import timing
+    from kvmodel.kernels.quant import default_v_layout
+
+    for bits, d in itertools.product((4, 8, 16), (64, 128, 256)):
+        assert timing.dequant_v_layout(bits, d) == default_v_layout(bits, d), (bits, d)
+
+
 @settings(max_examples=20, deadline=None)
 @given(B=st.integers(1, 3), G=st.integers(1, 8), d=st.sampled_from([64, 128, 256]), T=st.integers(1, 300),
        kb=st.sampled_from([4, 8, 16]), vb=st.sampled_from([4, 8, 16]), asym=st.booleans(),

@@ -120,18 +120,11 @@ def prepare_attention(d: pd.DataFrame) -> pd.DataFrame:
     d["bytes_P0"] = ab("P0", B, T, Hq, Hkv, hd)
     d["bytes_P0x"] = ab("P0-expand", B, T, Hq, Hkv, hd)
     # P0-expand's repeat reads that L2 cannot serve (kvmodel.timing.expand_reread_miss)
-    d["bytes_P0x_reread"] = expand_reread_bytes(B, T, Hq, Hkv, hd) * expand_reread_miss(T, hd, L2_BYTES)
+    d["bytes_P0x_reread"] = traffic.expand_reread_bytes(B, T, Hq, Hkv, hd) * expand_reread_miss(T, hd, L2_BYTES)
     d["bytes_dq"] = dequant_bytes(B, T, Hq, Hkv, hd, kb, vb, g)
     d["bytes_dq_k"], d["bytes_dq_v"] = dequant_half_bytes(B, T, Hkv, hd, kb, vb, g)
     d["v_layout"] = [dequant_v_layout(v, h) for v, h in zip(vb, hd)]
     return d.reset_index(drop=True)
-
-
-def expand_reread_bytes(B, T, Hq, Hkv, d):
-    """P0-expand's repeat reads (symbolic ``attn_bytes_P0_expand_reread``): each (sequence, KV head) slab is read
-    once per query head of its group, the KV read counted once in ``attn_bytes_P0_expand``."""
-    return traffic.evaluate("attn_bytes_P0_expand_reread", {"B": B, "T": T, "H_q": Hq, "H_kv": Hkv, "d": d,
-                                                            "d_v": d, "b_a": 2})
 
 
 def dequant_half_bytes(B, T, Hkv, d, k_bits, v_bits, group=32):
@@ -209,7 +202,8 @@ class AttentionCalibration:
             c = self.p0x
             if c is None:
                 return self._p0_time(ab("P0-expand", B, T, Hq, Hkv, d), d)
-            nb = expand_charged_bytes(ab("P0-expand", B, T, Hq, Hkv, d), expand_reread_bytes(B, T, Hq, Hkv, d),
+            nb = expand_charged_bytes(ab("P0-expand", B, T, Hq, Hkv, d),
+                                      traffic.expand_reread_bytes(B, T, Hq, Hkv, d),
                                       expand_reread_miss(T, d, L2_BYTES), c.reread_weight or 0.0)
             return curve_time_s(nb, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
         if pipeline == "P1":

@@ -56,6 +56,25 @@ overflows where ``|x · g| > 65504`` (the composition's ``hn`` would not); real 
 against the torch composition under the interpreter; the GPU timing is ``kvmodel.measure.gemv_probe --fused``
 and the step's ``kvmodel.measure.e2e_decode --linear triton-fused`` (commands in ``kernels/NOTES.md``).
 
+Programmatic dependent launch (opt-in ``pdl=True``, ``prefetch_bytes``; off by default, when the kernel is
+specialized exactly as before — offline sm_90 SASS of the table's four paths byte-identical to the kernel without
+the option). At B = 1 the small projections run well below the read ceiling (Qwen2.5-7B qkv, 33 MB: 11.7 µs ≈
+2.8 TB/s): at each kernel boundary HBM idles while the previous grid drains and the next one's programs start and
+wait for their first bytes. With ``pdl=True`` the GEMV is launched with ``launch_pdl=True`` (Hopper PDL: its
+programs may be scheduled once every program of the kernel before it in the stream has executed
+``griddepcontrol.launch_dependents``, i.e. while that kernel's tail still runs) and each program, in this order:
+``gdc_launch_dependents()`` (so the next PDL kernel can be scheduled in turn); one
+``cp.async.bulk.prefetch.L2`` per weight row it owns (thread t → row t, ``prefetch_bytes / min(BLOCK_N,
+threads)`` bytes from the start of its K range, 16-byte multiples; the step never writes weights, so this may run
+before the predecessor finishes); ``gdc_wait()`` (the predecessor grid complete and its writes visible); then
+everything else — x, residual, the prologues' loads, every store. With split-K and ``merge="kernel"``
+the merge kernel is a PDL launch as well (it waits before reading the partials). The default prefetch, 16 KiB a
+program, keeps the total (~800 resident programs on an H200) far below the 60 MB L2. Active only on CUDA devices
+of capability ≥ 9 with Triton's grid dependency control and not under the interpreter (:func:`use_pdl`);
+elsewhere ``pdl=True`` silently takes the normal path, same results. The step's ``--linear triton-pdl``
+(``kvmodel.measure.e2e_decode``) chains it with PDL variants of its RMSNorm / RoPE / SiLU·mul kernels;
+``kvmodel.measure.gemv_probe --pdl 0,16384`` times back-to-back chains of one projection.
+
 ``gemv_ref(x, w, bias)`` is the float32 torch reference with the same signature (and the same prologue kwargs).
 """
 
@@ -66,7 +85,10 @@ import os
 import torch
 
 from . import _interpreter_compat
-from .decode_attention import DEFAULT_SMS, num_sms  # one SM-count helper for every launcher
+
+# one SM-count helper for every launcher; grid dependency control (programmatic dependent launch: the kernels'
+# gdc_* globals) from the import decode_attention's merge="pdl" uses
+from .decode_attention import DEFAULT_SMS, HAVE_PDL, gdc_launch_dependents, gdc_wait, num_sms
 
 try:
     import triton
@@ -82,7 +104,14 @@ DTYPES = (torch.float16, torch.bfloat16)
 INTERPRETER_SMS = 4
 
 #: Version of the GEMV kernel and its config table; bump it with any change that alters what is measured.
+#: (The opt-in ``pdl=True`` path is recorded separately: ``PDL_VERSION``; the default kernel is still v1.)
 KERNEL_VERSION = "v1"
+#: Version of the ``pdl=True`` path (grid dependency control + the L2 weight prefetch before the wait).
+PDL_VERSION = "pdl1"
+#: Default L2 prefetch per program of the ``pdl=True`` path, bytes (split evenly over the program's rows).
+DEFAULT_PREFETCH_BYTES = 16384
+#: Largest ``prefetch_bytes`` accepted: ~800 resident programs × 64 KiB ≈ 52 MB would already fill the 60 MB L2.
+MAX_PREFETCH_BYTES = 65536
 
 
 def _interpreting() -> bool:
@@ -98,7 +127,8 @@ if triton is not None:
                      B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                      EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      SPLIT: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_SB: tl.constexpr,
-                     EMU_BF16: tl.constexpr, NORM: tl.constexpr = False, GATE_UP: tl.constexpr = False):
+                     EMU_BF16: tl.constexpr, NORM: tl.constexpr = False, GATE_UP: tl.constexpr = False,
+                     PDL: tl.constexpr = False, PF_ROW: tl.constexpr = 0):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         n0 = pid_n * BLOCK_N
@@ -112,6 +142,17 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
+        if PDL:
+            # programmatic dependent launch (launched with launch_pdl=True, see gemv(pdl=True)): let the next
+            # kernel of the stream be scheduled now (its programs take the slots this grid's programs free as they
+            # finish), start this program's first weight bytes towards L2 (the step never writes weights), and
+            # only then wait for the predecessor grid: everything below (x, residual, the norm / up loads, every
+            # store) comes after the wait
+            gdc_launch_dependents()
+            if PF_ROW > 0:
+                _l2_prefetch_rows((w_base + k_lo).to(tl.int64), tl.minimum(N - n0, BLOCK_N), stride_wn * 2,
+                                  tl.minimum(PF_ROW, (k_hi - k_lo) * 2) // 16 * 16)
+            gdc_wait()
         w_ptrs = w_base + rows_ld[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
         x_ptrs = X + rb[:, None] * stride_xb + rk[None, :]  # [B_PAD, BLOCK_K]
         ROW1: tl.constexpr = (not DOT) and B_PAD == 1  # one row of x: a plain 2-D [BLOCK_N, BLOCK_K] accumulator
@@ -243,6 +284,29 @@ if triton is not None:
             _epilogue(acc, Bias, R, Y, rows, rb, out_mask, N, stride_rb, stride_yb, HAS_BIAS, HAS_RES, EMU_BF16)
 
     @triton.jit
+    def _l2_prefetch_rows(addr, nrows, row_bytes, nbytes):
+        """L2 prefetch of the first ``nbytes`` of ``nrows`` weight rows: thread ``t < nrows`` of the program
+        issues one ``cp.async.bulk.prefetch.L2.global [addr + t * row_bytes], nbytes`` (sm_90; the address
+        16-byte aligned and ``nbytes`` a multiple of 16, which the launcher guarantees; nothing when ``nbytes`` is
+        0). Rows past the program's thread count are not prefetched. The asm has a dummy output and is not pure,
+        so the compiler keeps it (and keeps it before the ``griddepcontrol.wait`` that follows it)."""
+        tl.inline_asm_elementwise(
+            """{
+            .reg .u32 %pft;
+            .reg .u64 %pfo, %pfa;
+            .reg .pred %pfp, %pfq;
+            mov.u32 %pft, %tid.x;
+            setp.lt.u32 %pfp, %pft, $2;
+            setp.ne.u32 %pfq, $4, 0;
+            and.pred %pfp, %pfp, %pfq;
+            mul.wide.u32 %pfo, %pft, $3;
+            add.u64 %pfa, $1, %pfo;
+            @%pfp cp.async.bulk.prefetch.L2.global [%pfa], $4;
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,r,r,r", [addr, nrows, row_bytes, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _prologue(xv, up_ptrs, mask, g, GATE_UP: tl.constexpr):
         """x as the dot consumes it, in fp32: ``x * g`` (NORM: ``g`` the loaded norm weight chunk, 1.0 without;
         1/rms is applied after the dot) or ``silu(gate) * up`` (GATE_UP: ``xv`` is the gate chunk, the up chunk
@@ -309,7 +373,10 @@ if triton is not None:
     @triton.jit
     def _merge_kernel(Part, Bias, R, Y, B, N, split_k, stride_rb, stride_yb,
                       B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                      SB: tl.constexpr, EMU_BF16: tl.constexpr):
+                      SB: tl.constexpr, EMU_BF16: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # launched as a programmatic dependent of the split kernel: its partials are read after the wait
+            gdc_launch_dependents()
+            gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rb = tl.arange(0, B_PAD)
         out_mask = (rb < B)[:, None] & (rows < N)[None, :]
@@ -367,6 +434,35 @@ def default_config(N: int, K: int, B: int, sms: int = DEFAULT_SMS) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def use_pdl(requested: bool, device) -> bool:
+    """Whether a ``pdl=True`` launch on ``device`` really uses programmatic dependent launch: only on a CUDA
+    device of compute capability ≥ 9 (Hopper), with Triton's grid dependency control (``HAVE_PDL``) and not under
+    the interpreter. Everywhere else the launcher silently takes the normal path (same kernel, same results)."""
+    if not requested or not HAVE_PDL or _interpreting():
+        return False
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def pdl_launch_kwargs(active: bool, prefetch_bytes: int, block_n: int, num_warps: int, w_ptr: int,
+                      row_bytes: int, k_split_bytes: int) -> dict:
+    """Extra kwargs of the ``_gemv_kernel`` launch for the PDL path: ``{}`` when not ``active`` (the kernel is
+    then specialized exactly as without the option), else the ``PDL`` constexpr, ``launch_pdl=True`` and
+    ``PF_ROW``, the L2 prefetch per weight row: ``prefetch_bytes`` shared by the rows one program prefetches
+    (``min(block_n, 32 · num_warps)``: one thread a row), rounded down to 16 bytes — 0 (no prefetch) when the
+    weight's address, its row pitch ``row_bytes`` or the split-K range ``k_split_bytes`` is not a multiple of 16
+    (``cp.async.bulk.prefetch`` needs 16-byte aligned addresses)."""
+    if not active:
+        return {}
+    rows = max(1, min(block_n, 32 * num_warps))
+    pf_row = (int(prefetch_bytes) // rows) // 16 * 16
+    if w_ptr % 16 or row_bytes % 16 or k_split_bytes % 16:
+        pf_row = 0
+    return {"PDL": True, "PF_ROW": pf_row, "launch_pdl": True}
+
+
 def _is_pow2(v) -> bool:
     return isinstance(v, int) and v > 0 and (v & (v - 1)) == 0
 
@@ -422,7 +518,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
          residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
          split_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
          dot: bool | str | None = None, merge: str | None = None, workspace: dict | None = None,
-         norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gate_up: bool = False) -> torch.Tensor:
+         norm_weight: torch.Tensor | None = None, eps: float = 1e-6, gate_up: bool = False, pdl: bool = False,
+         prefetch_bytes: int | None = None) -> torch.Tensor:
     """``y = x @ w.T (+ bias) (+ residual)`` for ``x [B ≤ 8, K]``, ``w [N, K]`` (fp16/bf16) → ``y [B, N]``.
 
     ``out``: where to write y (``[B, N]``, contiguous in N); ``residual``: ``[B, N]`` added in fp32 before the one
@@ -436,6 +533,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     Prologues (opt-in, one per call; see the module docstring): ``norm_weight`` (``[K]``, x's dtype; ``eps``):
     ``y = rmsnorm(x) @ w.T (+ bias) (+ residual)``, rmsnorm over each row of x; ``gate_up=True``: x is the
     ``[B, 2K]`` gate|up activation and ``y = (silu(x[:, :K]) * x[:, K:]) @ w.T (+ bias) (+ residual)``.
+
+    ``pdl=True`` (opt-in, see the module docstring): launched as a programmatic dependent of the previous kernel
+    in the stream (``launch_pdl``; the split-K merge kernel too), each program prefetching its first
+    ``prefetch_bytes`` of weights (default :data:`DEFAULT_PREFETCH_BYTES`; 0: none) into L2 before it waits for
+    that kernel. Only where :func:`use_pdl` says so (CUDA, capability ≥ 9, not interpreting); elsewhere the
+    normal launch, silently. Results are identical either way.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -443,6 +546,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
     B, K, N = _check_inputs(x, w, bias, out, residual, norm_weight, bool(gate_up))
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if prefetch_bytes is None:
+        prefetch_bytes = DEFAULT_PREFETCH_BYTES
+    if isinstance(prefetch_bytes, bool) or not isinstance(prefetch_bytes, int) or \
+            not 0 <= prefetch_bytes <= MAX_PREFETCH_BYTES:
+        raise ValueError(f"prefetch_bytes must be an int in [0, {MAX_PREFETCH_BYTES}], got {prefetch_bytes!r}")
+    pdl = use_pdl(bool(pdl), x.device)
     cfg = default_config(N, K, B, num_sms(x.device) if x.device.type == "cuda" else INTERPRETER_SMS)
     block_n = cfg["block_n"] if block_n is None else block_n
     block_k = cfg["block_k"] if block_k is None else block_k
@@ -505,20 +614,23 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, 
         prologue["NORM"] = True
     if gate_up:
         prologue["GATE_UP"] = True
+    esz = w.element_size()
+    pdl_kw = pdl_launch_kwargs(pdl, prefetch_bytes, block_n, num_warps, w.data_ptr(), w.stride(0) * esz,
+                               k_per_split * esz)  # {} unless pdl: the default specialization is unchanged
     _gemv_kernel[(grid_n, split_k)](
         x, w, bias_t, res_t, out, part, counter, norm_weight if norm_weight is not None else out,
         B, N, K, k_per_split, split_k, float(eps),
         x.stride(0), w.stride(0), res_t.stride(0), out.stride(0),
         B_PAD=b_pad, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, EVEN_K=(K % block_k == 0),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, SPLIT=split, FUSE_MERGE=fuse,
-        MERGE_SB=merge_sb, EMU_BF16=emu, num_warps=num_warps, num_stages=num_stages, **prologue,
+        MERGE_SB=merge_sb, EMU_BF16=emu, num_warps=num_warps, num_stages=num_stages, **prologue, **pdl_kw,
     )
     if split and not fuse:
         mb = 128
         _merge_kernel[(-(-N // mb),)](
             part, bias_t, res_t, out, B, N, split_k, res_t.stride(0), out.stride(0),
             B_PAD=triton.next_power_of_2(B), BLOCK_N=mb, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            SB=merge_sb, EMU_BF16=emu, num_warps=4,
+            SB=merge_sb, EMU_BF16=emu, num_warps=4, **({"PDL": True, "launch_pdl": True} if pdl else {}),
         )
     return out
 

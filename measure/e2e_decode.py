@@ -16,7 +16,12 @@ down and the LM head through the Triton weight-streaming GEMV :func:`kvmodel.ker
 residual adds fused; F.linear above B = 8 or in float32; MoE routed experts and routers always F.linear),
 ``kvmodel-graph-gemv-fused`` (``--linear triton-fused``: as ``triton``, and where the GEMV runs, the RMSNorm before
 qkv and before gate/up of dense layers and the SiLU·mul before down are fused into the GEMV's prologue —
-``gemv(norm_weight=)`` / ``gemv(gate_up=True)`` — dropping those three small launches per layer), and
+``gemv(norm_weight=)`` / ``gemv(gate_up=True)`` — dropping those three small launches per layer),
+``kvmodel-graph-gemv-pdl`` (``--linear triton-pdl``: as ``triton``, with every GEMV and the RMSNorm / RoPE /
+SiLU·mul kernels launched as programmatic dependents of the kernel before them (Hopper PDL: a kernel's programs
+are scheduled while its predecessor drains, each GEMV program prefetches its first ``--pdl-prefetch-bytes`` of
+weights into L2, then waits for the predecessor before reading its inputs); attention and torch ops stay normal
+launches; only on CUDA capability ≥ 9 — elsewhere the ``triton`` step, noted in the row), and
 Hugging Face transformers' own model on the same architecture with random weights: ``hf-eager`` (DynamicCache,
 eager launches) and ``hf-static-graph`` (StaticCache, the forward captured in a CUDA graph by hand;
 torch.compile "reduce-overhead" as the fallback).
@@ -58,7 +63,10 @@ E2E_KEYS = ["model", "B", "T", "k_bits", "v_bits", "pipeline", "runtime"]
 #: ``runtime`` key column, not a new one: the committed e2e_decode.csv's header has no such column and
 #: ResultsFile refuses rows with columns the header lacks (a resumed run would fail). Calibration and validation
 #: read "kvmodel-graph" rows only, so rows measured with the Triton GEMV stay out of them.
-OUR_RUNTIMES = {"torch": "kvmodel-graph", "triton": "kvmodel-graph-gemv", "triton-fused": "kvmodel-graph-gemv-fused"}
+OUR_RUNTIMES = {"torch": "kvmodel-graph", "triton": "kvmodel-graph-gemv", "triton-fused": "kvmodel-graph-gemv-fused",
+                "triton-pdl": "kvmodel-graph-gemv-pdl"}
+#: the ``--linear`` choices whose step runs the Triton GEMV (at B ≤ 8, fp16/bf16)
+GEMV_LINEARS = ("triton", "triton-fused", "triton-pdl")
 
 GiB = 1024**3
 DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-7B", "Llama-3.1-8B", "Mistral-Small-3.1-24B")
@@ -232,6 +240,12 @@ def fill_bytes(path, ceiling_GBps: Optional[float] = None) -> int:
 
 _K = {}
 triton = tl = None
+gdc_launch_dependents = gdc_wait = None
+
+
+def _pdl_kw(pdl: bool) -> dict:
+    """Launch kwargs of a small kernel's PDL variant (``{}``: the normal kernel, specialized as before)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {}
 
 
 def _kernels():
@@ -241,8 +255,17 @@ def _kernels():
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
+    global gdc_launch_dependents, gdc_wait  # likewise: the PDL variants' grid dependency control
+    from kvmodel.kernels.decode_attention import gdc_launch_dependents, gdc_wait  # noqa: PLC0415
+
+    # PDL (constexpr, default False: the normal kernels unchanged): launched with launch_pdl=True after another
+    # kernel; lets its own dependent be scheduled at once and waits for its predecessor before the first read
+
     @triton.jit
-    def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+    def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < H
@@ -253,7 +276,10 @@ def _kernels():
 
     @triton.jit
     def rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, Hq, Hkv, s_qkv_b,
-                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, HALF: tl.constexpr):
+                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, HALF: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs = tl.arange(0, HALF)
@@ -278,7 +304,10 @@ def _kernels():
         tl.store(dst + HALF + offs, y2.to(q_ptr.dtype.element_ty))
 
     @triton.jit
-    def silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    def silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = offs < inter
@@ -291,14 +320,17 @@ def _kernels():
     return _K
 
 
-def rmsnorm(x, w, out, eps: float = 1e-6):
+def rmsnorm(x, w, out, eps: float = 1e-6, pdl: bool = False):
+    """``pdl``: launch the PDL variant (callers pass ``kvmodel.kernels.gemv.use_pdl(...)``: True only where
+    programmatic dependent launch is available); the same for :func:`rope_qkv` and :func:`silu_mul`."""
     k = _kernels()
     B, H = x.shape
-    k["rmsnorm"][(B,)](x, w, out, H, eps, BLOCK=k["triton"].next_power_of_2(H), num_warps=8 if H > 2048 else 4)
+    k["rmsnorm"][(B,)](x, w, out, H, eps, BLOCK=k["triton"].next_power_of_2(H), num_warps=8 if H > 2048 else 4,
+                       **_pdl_kw(pdl))
     return out
 
 
-def rope_qkv(qkv, cos, sin, q_out, k_dst, v_dst, num_heads: int, num_kv_heads: int):
+def rope_qkv(qkv, cos, sin, q_out, k_dst, v_dst, num_heads: int, num_kv_heads: int, pdl: bool = False):
     """RoPE (rotate-half) on the q and k heads of ``qkv[B, (Hq+2Hkv)·d]``; q to ``q_out[B, Hq, d]``, k and v to
     ``k_dst``/``v_dst`` (``[B, Hkv, d]`` views, e.g. the cache slot of the new token)."""
     k = _kernels()
@@ -307,15 +339,15 @@ def rope_qkv(qkv, cos, sin, q_out, k_dst, v_dst, num_heads: int, num_kv_heads: i
     grid = (B, num_heads + 2 * num_kv_heads)
     k["rope"][grid](qkv, cos, sin, q_out, k_dst, v_dst, num_heads, num_kv_heads, qkv.stride(0),
                     q_out.stride(0), q_out.stride(1), k_dst.stride(0), k_dst.stride(1),
-                    v_dst.stride(0), v_dst.stride(1), HALF=d // 2, num_warps=1)
+                    v_dst.stride(0), v_dst.stride(1), HALF=d // 2, num_warps=1, **_pdl_kw(pdl))
 
 
-def silu_mul(gu, out):
+def silu_mul(gu, out, pdl: bool = False):
     k = _kernels()
     B, two_i = gu.shape
     inter = two_i // 2
     BLOCK = 1024
-    k["silu"][(B, k["triton"].cdiv(inter, BLOCK))](gu, out, inter, BLOCK=BLOCK, num_warps=4)
+    k["silu"][(B, k["triton"].cdiv(inter, BLOCK))](gu, out, inter, BLOCK=BLOCK, num_warps=4, **_pdl_kw(pdl))
     return out
 
 
@@ -494,15 +526,18 @@ class DecodeModel:
     """Random weights of ``spec`` on the GPU, laid out as a fused-projection decode runtime would hold them."""
 
     def __init__(self, spec: ModelSpec, dtype_name: str = "float16", seed: int = 0, device: str = "cuda",
-                 linear: str = "torch"):
+                 linear: str = "torch", pdl_prefetch_bytes: Optional[int] = None):
         """``linear``: "torch" (F.linear / addmm_, cuBLAS), "triton" (:func:`kvmodel.kernels.gemv.gemv` for
-        the dense projections when B ≤ 8 and the dtype is fp16/bf16) or "triton-fused" (as "triton", with the
-        RMSNorm / SiLU·mul prologues fused into the qkv, gate/up and down GEMVs; see the module docstring)."""
+        the dense projections when B ≤ 8 and the dtype is fp16/bf16), "triton-fused" (as "triton", with the
+        RMSNorm / SiLU·mul prologues fused into the qkv, gate/up and down GEMVs) or "triton-pdl" (as "triton",
+        the GEMVs and the small Triton kernels as programmatic dependent launches, each GEMV program prefetching
+        ``pdl_prefetch_bytes`` of weights, default ``gemv.DEFAULT_PREFETCH_BYTES``; see the module docstring)."""
         import torch  # noqa: PLC0415
 
         if linear not in OUR_RUNTIMES:
             raise ValueError(f"linear must be one of {list(OUR_RUNTIMES)}, got {linear!r}")
         self.linear = linear
+        self.pdl_prefetch_bytes = pdl_prefetch_bytes
         if spec.mla:
             raise NotImplementedError(f"{spec.name}: MLA attention is not implemented in the e2e step")
         if spec.head_dim & (spec.head_dim - 1):
@@ -587,22 +622,25 @@ class DecodeModel:
         # Dense projections: y = src @ W.T (+ b) and dst += src @ W.T, through the Triton GEMV when asked for
         # (small batch, half precision), else F.linear / addmm_ (cuBLAS).
         use_gemv = False
-        if self.linear in ("triton", "triton-fused"):
-            from kvmodel.kernels.gemv import DTYPES, MAX_B, gemv  # noqa: PLC0415
+        if self.linear in GEMV_LINEARS:
+            from kvmodel.kernels.gemv import DTYPES, MAX_B, gemv, use_pdl  # noqa: PLC0415
 
             use_gemv = B <= MAX_B and dt in DTYPES
         # "triton-fused": rmsnorm into the qkv / gate_up GEMVs, silu_mul into down (dense MLPs: MoE layers keep hn)
         fused = use_gemv and self.linear == "triton-fused"
+        # "triton-pdl": where the GEMV runs and the device has PDL (else exactly the "triton" step)
+        pdl = use_gemv and self.linear == "triton-pdl" and use_pdl(True, x.device)
+        gkw = {"pdl": True, "prefetch_bytes": self.pdl_prefetch_bytes} if pdl else {}
         gemv_ws = {}  # split-K partials and counters, allocated on the first (eager) call, reused in the graph
 
         def lin(src, w, b=None):
             if use_gemv:
-                return gemv(src, w, b, workspace=gemv_ws)
+                return gemv(src, w, b, workspace=gemv_ws, **gkw)
             return F.linear(src, w, b)
 
         def lin_add_(dst, src, w):
             if use_gemv:
-                gemv(src, w, out=dst, residual=dst, workspace=gemv_ws)
+                gemv(src, w, out=dst, residual=dst, workspace=gemv_ws, **gkw)
             else:
                 dst.addmm_(src, w.t())
 
@@ -626,7 +664,7 @@ class DecodeModel:
                     gemv(gu, lay["down"], out=dst, residual=dst, gate_up=True, workspace=gemv_ws)
                     return
                 if gated:
-                    a = silu_mul(gu, buf(f"act{gu.shape[1]}", (B, gu.shape[1] // 2)))
+                    a = silu_mul(gu, buf(f"act{gu.shape[1]}", (B, gu.shape[1] // 2)), pdl=pdl)
                 else:
                     a = F.gelu(gu)
                 lin_add_(dst, a, lay["down"])
@@ -637,10 +675,10 @@ class DecodeModel:
                 if fused:
                     qkv = gemv(x, lay["qkv"], lay["qkv_b"], norm_weight=lay["in_norm"], workspace=gemv_ws)
                 else:
-                    rmsnorm(x, lay["in_norm"], hn)
+                    rmsnorm(x, lay["in_norm"], hn, pdl=pdl)
                     qkv = lin(hn, lay["qkv"], lay["qkv_b"])
                 k_dst, v_dst = backend.slot(i)
-                rope_qkv(qkv, cos, sin, q, k_dst, v_dst, Hq, Hkv)
+                rope_qkv(qkv, cos, sin, q, k_dst, v_dst, Hq, Hkv, pdl=pdl)
                 if not backend.writes_cache_directly:
                     backend.append(i, k_dst, v_dst)
                 o = backend.attend(i, q)
@@ -648,23 +686,24 @@ class DecodeModel:
                 if fused and "router" not in lay:
                     mlp(lay, x, x, norm_w=lay["post_norm"])  # reads x whole (the norm) before down writes it
                     continue
-                rmsnorm(x, lay["post_norm"], hn)
+                rmsnorm(x, lay["post_norm"], hn, pdl=pdl)
                 if "router" in lay:
                     F.linear(hn, lay["router"]).softmax(-1)
                     mlp(lay, hn, x)  # shared experts, if any
                     for e in touched[i]:
                         gu = F.linear(hn, lay["experts_gu"][e])
-                        a = silu_mul(gu, buf(f"act{gu.shape[1]}", (B, gu.shape[1] // 2))) if gated else F.gelu(gu)
+                        a = (silu_mul(gu, buf(f"act{gu.shape[1]}", (B, gu.shape[1] // 2)), pdl=pdl) if gated
+                             else F.gelu(gu))
                         x.addmm_(a, lay["experts_d"][e].t())
                 else:
                     mlp(lay, hn, x)
-            rmsnorm(x, self.final_norm, hn)
+            rmsnorm(x, self.final_norm, hn, pdl=pdl)
             logits = lin(hn, self.lm_head)
             torch.argmax(logits, dim=-1, out=out_ids)
             state["logits"] = logits
             return out_ids
 
-        state = {"ids": ids, "x": x, "touched": touched, "gemv": use_gemv, "fused": fused}
+        state = {"ids": ids, "x": x, "touched": touched, "gemv": use_gemv, "fused": fused, "pdl": pdl}
         step.state = state
 
         def attention_only():
@@ -874,13 +913,16 @@ def run_e2e(out_csv, models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[i
             read_ceiling_GBps: Optional[float] = None, resume: bool = True, dtype_name: str = "float16",
             group: int = 32, attn_split: bool = True, margin_bytes: float = DEFAULT_MARGIN_BYTES,
             log: Callable[[str], None] = print, progress: Optional[Callable[[int, int, str], None]] = None,
-            deadline_s: Optional[float] = None, linear: str = "torch") -> ResultsFile:
+            deadline_s: Optional[float] = None, linear: str = "torch",
+            pdl_prefetch_bytes: Optional[int] = None) -> ResultsFile:
     """Measure our graph-captured step (and HF's runtimes at ``hf_points`` (B, T)) for every model × batch ×
     context × (pipeline, k_bits, v_bits); append rows to ``out_csv``; resumable. Configs that do not fit in
     memory get a ``status=skipped`` row; a pipeline that cannot be built gets a ``status=unavailable`` row.
     ``deadline_s`` (``time.time()`` value): stop cleanly when passed (rows so far are kept).
-    ``linear``: "torch", "triton" or "triton-fused" (the step's dense projections; its rows get ``runtime`` =
-    ``OUR_RUNTIMES[linear]``)."""
+    ``linear``: "torch", "triton", "triton-fused" or "triton-pdl" (the step's dense projections; its rows get
+    ``runtime`` = ``OUR_RUNTIMES[linear]``); ``pdl_prefetch_bytes``: the GEMVs' L2 prefetch per program with
+    "triton-pdl" (None: ``gemv.DEFAULT_PREFETCH_BYTES``; recorded in the provenance and each row's note — rows of
+    two prefetch sizes share their key, so measure each size into its own file)."""
     from kvmodel.measure.probes import require_cuda, time_graph  # noqa: PLC0415
 
     if linear not in OUR_RUNTIMES:
@@ -889,10 +931,14 @@ def run_e2e(out_csv, models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[i
     torch = require_cuda()
     rf = ResultsFile(out_csv, E2E_KEYS, fieldnames=E2E_FIELDS)
     extra = {"read_ceiling_GBps": read_ceiling_GBps, "dtype": dtype_name, "linear": linear}
-    if linear in ("triton", "triton-fused"):
-        from kvmodel.kernels.gemv import KERNEL_VERSION  # noqa: PLC0415
+    if linear in GEMV_LINEARS:
+        from kvmodel.kernels.gemv import DEFAULT_PREFETCH_BYTES, KERNEL_VERSION, PDL_VERSION  # noqa: PLC0415
 
         extra["gemv_kernel"] = KERNEL_VERSION
+        if linear == "triton-pdl":
+            if pdl_prefetch_bytes is None:
+                pdl_prefetch_bytes = DEFAULT_PREFETCH_BYTES
+            extra.update(gemv_pdl=PDL_VERSION, pdl_prefetch_bytes=pdl_prefetch_bytes)
     rf.write_provenance(extra=extra)
     done = rf.done_keys() if resume else set()
     total_mem = torch.cuda.get_device_properties(0).total_memory
@@ -917,11 +963,24 @@ def run_e2e(out_csv, models: Sequence[str] = DEFAULT_MODELS, batches: Sequence[i
         hfs = [c for c in cfgs if c.runtime not in OUR_RUNTIMES.values()]
         if ours:
             n_done = _run_ours(spec, ours, rf, torch, total_mem, dtype_name, group, attn_split, margin_bytes,
-                               read_ceiling_GBps, log, progress, n_done, n_total, deadline_s, time_graph, linear)
+                               read_ceiling_GBps, log, progress, n_done, n_total, deadline_s, time_graph, linear,
+                               pdl_prefetch_bytes)
         if hfs:
             n_done = _run_hf(spec, hfs, rf, torch, total_mem, dtype_name, group, margin_bytes,
                              read_ceiling_GBps, log, progress, n_done, n_total, deadline_s)
     return rf
+
+
+def step_note(linear: str, state: dict, pdl_prefetch_bytes: Optional[int] = None) -> str:
+    """A GEMV row's ``note``: what the step really ran (the GEMV or the F.linear fallback; with "triton-pdl"
+    whether PDL was active and the prefetch size)."""
+    if not state["gemv"]:
+        return f"linear={linear} requested; F.linear (B > 8 or float32)"
+    if linear != "triton-pdl":
+        return f"linear={linear} gemv"
+    if not state.get("pdl"):
+        return f"linear={linear} requested; gemv without PDL (needs CUDA capability >= 9)"
+    return f"linear={linear} gemv pdl prefetch_bytes={pdl_prefetch_bytes}"
 
 
 def _fits(spec, c, weights_bytes, total_mem, group, margin_bytes, hf=False):
@@ -935,7 +994,7 @@ def _fits(spec, c, weights_bytes, total_mem, group, margin_bytes, hf=False):
 
 
 def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, margin_bytes, ceiling, log,
-              progress, n_done, n_total, deadline_s, time_graph, linear="torch"):
+              progress, n_done, n_total, deadline_s, time_graph, linear="torch", pdl_prefetch_bytes=None):
     wbytes = param_breakdown(spec).total * 2
     fit, skip = [], []
     for c in cfgs:
@@ -954,7 +1013,7 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
     gc.collect()
     torch.cuda.empty_cache()  # the previous model's pool must go back to the driver before this one's
     try:
-        model = DecodeModel(spec, dtype_name, linear=linear)
+        model = DecodeModel(spec, dtype_name, linear=linear, pdl_prefetch_bytes=pdl_prefetch_bytes)
     except (NotImplementedError, torch.OutOfMemoryError) as e:
         for c, _, _ in fit:
             row = _base_row(spec, c, dtype_name, group, ceiling)
@@ -998,9 +1057,8 @@ def _run_ours(spec, cfgs, rf, torch, total_mem, dtype_name, group, attn_split, m
             t = time_graph([step], min_time_s=0.2, max_replays=30, min_replays=5)
             _finish(row, t.median_s)
             row.update(p10_s=t.p10_s, p90_s=t.p90_s, status="ok" if t.graph else "ok-eager")
-            if linear in ("triton", "triton-fused"):
-                row["note"] = (f"linear={linear} gemv" if step.state["gemv"]
-                               else f"linear={linear} requested; F.linear (B > 8 or float32)")
+            if linear in GEMV_LINEARS:
+                row["note"] = step_note(linear, step.state, pdl_prefetch_bytes)
             if attn_split:
                 ta = time_graph([attn_only], min_time_s=0.1, max_replays=20, min_replays=5)
                 row["attn_s"] = ta.median_s
@@ -1109,6 +1167,16 @@ def self_check(atol: float = 2e-2) -> dict:
     ref = torch.nn.functional.silu(gu[:, :4864].float()) * gu[:, 4864:].float()
     got = silu_mul(gu, torch.empty(B, 4864, device="cuda", dtype=torch.float16)).float()
     out["silu_mul"] = float(((got - ref).norm() / ref.norm()).item())
+    from kvmodel.kernels.gemv import use_pdl  # noqa: PLC0415
+
+    if use_pdl(True, x.device):  # the PDL variants write exactly what the normal kernels write (0 = equal)
+        a1, a2 = (silu_mul(gu, torch.empty(B, 4864, device="cuda", dtype=torch.float16), pdl=p) for p in (False, True))
+        n1, n2 = (rmsnorm(x, w, torch.empty_like(x), pdl=p) for p in (False, True))
+        q2 = torch.empty_like(qo)
+        rope_qkv(qkv, cos, sin, q2, K[:, :, 6], V[:, :, 6], Hq, Hkv, pdl=True)
+        same = (torch.equal(a1, a2) and torch.equal(n1, n2) and torch.equal(q2, qo)
+                and torch.equal(K[:, :, 6], K[:, :, 5]) and torch.equal(V[:, :, 6], V[:, :, 5]))
+        out["pdl_mismatch"] = 0.0 if same else 1.0
     out["ok"] = all(v < atol for k, v in out.items() if k != "ok")
     return out
 
@@ -1134,10 +1202,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this many seconds")
     ap.add_argument("--linear", choices=sorted(OUR_RUNTIMES), default="torch",
                     help="dense projections of our step: torch (F.linear, cuBLAS; the committed data), triton "
-                         "(kvmodel.kernels.gemv at B <= 8) or triton-fused (triton, with RMSNorm fused into the "
-                         "qkv/gate_up GEMVs and SiLU*mul into down); rows get runtime " +
+                         "(kvmodel.kernels.gemv at B <= 8), triton-fused (triton, with RMSNorm fused into the "
+                         "qkv/gate_up GEMVs and SiLU*mul into down) or triton-pdl (triton, GEMVs and the small "
+                         "Triton kernels as programmatic dependent launches, Hopper); rows get runtime " +
                          " / ".join(f"{v} ({k})" for k, v in OUR_RUNTIMES.items()))
+    ap.add_argument("--pdl-prefetch-bytes", type=int, default=None,
+                    help="with --linear triton-pdl: L2 weight prefetch per GEMV program before it waits on its "
+                         "predecessor (default kvmodel.kernels.gemv.DEFAULT_PREFETCH_BYTES; 0: PDL alone). Rows of "
+                         "different sizes share their key: write each size to its own --out")
     a = ap.parse_args(argv)
+    if a.pdl_prefetch_bytes is not None:
+        if a.linear != "triton-pdl":
+            ap.error("--pdl-prefetch-bytes goes with --linear triton-pdl")
+        from kvmodel.kernels.gemv import MAX_PREFETCH_BYTES  # noqa: PLC0415
+
+        if not 0 <= a.pdl_prefetch_bytes <= MAX_PREFETCH_BYTES:
+            ap.error(f"--pdl-prefetch-bytes must be in [0, {MAX_PREFETCH_BYTES}]")
     if a.fill_bytes:
         print(f"updated {fill_bytes(a.out, a.read_ceiling)} rows of {a.out}", flush=True)
         return 0
@@ -1163,7 +1243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 hf_runtimes=[r for r in a.hf.split(",") if r], hf_points=pts, read_ceiling_GBps=ceiling,
                 resume=not a.no_resume, dtype_name=a.dtype, attn_split=not a.no_attn_split,
                 log=lambda s: print(s, flush=True),
-                deadline_s=(time.time() + a.budget_s) if a.budget_s else None, linear=a.linear)
+                deadline_s=(time.time() + a.budget_s) if a.budget_s else None, linear=a.linear,
+                pdl_prefetch_bytes=a.pdl_prefetch_bytes)
     except GPUUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,16 @@
 """GPU probe: the Triton weight-streaming GEMV (``kvmodel.kernels.gemv``) against cuBLAS on decode projections.
 
     python -m kvmodel.measure.gemv_probe --out gemv_probe.jsonl [--models qwen2.5-7b,llama-3.1-8b]
-        [--batches 1,2,4,8] [--wide] [--budget-s 220] [--fused]
+        [--batches 1,2,4,8] [--wide] [--budget-s 220] [--fused] [--pdl 0,16384]
 
 ``--fused`` (instead of the sweep): the prologue fusions of ``gemv`` against the unfused pairs they replace, at
 the default configs — qkv: ``rmsnorm`` (e2e_decode's kernel) + ``gemv`` vs ``gemv(norm_weight=)``; down:
 ``silu_mul`` + ``gemv`` vs ``gemv(gate_up=True)`` (rows ``"kind": "gemv_fused"``, impl ``unfused`` / ``fused``;
 this mode also imports :mod:`kvmodel.measure.e2e_decode` for the two small kernels).
+
+``--pdl P1,P2,..`` (beside the sweep): the default config also as ``gemv(pdl=True, prefetch_bytes=P)`` for each
+P — the timed calls are a back-to-back chain, so each call is a programmatic dependent of the one before it (rows
+``config.pdl`` / ``config.prefetch_bytes``; a per-shape summary line compares them with the default).
 
 One run: (1) the streaming-read ceiling (the Triton read kernel of :mod:`kvmodel.measure.probes` over a 4 GiB
 buffer, timed the same way as every other row); (2) for each projection of Qwen2.5-7B and Llama-3.1-8B (fused qkv,
@@ -202,7 +206,8 @@ class _Case:
 
 def run(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Sequence[int] = BATCHES,
         dtype_name: str = "float16", wide: bool = False, budget_s: float | None = 220.0,
-        shapes: Sequence[str] | None = None, args=None, log=print) -> list[dict]:
+        shapes: Sequence[str] | None = None, args=None, log=print,
+        pdl_prefetch: Sequence[int] = ()) -> list[dict]:
     import torch
     from kvmodel.kernels.gemv import gemv
 
@@ -211,7 +216,13 @@ def run(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Sequence[
     esize = torch.empty((), dtype=dt).element_size()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ceiling = measure_read_ceiling(log)
-    rows, emit = _recorder(out_path, _meta(args or argparse.Namespace(), ceiling))
+    meta = _meta(args or argparse.Namespace(), ceiling)
+    if pdl_prefetch:
+        from kvmodel.kernels.gemv import PDL_VERSION, use_pdl
+
+        meta.update(pdl_active=use_pdl(True, torch.device("cuda")), gemv_pdl=PDL_VERSION)
+        log(f"# pdl rows: prefetch_bytes {list(pdl_prefetch)}, PDL active: {meta['pdl_active']}")
+    rows, emit = _recorder(out_path, meta)
     F = torch.nn.functional
     gen = torch.Generator(device="cuda").manual_seed(0)
     todo = [(SHAPES[m][0], name, K, N, has_b) for m in models for (name, K, N, has_b) in SHAPES[m][1]
@@ -245,7 +256,9 @@ def run(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Sequence[
                 cb = case.record("cublas", {}, functools.partial(_matmul, torch, x, y))
             cb_err = cb.get("max_err")
             best = default = None
-            for cfg in sweep_configs(N, K, B, wide, sms):
+            pdl_rows = []
+            cfgs = sweep_configs(N, K, B, wide, sms) + [{"pdl": True, "prefetch_bytes": int(p)} for p in pdl_prefetch]
+            for cfg in cfgs:
                 ws_dict: dict = {}
                 fn = functools.partial(_gemv_call, gemv, x, bias, y, ws_dict, cfg)
                 r = case.record("triton", _resolved(cfg, N, K, B, sms) | {"default": not cfg}, fn,
@@ -255,6 +268,9 @@ def run(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Sequence[
                     continue
                 if not cfg:
                     default = r
+                if cfg.get("pdl"):
+                    pdl_rows.append(r)
+                    continue  # a chain effect, not a config: kept out of "best"
                 if best is None or r["median_s"] < best["median_s"]:
                     best = r
 
@@ -271,6 +287,10 @@ def run(out_path: str, models: Sequence[str] = tuple(SHAPES), batches: Sequence[
                 line += (f"  [bn {c['block_n']} bk {c['block_k']} sk {c['split_k']} w {c['num_warps']} "
                          f"s {c['num_stages']} {kind}]")
             log(line + f"  ({time.time() - t0:.0f} s)")
+            if pdl_rows and default is not None:
+                log("    pdl: " + "  ".join(
+                    f"prefetch {r['config']['prefetch_bytes']}: {r['median_s'] * 1e6:.2f} us "
+                    f"({100 * (r['median_s'] / default['median_s'] - 1):+.1f}%, {r['pct']:.1f}%)" for r in pdl_rows))
             summary.append((model, name, B, cb, default, best))
         del ws
         torch.cuda.empty_cache()
@@ -370,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fused", action="store_true",
                     help="instead of the sweep: qkv with the RMSNorm prologue and down with the SiLU*mul "
                          "prologue vs the unfused pairs (default configs)")
+    ap.add_argument("--pdl", default="",
+                    help="comma list of prefetch_bytes: also time the default config as gemv(pdl=True, "
+                         "prefetch_bytes=P) chains (Hopper programmatic dependent launch)")
     a = ap.parse_args(argv)
     try:
         import torch
@@ -389,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   log=lambda s: print(s, flush=True))
         return 0
     run(a.out, models, [int(b) for b in a.batches.split(",")], a.dtype, a.wide, a.budget_s,
-        [s for s in a.shapes.split(",") if s], args=a, log=lambda s: print(s, flush=True))
+        [s for s in a.shapes.split(",") if s], args=a, log=lambda s: print(s, flush=True),
+        pdl_prefetch=[int(p) for p in a.pdl.split(",") if p.strip()])
     return 0
 
 

@@ -264,10 +264,10 @@ def _tiny_spec():
                      published_params_source="test")
 
 
-def _run_step(spec, linear, dtype_name, B, T):
+def _run_step(spec, linear, dtype_name, B, T, **model_kw):
     from kvmodel.measure import e2e_decode as e2e
 
-    model = e2e.DecodeModel(spec, dtype_name, device=DEV, linear=linear)
+    model = e2e.DecodeModel(spec, dtype_name, device=DEV, linear=linear, **model_kw)
     for lay in model.layers:  # a non-zero bias, so the fused bias is exercised
         lay["qkv_b"].copy_(torch.randn(lay["qkv_b"].shape, generator=torch.Generator().manual_seed(1)) * 0.1)
     dt = model.dtype
@@ -354,3 +354,270 @@ def test_e2e_step_hook_fused(monkeypatch):
     assert torch.equal(fused["ids"], ref["ids"])
     assert e2e.OUR_RUNTIMES["triton-fused"] == "kvmodel-graph-gemv-fused"
     assert _run_step(spec, "triton-fused", "float32", 1, 5)["fused"] is False  # falls back with the GEMV
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Programmatic dependent launch (gemv(pdl=True), e2e_decode --linear triton-pdl)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gemv_mod():
+    import kvmodel.kernels.gemv  # noqa: F401 - the submodule (kvmodel.kernels exports the function)
+
+    return __import__("sys").modules["kvmodel.kernels.gemv"]
+
+
+@pytest.mark.parametrize("B,split_k,merge,residual", [(1, 1, "fused", False), (3, 1, "fused", True),
+                                                      (2, 3, "fused", False), (5, 3, "kernel", True)])
+@pytest.mark.parametrize("prefetch", [None, 0, 4096])
+def test_gemv_pdl_gives_the_default_results(B, split_k, merge, residual, prefetch):
+    """``pdl=True`` (any prefetch size) writes bit for bit what the default launch writes: off a Hopper GPU it is
+    the default path, on one the same arithmetic launched as a programmatic dependent."""
+    x, w, b = _inputs(B, N_ODD, K_ODD, torch.float16, True, seed=B + split_k)
+    r = torch.randn(B, N_ODD).half().to(DEV) if residual else None
+    kw = {"block_n": 8 if B == 1 else 16, "block_k": 32, "split_k": split_k, "merge": merge}
+    y0 = gemv(x, w, b, out=_poisoned(B, N_ODD, torch.float16), residual=r, **kw)
+    y1 = gemv(x, w, b, out=_poisoned(B, N_ODD, torch.float16), residual=r, pdl=True, prefetch_bytes=prefetch, **kw)
+    assert torch.equal(y0, y1)
+    _check(y1, x, w, b, residual=r)
+
+
+@pytest.mark.parametrize("bad", [-16, 65552, 1.5, True, "16k"])
+def test_gemv_rejects_bad_prefetch_bytes(bad):
+    x, w, _ = _inputs(1, 8, 32, torch.float16, False, seed=0)
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        gemv(x, w, pdl=True, prefetch_bytes=bad)
+
+
+def test_use_pdl_only_on_hopper_cuda_without_the_interpreter(monkeypatch):
+    """The rule that decides the PDL path: requested, Triton has grid dependency control, not interpreting, a
+    CUDA device of capability >= 9 (the capability query is faked, so this runs anywhere)."""
+    mod = _gemv_mod()
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(mod.torch.cuda, "get_device_capability", lambda dev=None: cap["v"])
+    monkeypatch.setattr(mod, "HAVE_PDL", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert mod.use_pdl(True, "cuda") is True
+    assert mod.use_pdl(True, torch.device("cuda", 0)) is True
+    assert mod.use_pdl(False, "cuda") is False
+    assert mod.use_pdl(True, "cpu") is False
+    cap["v"] = (8, 9)  # Ada / Ampere: no PDL
+    assert mod.use_pdl(True, "cuda") is False
+    cap["v"] = (10, 0)
+    assert mod.use_pdl(True, "cuda") is True
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mod.use_pdl(True, "cuda") is False
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(mod, "HAVE_PDL", False)
+    assert mod.use_pdl(True, "cuda") is False
+
+
+def test_pdl_launch_kwargs_prefetch_split_and_alignment():
+    """Off: no extra kwargs (the kernel specialized as before). On: PDL, launch_pdl and the per-row prefetch
+    (prefetch_bytes over min(block_n, threads) rows, rounded down to 16 B; 0 where an address would be unaligned)."""
+    f = _gemv_mod().pdl_launch_kwargs
+    assert f(False, 16384, 8, 4, 0, 7168, 7168) == {}
+    assert f(True, 16384, 8, 4, 256, 7168, 7168) == {"PDL": True, "PF_ROW": 2048, "launch_pdl": True}
+    assert f(True, 16384, 4, 4, 256, 7168, 7168)["PF_ROW"] == 4096
+    assert f(True, 16384, 64, 1, 256, 7168, 7168)["PF_ROW"] == 512  # 32 threads prefetch 32 of the 64 rows
+    assert f(True, 1000, 8, 4, 256, 7168, 7168)["PF_ROW"] == 112  # 125 -> a multiple of 16
+    assert f(True, 0, 8, 4, 256, 7168, 7168)["PF_ROW"] == 0
+    assert f(True, 16384, 8, 4, 258, 7168, 7168)["PF_ROW"] == 0  # weight not 16-byte aligned
+    assert f(True, 16384, 8, 4, 256, 7170, 7168)["PF_ROW"] == 0  # row pitch K*2 not a multiple of 16
+    assert f(True, 16384, 8, 4, 256, 7168, 40)["PF_ROW"] == 0  # split-K range not a multiple of 16 bytes
+
+
+class _FakeLaunch:
+    """Stands in for a @triton.jit kernel: records each launch's grid and kwargs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((grid, kw))
+
+
+@pytest.mark.parametrize("split_k,merge", [(1, "fused"), (3, "fused"), (3, "kernel")])
+def test_gemv_pdl_launch_kwargs_reach_both_kernels(monkeypatch, split_k, merge):
+    """With PDL available (faked), gemv(pdl=True) launches the GEMV and the split-K merge kernel with
+    launch_pdl=True and PDL=True (the GEMV with its prefetch); gemv() and gemv(pdl=False) pass none of those
+    kwargs, so the default kernel's specialization is the one measured before."""
+    mod = _gemv_mod()
+    fake_g, fake_m = _FakeLaunch(), _FakeLaunch()
+    monkeypatch.setattr(mod, "_gemv_kernel", fake_g)
+    monkeypatch.setattr(mod, "_merge_kernel", fake_m)
+    monkeypatch.setattr(mod, "use_pdl", lambda requested, device: bool(requested))
+    x, w, _ = _inputs(1, 64, 256, torch.float16, False, seed=1)
+    kw = {"block_n": 8, "block_k": 32, "split_k": split_k, "merge": merge}
+    mod.gemv(x, w, **kw)
+    mod.gemv(x, w, pdl=False, **kw)
+    mod.gemv(x, w, pdl=True, prefetch_bytes=8192, **kw)
+    new = {"PDL", "PF_ROW", "launch_pdl"}
+    (_, k0), (_, k1), (_, k2) = fake_g.calls
+    assert not new & set(k0) and not new & set(k1) and k0 == k1
+    assert k2["PDL"] is True and k2["launch_pdl"] is True and k2["PF_ROW"] == 8192 // 8
+    assert {k: v for k, v in k2.items() if k not in new} == k0
+    if merge == "kernel":
+        (_, m0), (_, m1), (_, m2) = fake_m.calls
+        assert "PDL" not in m0 and "launch_pdl" not in m0 and m0 == m1
+        assert m2["PDL"] is True and m2["launch_pdl"] is True
+    else:
+        assert fake_m.calls == []
+
+
+def test_e2e_step_pdl_falls_back_to_the_triton_step_off_hopper():
+    """``linear="triton-pdl"`` without PDL (CPU / interpreter) is the ``triton`` step: same logits bit for bit,
+    and the row note says PDL was not active."""
+    from kvmodel.measure import e2e_decode as e2e
+
+    spec = _tiny_spec()
+    pdl = _run_step(spec, "triton-pdl", "float16", 2, 9)
+    ref = _run_step(spec, "triton", "float16", 2, 9)
+    assert pdl["gemv"] is True and (pdl["pdl"] is False or HAS_CUDA)
+    if not pdl["pdl"]:
+        assert torch.equal(pdl["logits"], ref["logits"])
+        assert "without PDL" in e2e.step_note("triton-pdl", pdl, 16384)
+    assert e2e.OUR_RUNTIMES["triton-pdl"] == "kvmodel-graph-gemv-pdl"
+    assert e2e.OUR_RUNTIMES["triton"] == "kvmodel-graph-gemv"  # the committed labels are unchanged
+    assert "triton-pdl" in e2e.GEMV_LINEARS
+    assert _run_step(spec, "triton-pdl", "float32", 1, 5)["pdl"] is False  # F.linear: no PDL kernels either
+
+
+def test_e2e_step_pdl_routes_every_triton_kernel_through_pdl(monkeypatch):
+    """With PDL available (faked), the ``triton-pdl`` step passes pdl=True (and its prefetch size) to every GEMV
+    (qkv, o, gate_up, down per layer, LM head) and to every RMSNorm, RoPE and SiLU·mul launch; the kernels are
+    then run without PDL here (the interpreter has none) and give the ``triton`` step's logits."""
+    from kvmodel.measure import e2e_decode as e2e
+
+    mod = _gemv_mod()
+    orig_gemv, orig = mod.gemv, {n: getattr(e2e, n) for n in ("rmsnorm", "rope_qkv", "silu_mul")}
+    seen = []
+
+    def gemv_stub(x, w, bias=None, **kw):
+        seen.append(("gemv", kw.pop("pdl", False), kw.pop("prefetch_bytes", None)))
+        return orig_gemv(x, w, bias, **kw)
+
+    def small(name):
+        def f(*a, pdl=False, **k):
+            seen.append((name, pdl, None))
+            return orig[name](*a, **k)
+        return f
+
+    monkeypatch.setattr(mod, "use_pdl", lambda requested, device: bool(requested))
+    monkeypatch.setattr(mod, "gemv", gemv_stub)
+    for n in orig:
+        monkeypatch.setattr(e2e, n, small(n))
+    spec = _tiny_spec()
+    L = spec.num_layers
+    out = _run_step(spec, "triton-pdl", "float16", 2, 9, pdl_prefetch_bytes=8192)
+    assert out["pdl"] is True
+    names = [s[0] for s in seen]
+    assert names.count("gemv") == 4 * L + 1 and names.count("rmsnorm") == 2 * L + 1
+    assert names.count("rope_qkv") == L and names.count("silu_mul") == L
+    assert all(p is True for _, p, _ in seen)
+    assert all(pf == 8192 for n, _, pf in seen if n == "gemv")
+    assert e2e.step_note("triton-pdl", out, 8192) == "linear=triton-pdl gemv pdl prefetch_bytes=8192"
+    seen.clear()
+    ref = _run_step(spec, "triton", "float16", 2, 9)
+    assert all(p is False for _, p, _ in seen)
+    assert torch.equal(out["logits"], ref["logits"])
+
+
+def test_e2e_step_note_records_what_ran():
+    from kvmodel.measure import e2e_decode as e2e
+
+    assert e2e.step_note("triton", {"gemv": True}) == "linear=triton gemv"
+    assert e2e.step_note("triton-pdl", {"gemv": False}).endswith("F.linear (B > 8 or float32)")
+    assert e2e.step_note("triton-pdl", {"gemv": True, "pdl": True}, 0) == \
+        "linear=triton-pdl gemv pdl prefetch_bytes=0"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("split_k,merge", [(1, "fused"), (4, "kernel")])
+def test_gemv_pdl_chain_in_a_cuda_graph_matches_reference(B, split_k, merge):
+    """A chain of dependent gemv(pdl=True) calls (each reads the previous output; every other one adds into its
+    input in place), captured in one CUDA graph and replayed: the same values as the default launches, and the
+    fp32 reference within the usual bound — i.e. each wait really orders the reads after the predecessor."""
+    g = torch.Generator().manual_seed(B)
+    H, n = 1024, 6
+    ws = [(torch.randn(H, H, generator=g) / H**0.5).half().cuda() for _ in range(n)]
+    x0 = torch.randn(B, H, generator=g).half().cuda()
+    bufs = [torch.empty(B, H, dtype=torch.float16, device="cuda") for _ in range(n + 1)]
+    wsd: dict = {}
+
+    def chain(pdl):
+        bufs[0].copy_(x0)
+        for i, w in enumerate(ws):
+            if i % 2:  # bufs[i + 1] = bufs[i] + bufs[i] @ w.T, the residual add in place in the output
+                bufs[i + 1].copy_(bufs[i])
+                gemv(bufs[i], w, out=bufs[i + 1], residual=bufs[i + 1], split_k=split_k, merge=merge,
+                     workspace=wsd, pdl=pdl)
+            else:
+                gemv(bufs[i], w, out=bufs[i + 1], split_k=split_k, merge=merge, workspace=wsd, pdl=pdl)
+        return bufs[-1].clone()
+
+    plain = chain(False)
+    chain(True)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain(True)
+    for _ in range(3):
+        bufs[-1].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(bufs[-1], plain)
+    ref = x0.float()
+    for i, w in enumerate(ws):
+        ref = ref @ w.float().T + (ref if i % 2 else 0)
+    assert float((plain.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_e2e_step_pdl_in_a_cuda_graph_matches_the_triton_step():
+    """The ``triton-pdl`` step captured in a CUDA graph gives the ``triton`` step's logits and tokens (PDL is
+    active on capability >= 9)."""
+    from kvmodel.measure import e2e_decode as e2e
+
+    spec = _tiny_spec()
+    outs = {}
+    for linear in ("triton", "triton-pdl"):
+        model = e2e.DecodeModel(spec, "float16", device="cuda", linear=linear)
+        B, T = 1, 33
+        need = e2e.kv_cache_alloc_bytes(spec, B, T, 16, 16) * 4
+        pool = torch.randn(int(need) // 2 + 4096, generator=torch.Generator().manual_seed(2)).half().cuda()
+        backend = e2e.SDPABackend(spec, B, T, e2e.Carver(pool), model.dtype)
+        torch.manual_seed(3)
+        step, _, _ = model.build_step(B, T, backend)
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_ids = step()
+        out_ids.fill_(-1)
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[linear] = (step.state["logits"].float().clone(), out_ids.clone(), step.state["pdl"])
+    assert outs["triton-pdl"][2] is (torch.cuda.get_device_capability()[0] >= 9)
+    a, b = outs["triton-pdl"][0], outs["triton"][0]
+    assert torch.isfinite(a).all() and float((a - b).norm() / b.norm()) < 1e-3
+    assert torch.equal(outs["triton-pdl"][1], outs["triton"][1])
+
+
+def test_gemv_pdl_sass_keeps_the_prefetch_before_the_wait():
+    """Offline sm_90 build (Triton's bundled ptxas, no GPU; a subprocess, as the interpreter is on here): the PDL
+    GEMV issues launch_dependents (PREEXIT), the L2 bulk prefetch (UBLKPF.L2, not dropped by the compiler) and
+    griddepcontrol.wait (ACQBULK) in that order, all before its first global load; kvmodel.kernels.gemv_pdl_sass
+    exits 1 otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-m", "kvmodel.kernels.gemv_pdl_sass", "--quick"], check=False, env=env,
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode not in (0, 1):
+        pytest.skip(f"offline sm_90 compile unavailable: {r.stderr[-300:]}")
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("ok"), r.stdout + r.stderr
+    assert "(x1)" in r.stdout  # one bulk prefetch instruction in the build

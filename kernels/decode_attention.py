@@ -617,10 +617,11 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: quantized part (the tile's tokens on the mma M side, the query rows on N, padded to 8 instead of 16: half the mma
 #: and softmax work, 128 instead of 182 registers for 4/4 d = 128), and 16 programs per SM for the 2-warp 4/4
 #: d = 256 shape; v7: V fold — with the swapped dots, a symmetric 4-bit token_octet V and K at 4 or 16 bits, V's
-#: group scales multiply the P tile per group (one batched dot over the groups) instead of the V tile).
+#: group scales multiply the P tile per group (one batched dot over the groups) instead of the V tile; v8: 4-bit V
+#: in the token_octet layout at d = 64 too, so the swapped dots and the V fold run there).
 #: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
 #: measured.
-KERNEL_VERSION = "v7"
+KERNEL_VERSION = "v8"
 
 LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 

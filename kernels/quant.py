@@ -10,7 +10,7 @@ Format (one tensor, K or V, each with its own bit width):
   ``[B, Hkv, ceil(T_max/2), d]``, one byte per channel of two consecutive tokens: token 2i in the low nibble,
   token 2i+1 in the high nibble, so the P·V contraction over tokens reads packed bytes along its own axis.
   Scales are unchanged (per token and channel group).
-* 4 bits, ``layout="token_octet"`` (V only; what 4-bit V caches get by default at head_dim >= 128,
+* 4 bits, ``layout="token_octet"`` (V only; what 4-bit V caches get by default (every head dim since kernel v8),
   :func:`default_v_layout`): ``data`` is uint8 ``[B, Hkv, ceil(T_max/8), 4*d]``, one
   32-bit word per channel of eight consecutive tokens: for octet row r (tokens 8r..8r+7) and channel c, byte
   ``[r, 4c + m]`` (m = 0..3) holds token 8r+m in its low nibble and token 8r+m+4 in its high nibble, so that one
@@ -90,11 +90,11 @@ def data_rows(tokens: int, layout: str = "channel", bits: int = 4) -> int:
 
 
 def default_v_layout(bits: int, head_dim: int) -> str:
-    """The V layout the fused kernel measured fastest for (H200, 2026-11-29 probe): ``token_octet`` for 4-bit V
-    with head_dim >= 128 (10-20 % faster than ``channel`` at d = 128 / 256), ``channel`` otherwise (d = 64 was
-    ~6 % slower in token_octet; 8/16-bit data has one layout). What ``v_layout="auto"`` (the default of
-    :func:`empty_cache` and :func:`quantize_kv`) means; kernel v4."""
-    return "token_octet" if bits == 4 and head_dim >= 128 else "channel"
+    """The V layout the fused kernel measured fastest for (H200 probes): ``token_octet`` for 4-bit V at every head
+    dim (kernel v4 at d = 128 / 256: 10-20 % faster than ``channel``; kernel v8 at d = 64: with the swapped dots and
+    the V fold, 0.66-0.79x the channel layout's time, ``kernels/NOTES.md``), ``channel`` for 8/16-bit data (one
+    layout). What ``v_layout="auto"`` (the default of :func:`empty_cache` and :func:`quantize_kv`) means."""
+    return "token_octet" if bits == 4 else "channel"
 
 
 @dataclass

@@ -174,7 +174,7 @@ def main(argv=None):
     ap.add_argument("--warps", type=int, default=1)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--vtp", type=int, default=0, choices=(0, 1, 2),
-                    help="4-bit V layout: 0 channel, 1 token_pair, 2 token_octet (the default cache at d >= 128)")
+                    help="4-bit V layout: 0 channel, 1 token_pair, 2 token_octet (the default 4-bit V cache)")
     ap.add_argument("--swap", type=int, default=None, choices=(0, 1),
                     help="swapped operands (tokens on the mma M side); default: the launcher's")
     ap.add_argument("--vf", type=int, default=None, choices=(0, 1),

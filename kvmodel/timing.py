@@ -255,9 +255,10 @@ def expand_charged_bytes(nbytes, reread_bytes, miss, weight: float):
 
 
 def dequant_v_layout(v_bits, head_dim) -> str:
-    """Layout of a V cache as the kernels allocate it by default (``kernels.quant.default_v_layout``, kernel v4,
-    ported): 'token_octet' for 4-bit V at head_dim >= 128, else 'channel'. K is always 'channel'."""
-    return "token_octet" if int(v_bits) == 4 and int(head_dim) >= 128 else "channel"
+    """Layout of a V cache as the kernels allocate it by default (``kernels.quant.default_v_layout``, kernel v8,
+    ported): 'token_octet' for 4-bit V at every head dim, else 'channel'. K is always 'channel'. ``head_dim`` is
+    kept in the signature: the layout was head-dim dependent up to kernel v7 (channel at d = 64)."""
+    return "token_octet" if int(v_bits) == 4 else "channel"
 
 
 #: Layouts the non-fused pipeline's dequantize kernel reads (``kernels.quant.dequantize_fp16``: K in channel layout,

@@ -111,7 +111,7 @@ def make_cache(B, Hkv, T, d, kb, vb, device, gen_seed=0):
                                                                                                  3.0 / qmax)
         return QuantizedTensor(data, scales, None, bits, GROUP, False, d, layout)
 
-    # V in the layout caches are allocated in by default (token_octet for 4-bit V at d >= 128, kernel v4)
+    # V in the layout caches are allocated in by default (token_octet for 4-bit V, kernel v8; v4-v7: at d >= 128)
     return QuantizedKVCache(one(kb), one(vb, default_v_layout(vb, d)), T)
 
 
@@ -502,8 +502,46 @@ _PROBE_PDL = [
     ("qwen2.5-7b", 4, 16384, (8, 8), ["dflt", "pdl"]),
     ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "pdl"]),
 ]
+# v8 candidates (4-bit V in the token_octet layout at d = 64 too, so "dflt" at d = 64 is octet + swapped dots + V
+# fold): the programs per SM the split rule should assume at d = 64 (80 registers: up to 24), a register cap
+# that lets more 1-warp programs reside at d = 128 (rNNNspS = maxnreg NNN with S splits, the count the split rule
+# picks for 18 / 20 programs per SM), the 1-warp shape and the PDL merge for small launches, and which batch sizes
+# the PDL merge wins at
+PROBE_VARIANTS["vf"] = dict(v_fold=True)
+for _r, _s in ((112, 9), (96, 10), (112, 37), (96, 41)):
+    PROBE_VARIANTS[f"r{_r}sp{_s}"] = dict(maxnreg=_r, num_splits=_s)
+for _n in (10, 20, 37, 41, 82, 98):
+    PROBE_VARIANTS[f"sp{_n}"] = dict(num_splits=_n)
+_PROBE_V8 = [
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "sp9", "r112sp9", "sp10", "r96sp10"]),
+    ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "r112sp37", "r96sp41"]),
+    ("qwen2.5-7b", 16, 131072, (4, 4), ["dflt", "r112sp37", "r96sp41"]),
+    ("qwen2.5-0.5b", 64, 16384, (4, 4), ["dflt", "sp20", "sp24"]),
+    ("qwen2.5-0.5b", 16, 131072, (4, 4), ["dflt", "sp82", "sp98"]),
+    ("qwen2.5-0.5b", 64, 16384, (16, 4), ["dflt"]),
+    ("qwen2.5-0.5b", 64, 16384, (8, 4), ["dflt", "vf"]),
+    ("qwen2.5-0.5b", 1, 4096, (4, 4), ["dflt", "a32x1", "pdl", "pdlsw32x1"]),
+    ("qwen2.5-0.5b", 4, 4096, (4, 4), ["dflt", "a32x1", "pdl", "pdlsw32x1"]),
+    ("qwen2.5-0.5b", 1, 16384, (4, 4), ["dflt", "a32x1", "pdl", "pdlsw32x1"]),
+    ("qwen2.5-0.5b", 16, 4096, (4, 4), ["dflt", "a32x1", "pdl", "pdlsw32x1"]),
+    ("qwen2.5-0.5b", 4, 32768, (4, 4), ["dflt", "pdl"]),
+    ("qwen2.5-0.5b", 1, 1024, (8, 8), ["dflt", "a32x1", "pdl"]),
+    ("llama-3.1-8b", 1, 1024, (4, 4), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 2, 4096, (4, 4), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 4, 4096, (4, 4), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 4, 16384, (4, 4), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 8, 4096, (4, 4), ["dflt", "pdl"]),
+    ("qwen2.5-7b", 1, 1024, (4, 4), ["dflt", "pdl"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["dflt", "pdl"]),
+    ("qwen2.5-7b", 2, 4096, (4, 4), ["dflt", "pdl"]),
+    ("qwen2.5-7b", 1, 4096, (8, 8), ["dflt", "pdl"]),
+    ("qwen2.5-7b", 1, 131072, (8, 8), ["dflt", "pdl"]),
+    ("gemma-3-12b", 2, 4096, (4, 4), ["dflt", "pdl"]),
+    ("llama-3.1-8b", 1, 1024, (16, 16), ["dflt", "pdl"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
-PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL}
+PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
+              "v8": _PROBE_V8}
 
 
 def _probe_compile(spec):
@@ -598,7 +636,7 @@ def main(argv=None):
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
                     help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits; "
-                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch)")
+                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

@@ -454,7 +454,7 @@ def test_token_octet_layout_roundtrip_and_p1():
     assert quantize_kv(torch.randn(1, 1, 5, 64).half(), torch.randn(1, 1, 5, 64).half(), 4, 4, max_tokens=12,
                        v_layout="token_octet").v.data.shape == (1, 1, 2, 256)
     assert [default_v_layout(b, d) for b, d in ((4, 64), (4, 128), (4, 256), (8, 128), (16, 256))] == [
-        "channel", "token_octet", "token_octet", "channel", "channel"]
+        "token_octet", "token_octet", "token_octet", "channel", "channel"]
     # P1 on an octet cache (poisoned past T) equals P1 on the same codes in the channel layout, and P5 agrees
     for T, asym in ((29, False), (70, True)):
         cache, g = _make_cache(2, 2, T, 64, 4, 4, 32, asym, seed=130 + T, v_layout="token_octet")
@@ -609,8 +609,8 @@ def test_pdl_merge_matches_the_separate_merge_in_a_cuda_graph_gpu(B, G, Hkv, d, 
 
 def _octet_gpu_cases():
     """The cross product's T, G, B for every K width over a 4-bit token_octet V (the default cache layout at
-    d >= 128, where the swapped dots and the V fold run)."""
-    for G, d, kb, T, B in itertools.product(G_VALUES, (128, 256), (4, 8, 16), T_VALUES, B_VALUES):
+    every d since kernel v8, where the swapped dots and the V fold run)."""
+    for G, d, kb, T, B in itertools.product(G_VALUES, (64, 128, 256), (4, 8, 16), T_VALUES, B_VALUES):
         yield pytest.param(B, G, 2, d, T, kb, id=f"B{B}-G{G}-d{d}-T{T}-k{kb}v4octet")
 
 

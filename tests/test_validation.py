@@ -338,7 +338,7 @@ def test_dequant_step_pays_one_launch_per_quantized_half():
     from kvmodel.specs import BandwidthCurve
     from kvmodel.timing import dequant_step_time_s, dequant_v_layout
 
-    assert dequant_v_layout(4, 128) == "token_octet" and dequant_v_layout(4, 64) == "channel"
+    assert dequant_v_layout(4, 128) == "token_octet" and dequant_v_layout(4, 64) == "token_octet"
     assert dequant_v_layout(8, 256) == "channel"
     ch = BandwidthCurve(t0_s=2e-6, bw_GBps=3000.0, knee_bytes=0.0)
     curves = {"channel": ch, "token_octet": ch.model_copy(update={"bw_GBps": 1500.0})}

@@ -33,7 +33,9 @@ MIN_ROWS_PER_SHAPE = 5
 #: Programs at which an SM's throughput saturates for the 1-warp 32-token shape (``n32w1``), held fixed in its fit:
 #: an SM has 4 warp schedulers, and up to 4 one-warp programs issue without competing. Fits that see programs per
 #: SM below 8 (d = 64, whose B = 1-2 launches have 256-512 programs) find 3.7-4.6; the d = 128 rows (>= 1,024
-#: programs) cannot tell, and a free knee there mispredicted 512-program launches by up to 27 %.
+#: programs) cannot tell, and a free knee there mispredicted 512-program launches by up to 27 %. Used only with a
+#: hard saturation: the shapes of :data:`SM_SATURATION_SHAPES` fit their knee together with the sharpness (the
+#: calibration probe's 256-512-program launches at d = 128 identify both).
 KNEE_PROGRAMS_1WARP = 4
 #: Resident programs per SM tried for a pooled curve (a 4-warp program always fits twice on a Hopper SM).
 C_RES_CHOICES_POOLED = (2, 3, 4)
@@ -50,6 +52,14 @@ FUSED_MERGE_IN_ROUNDS = False
 FUSED_MERGE_PER_HEAD_DIM = True
 #: Alternations of (merge per head dim with the curves held, the curves with the merge held).
 FUSED_MERGE_ITERATIONS = 2
+#: Fit the SM's saturation in resident programs smoothly (``OccupancyCurve.sm_sharpness``) for these block shapes:
+#: the 1-2-warp programs, many of which fit on an SM and whose latency-bound loops keep gaining from co-resident
+#: programs past the knee (calibration probe, same work: 2 / 4 / 8 programs per SM at 8/8 d = 128 take
+#: 222 / 158 / 144 us, 4/4 125 / 78 / 68 us; a hard knee at 4 says 2 : 1 : 1).
+FUSED_SM_SATURATION = True
+SM_SATURATION_SHAPES = ("n32w1", "n32w2")
+#: Bounds of the fitted sharpness (1: f(k) ~ k/(1 + k/knee); 16: nearly the hard min).
+SM_SHARPNESS_MIN, SM_SHARPNESS_MAX = 1.0, 16.0
 #: Model the L2-resident loads of the smallest benchmark calls (one rate shared by all curves).
 FUSED_L2 = True
 #: Alternations of (fit the curves with the L2 rate fixed, fit the L2 rate with the curves fixed), at most.
@@ -139,7 +149,7 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
                   fit_head_dim=True, splits=None, overheads: bool = False,
                   merge_in_rounds: bool = False, one_split: bool = False,
                   l2_hit=None, l2_rate_scale=None, knee_programs=None,
-                  merge_fixed=None) -> tuple[OccupancyCurve, dict]:
+                  merge_fixed=None, fit_sharpness: bool = False) -> tuple[OccupancyCurve, dict]:
     """Fit a fused kernel's :class:`OccupancyCurve` to measured calls.
 
     Parameters: t0, the sharing rate r_c, the lone-program rate r_1 = r_c * c_res^u with u in [0, 1] (a lone program
@@ -152,6 +162,8 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     each choice is fitted and the fewest resident programs within 1 % of the best robust cost kept. ``knee_programs``:
     hold the programs per SM at which the SM saturates fixed (r_1 = c_res * r_c / knee) instead of fitting u.
     ``merge_fixed``: hold the split-K merge at ``(merge_s, merge_per_split_s)`` instead of fitting it.
+    ``fit_sharpness``: fit the SM's saturation sharpness (``OccupancyCurve.sm_sharpness``, symbolic
+    ``fused_wave_time_smooth``) and the knee (u) with it, instead of a hard min.
     Returns (curve, fit info: c_res_costs, r2_log, n_points, median_abs_pct_error).
     """
     programs = np.asarray(programs, dtype=float)
@@ -175,7 +187,9 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     def make(th, c):
         t0, rc = np.exp(th[0]), np.exp(th[1])
         u = th[2]
-        if knee_programs:  # an SM's throughput saturates at knee programs: r_1 = c * r_c / knee (u = 1 - ln k/ln c)
+        # an SM's throughput saturates at knee programs: r_1 = c * r_c / knee (u = 1 - ln k/ln c); with a fitted
+        # sharpness the knee is fitted too (the saturation is no longer a corner)
+        if knee_programs and not fit_sharpness:
             u = float(np.clip(1.0 - np.log(knee_programs) / np.log(c), 0.0, 1.0)) if c > 1 else 0.0
         k = 3
         e = 0.0
@@ -197,8 +211,10 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
         s1 = float(np.exp(th[k])) if fit_s1 else 1.0
         k += 1 if fit_s1 else 0
         sl2 = float(np.exp(th[k])) if fit_l2 else float(l2_rate_scale or 1.0)
+        k += 1 if fit_l2 else 0
+        nsat = float(np.exp(th[k])) if fit_sharpness else 0.0
         return OccupancyCurve(l2_rate_scale=sl2, t0_s=float(t0), r1_GBps=float(rc * c ** u), rc_GBps=float(rc),
-                              c_res=int(c),
+                              c_res=int(c), sm_sharpness=nsat,
                               head_dim_exponent=float(e), program_overhead_bytes=w0, merge_s=ms,
                               merge_per_split_s=mps, merge_per_round_s=mpr, one_split_rate_scale=s1)
 
@@ -219,6 +235,8 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
             x0.append(0.0), lo.append(np.log(0.5)), hi.append(np.log(2.0))
         if fit_l2:
             x0.append(np.log(1.5)), lo.append(0.0), hi.append(np.log(4.0))
+        if fit_sharpness:
+            x0.append(np.log(2.0)), lo.append(np.log(SM_SHARPNESS_MIN)), hi.append(np.log(SM_SHARPNESS_MAX))
         x0 = np.clip(x0, np.array(lo) + 1e-9, np.array(hi) - 1e-9)
 
         def resid(th, c=c):
@@ -302,13 +320,13 @@ def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float, merge: Op
     the split-K merge held at ``merge[head_dim] = (merge_s, merge_per_split_s)``)."""
     out = FusedCurves(l2_rate_scale=l2_rate_scale)
 
-    def fit(g, c_res_choices, knee=None):
+    def fit(g, c_res_choices, knee=None, sharp=False):
         mf = None if merge is None else merge.get(int(g["d"].iloc[0]))
         return fit_occupancy(g["programs"], g["loads"], g["median_s"], sm_count, head_dim=g["d"],
                              c_res_choices=c_res_choices, splits=g["num_splits"], overheads=True,
                              one_split=FUSED_ONE_SPLIT, merge_in_rounds=FUSED_MERGE_IN_ROUNDS,
                              l2_hit=g["l2_hit"] if FUSED_L2 else None, l2_rate_scale=l2_rate_scale,
-                             knee_programs=knee, merge_fixed=mf)
+                             knee_programs=knee, merge_fixed=mf, fit_sharpness=sharp)
 
     for (kb, vb, hd), g in p5.groupby(["k_bits", "v_bits", "d"]):
         if len(g) < MIN_ROWS_POOLED:
@@ -324,7 +342,8 @@ def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float, merge: Op
             if len(gc) < MIN_ROWS_PER_SHAPE:
                 continue
             knee = KNEE_PROGRAMS_1WARP if str(cfg) == "n32w1" else None
-            out.per_shape[key + (str(cfg),)], out.info[key + (str(cfg),)] = fit(gc, C_RES_CHOICES, knee)
+            sharp = FUSED_SM_SATURATION and str(cfg) in SM_SATURATION_SHAPES
+            out.per_shape[key + (str(cfg),)], out.info[key + (str(cfg),)] = fit(gc, C_RES_CHOICES, knee, sharp)
     return out
 
 

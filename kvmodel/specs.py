@@ -109,6 +109,9 @@ class FusedKernelCurve(_Strict):
         default=1.0, gt=0, description="per-program rate of the one-split launch relative to the split launch")
     l2_rate_scale: float = Field(
         default=1.0, gt=0, description="per-program rate of L2-served loads relative to DRAM-served ones")
+    sm_sharpness: float = Field(
+        default=0.0, ge=0, description="sharpness of an SM's saturation in resident programs (symbolic "
+                                       "fused_wave_time_smooth); 0: the hard min of fused_wave_time")
     r2: Optional[float] = Field(default=None, description="fit quality (R^2 of log time)")
     n_points: Optional[int] = None
     median_abs_pct_error: Optional[float] = None

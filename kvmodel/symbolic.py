@@ -577,6 +577,17 @@ fused_wave_time = _def(
     "programs per SM at r_c each; the partial wave's busiest SM runs k = ceil(tail / N_SM) programs, each at "
     "min(r_1, c_res*r_c/k) (an SM's throughput c_res*r_c is shared, a lone program is capped at r_1).",
 )
+n_sat = sp.Symbol("n_sat", **_pos)  # sharpness of an SM's saturation in resident programs (large: a hard knee)
+_rate_smooth = lambda k: r_1 * (1 + (k * r_1 / (c_res * r_c)) ** n_sat) ** (-1 / n_sat)  # noqa: E731
+fused_wave_time_smooth = _def(
+    "fused_wave_time_smooth",
+    t_k0 + W_prog * (_waves_full / _rate_smooth(c_res) + sp.ceiling(_tail / _slots) / _rate_smooth(_k_tail)),
+    "s",
+    "fused_wave_time with the SM's throughput saturating smoothly in its resident programs: with k programs on "
+    "an SM each streams (r_1^-n + (c_res*r_c/k)^-n)^(-1/n) (a smooth min of the lone-program rate and the SM's "
+    "share; n -> infinity is fused_wave_time's hard min). Latency-bound 1-warp programs keep gaining from more "
+    "co-resident programs past the knee (more loads in flight), at a falling rate.",
+)
 fused_occupancy = _def(
     "fused_occupancy",
     P_prog * W_prog / (N_SM * c_res * r_c) / (fused_wave_time - t_k0),

@@ -165,7 +165,7 @@ class OccupancyCurve:
     def __init__(self, t0_s: float, r1_GBps: float, rc_GBps: float, c_res: int = 2, head_dim_exponent: float = 0.0,
                  program_overhead_bytes: float = 0.0, merge_s: float = 0.0, merge_per_split_s: float = 0.0,
                  merge_per_round_s: float = 0.0, merge_round_splits: int = 16, one_split_rate_scale: float = 1.0,
-                 l2_rate_scale: float = 1.0):
+                 l2_rate_scale: float = 1.0, sm_sharpness: float = 0.0):
         self.t0_s = float(t0_s)
         self.r1_GBps = float(r1_GBps)
         self.rc_GBps = float(rc_GBps)
@@ -187,13 +187,20 @@ class OccupancyCurve:
         #: per-program rate when the loads hit in L2 relative to DRAM (a latency-bound loop runs faster on the
         #: shorter L2 latency); applied to the fraction ``l2_hit`` of :meth:`time_s`; 1: no L2 effect
         self.l2_rate_scale = float(l2_rate_scale)
+        #: sharpness n of an SM's saturation in its resident programs (symbolic ``fused_wave_time_smooth``): k
+        #: programs on an SM each stream smoothmin_n(r_1, c_res*r_c/k); 0: the hard min of ``fused_wave_time``.
+        #: Latency-bound 1-warp programs keep gaining from co-resident programs past the knee (more loads in
+        #: flight) at a falling rate: Llama 8/8 d = 128 B = 1 T = 128K, same work in 256 / 512 / 1024 programs
+        #: (2 / 4 / 8 per SM): 222 / 158 / 144 us, where a hard knee at 4 gives 2 : 1 : 1.
+        self.sm_sharpness = float(sm_sharpness)
 
     def as_dict(self) -> dict:
         return dict(t0_s=self.t0_s, r1_GBps=self.r1_GBps, rc_GBps=self.rc_GBps, c_res=self.c_res,
                     head_dim_exponent=self.head_dim_exponent, program_overhead_bytes=self.program_overhead_bytes,
                     merge_s=self.merge_s, merge_per_split_s=self.merge_per_split_s,
                     merge_per_round_s=self.merge_per_round_s, merge_round_splits=self.merge_round_splits,
-                    one_split_rate_scale=self.one_split_rate_scale, l2_rate_scale=self.l2_rate_scale)
+                    one_split_rate_scale=self.one_split_rate_scale, l2_rate_scale=self.l2_rate_scale,
+                    sm_sharpness=self.sm_sharpness)
 
     def plateau_GBps(self, sm_count: int) -> float:
         return sm_count * self.c_res * self.rc_GBps
@@ -205,7 +212,8 @@ class OccupancyCurve:
         p = np.maximum(np.asarray(programs, dtype=float), 1.0)
         nb = np.asarray(nbytes, dtype=float) + p * self.program_overhead_bytes
         t = fused_kernel_time_s(p, nb, sm_count, self.c_res, self.r1_GBps, self.rc_GBps, self.t0_s,
-                                head_dim=head_dim, head_dim_exponent=self.head_dim_exponent)
+                                head_dim=head_dim, head_dim_exponent=self.head_dim_exponent,
+                                sm_sharpness=self.sm_sharpness)
         if splits is not None and self.one_split_rate_scale != 1.0:
             one = np.asarray(splits, dtype=float) <= 1
             t = np.where(one, self.t0_s + (t - self.t0_s) / self.one_split_rate_scale, t)
@@ -295,16 +303,20 @@ def merge_rounds(splits, round_splits: int = 16):
 
 
 def fused_kernel_time_s(programs, nbytes, sm_count, c_res, r1_GBps, rc_GBps, t0_s=0.0, head_dim=128,
-                        head_dim_exponent=0.0):
+                        head_dim_exponent=0.0, sm_sharpness=0.0):
     """Seconds of a fused kernel: ``programs`` programs share ``nbytes`` equally, run in waves of c_res per SM
-    (symbolic ``fused_wave_time``). Vectorized over programs / nbytes / head_dim."""
+    (symbolic ``fused_wave_time``; with ``sm_sharpness`` n > 0 ``fused_wave_time_smooth``, the SM's throughput
+    saturating smoothly in its resident programs). Vectorized over programs / nbytes / head_dim."""
     from kvmodel import traffic
 
     programs = np.maximum(np.asarray(programs, dtype=float), 1.0)
     scale = (np.asarray(head_dim, dtype=float) / 128.0) ** head_dim_exponent
-    return traffic.evaluate("fused_wave_time", dict(
-        P_prog=programs, N_SM=float(sm_count), c_res=float(c_res), r_1=r1_GBps * 1e9 * scale,
-        r_c=rc_GBps * 1e9 * scale, W_prog=np.asarray(nbytes, dtype=float) / programs, t_k0=t0_s))
+    vals = dict(P_prog=programs, N_SM=float(sm_count), c_res=float(c_res), r_1=r1_GBps * 1e9 * scale,
+                r_c=rc_GBps * 1e9 * scale, W_prog=np.asarray(nbytes, dtype=float) / programs, t_k0=t0_s)
+    if sm_sharpness and sm_sharpness > 0:
+        return traffic.evaluate("fused_wave_time_smooth", dict(vals, n_sat=float(sm_sharpness)))
+    return traffic.evaluate("fused_wave_time", vals)
+
 
 
 def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64, programs_per_sm: int = 4,

@@ -539,9 +539,25 @@ _PROBE_V8 = [
     ("gemma-3-12b", 2, 4096, (4, 4), ["dflt", "pdl"]),
     ("llama-3.1-8b", 1, 1024, (16, 16), ["dflt", "pdl"]),
 ]
+# v8, second probe: the B = 1 latency chain at T = 4K / 16K (more splits with the PDL merge, the fused merge with the
+# 1-warp shape, fewer pipeline stages)
+PROBE_VARIANTS["fsw32x1"] = dict(merge="fused", block_n=32, num_warps=1, num_stages=3)
+PROBE_VARIANTS["pdlsw32x1st2"] = dict(merge="pdl", block_n=32, num_warps=1, num_stages=2)
+PROBE_VARIANTS["fused"] = dict(merge="fused")
+for _n in (32, 64, 128):
+    PROBE_VARIANTS[f"pdlsp{_n}"] = dict(merge="pdl", num_splits=_n)
+    PROBE_VARIANTS[f"pdlsw32x1sp{_n}"] = dict(merge="pdl", block_n=32, num_warps=1, num_stages=3, num_splits=_n)
+_PROBE_V8B = [
+    ("qwen2.5-0.5b", 1, 4096, (4, 4), ["a32x1", "pdlsw32x1", "pdlsw32x1sp64", "pdlsw32x1sp128", "fsw32x1",
+                                       "pdlsw32x1st2"]),
+    ("qwen2.5-0.5b", 1, 16384, (4, 4), ["a32x1", "pdlsw32x1", "pdlsw32x1sp64", "pdlsw32x1sp128", "fsw32x1"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["pdl", "pdlsp32", "pdlsp64", "fused"]),
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["pdl", "pdlsp32", "fused"]),
+    ("qwen2.5-7b", 1, 16384, (4, 4), ["pdl", "pdlsp32", "pdlsp64"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
-              "v8": _PROBE_V8}
+              "v8": _PROBE_V8, "v8b": _PROBE_V8B}
 
 
 def _probe_compile(spec):

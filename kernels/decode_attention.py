@@ -618,7 +618,9 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: and softmax work, 128 instead of 182 registers for 4/4 d = 128), and 16 programs per SM for the 2-warp 4/4
 #: d = 256 shape; v7: V fold — with the swapped dots, a symmetric 4-bit token_octet V and K at 4 or 16 bits, V's
 #: group scales multiply the P tile per group (one batched dot over the groups) instead of the V tile; v8: 4-bit V
-#: in the token_octet layout at d = 64 too, so the swapped dots and the V fold run there).
+#: in the token_octet layout at d = 64 too, so the swapped dots and the V fold run there (with an 8-bit K too); small
+#: launches with a quantized part at d = 64 use the 1-warp 32-token shape; small launches of the 4-warp shape merge
+#: their splits in a programmatic dependent launch).
 #: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
 #: measured.
 KERNEL_VERSION = "v8"
@@ -659,29 +661,37 @@ def v_fold_possible(swap: bool, vtp: int, asym: bool, v_bits: int, v_full: bool)
     return bool(swap) and vtp == 2 and not asym and v_bits == 4 and not v_full
 
 
-def default_v_fold(swap: bool, vtp: int, asym: bool, k_bits: int, v_bits: int, v_full: bool) -> bool:
-    """The V fold's default (v7): wherever it can run, except with an 8-bit K (measured slower folded: Llama
-    B=32 T=32K 8/4 502 vs 464 us)."""
-    return V_FOLD_DEFAULT and k_bits != 8 and v_fold_possible(swap, vtp, asym, v_bits, v_full)
+def default_v_fold(swap: bool, vtp: int, asym: bool, k_bits: int, v_bits: int, v_full: bool, d: int = 128) -> bool:
+    """The V fold's default (v7/v8): wherever it can run, except with an 8-bit K at d >= 128 (measured slower
+    folded: Llama B=32 T=32K 8/4 502 vs 464 us; at d = 64 the fold wins with an 8-bit K too: Qwen2.5-0.5B B=64
+    T=16K 8/4 68.8 vs 74.1 us, probe v8)."""
+    if k_bits == 8 and d != 64:
+        return False
+    return V_FOLD_DEFAULT and v_fold_possible(swap, vtp, asym, v_bits, v_full)
 
 
 def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T: int) -> dict:
-    """Block shape of the split kernel for a format, head dim and size (H200 probes, NOTES.md v3–v5).
+    """Block shape, split merge and dot orientation of the split kernel for a format, head dim and size (H200
+    probes, NOTES.md v3–v8).
 
     ``programs_per_sm`` is how many programs of that shape the split rule (:func:`choose_num_splits`) assumes an
     SM runs at once (:func:`shape_programs_per_sm`). Small launches (< ``LARGE_WORK`` token-heads) are
-    latency-bound and keep 4 warps per program; large ones with a quantized part use 1–2 warps per program and
-    32-token tiles (no cross-warp softmax reductions, more independent programs per SM)."""
+    latency-bound and keep 4 warps per program, except with a quantized part at d = 64 (v8: the 1-warp 32-token
+    shape, 0.68-0.76x the time at B = 1-16, T = 4K); large ones with a quantized part use 1–2 warps per program
+    and 32-token tiles (no cross-warp softmax reductions, more independent programs per SM). ``merge``: small
+    launches of the 4-warp shape merge their splits in a programmatic dependent launch (v8: 0.4-0.7 us less at
+    B = 1-4 in every probe; large launches gained nothing or lost, e.g. Llama B=8 T=4K 24.4 vs 26.2 us)."""
     large = B * prog_heads * T >= LARGE_WORK
+    sw = default_swap(k_bits, v_bits)
     if k_bits == 16 and v_bits == 16:
-        if d == 128 and large:
-            return dict(block_n=128, num_warps=4, num_stages=3, programs_per_sm=4, swap=default_swap(k_bits, v_bits))
-        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=default_swap(k_bits, v_bits))
-    if not large:
-        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=default_swap(k_bits, v_bits))
+        bn = 128 if d == 128 and large else 64
+        return dict(block_n=bn, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw,
+                    merge="kernel" if large else "pdl")
+    if not large and d != 64:
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw, merge="pdl")
     bn, w = (32, 2) if d > 128 else (32, 1)
     ppsm = shape_programs_per_sm(k_bits, v_bits, d, bn, w)
-    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=default_swap(k_bits, v_bits))
+    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=sw, merge="kernel")
 
 
 def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
@@ -748,7 +758,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      num_stages: int | None = None, magic: bool | None = None,
                      sm_scale: float | None = None, out: torch.Tensor | None = None,
                      workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
-                     async_scales: bool | None = None, merge: str = "kernel",
+                     async_scales: bool | None = None, merge: str | None = None,
                      maxnreg: int | None = None, swap: bool | None = None,
                      v_fold: bool | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
@@ -758,10 +768,11 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     ``workspace``: optional dict reused across calls for the split partials and merge counters (avoids an
     allocation and a memset per call; one workspace per stream: its counters must not be shared by concurrent
     launches).
-    ``merge``: "kernel" (default) — a second launch merges the splits; "fused" — the last program of each head
-    group to finish merges them (one launch; measured 2–30 % slower on the H200, NOTES.md v4, kept as an option);
-    "pdl" — the merge launch is a programmatic dependent launch of the split kernel (Hopper+: it is scheduled while
-    the split kernel's last programs run and waits on-device for its completion; elsewhere "kernel").
+    ``merge``: None = :func:`default_config`'s choice ("pdl" for small launches of the 4-warp shape, else
+    "kernel"); "kernel" — a second launch merges the splits; "fused" — the last program of each head group to
+    finish merges them (one launch; measured 2–30 % slower on the H200, NOTES.md v4, kept as an option); "pdl" —
+    the merge launch is a programmatic dependent launch of the split kernel (Hopper+: it is scheduled while the
+    split kernel's last programs run and waits on-device for its completion; elsewhere "kernel").
     ``maxnreg``: register cap per thread passed to the compiler (probe option; spills below ~160 for 4/4).
     ``swap``: swapped mma operands (the tile's tokens on the M side, the query rows on N, padded to 8 instead
     of 16).
@@ -810,6 +821,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         out = torch.empty(B, Hq, d, dtype=torch.float16, device=q.device)
     elif out.shape != (B, Hq, d) or out.dtype != torch.float16 or out.stride(-1) != 1:
         raise ValueError("out must be a [B, Hq, d] fp16 tensor contiguous in d")
+    if merge is None:
+        merge = cfg["merge"]
     if merge not in ("fused", "kernel", "pdl"):
         raise ValueError(f"merge must be 'fused', 'kernel' or 'pdl', got {merge!r}")
     pdl = (merge == "pdl" and HAVE_PDL and q.device.type == "cuda" and not _interpreting()
@@ -855,7 +868,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     if vtp and (block_n < 32 or block_n % 8):
         raise ValueError(f"a {v.layout} V cache needs block_n >= 32 (a multiple of 8)")
     if v_fold is None:
-        v_fold = default_v_fold(swap, vtp, cache.asym, k.bits, v.bits, v_full)
+        v_fold = default_v_fold(swap, vtp, cache.asym, k.bits, v.bits, v_full, d)
     if v_fold and not v_fold_possible(swap, vtp, cache.asym, v.bits, v_full):
         raise ValueError("v_fold needs swap=True and a symmetric 4-bit V in the token_octet layout")
     merge_sb = min(16, triton.next_power_of_2(num_splits))

@@ -108,8 +108,10 @@ INTERPRETER_SMS = 4
 KERNEL_VERSION = "v1"
 #: Version of the ``pdl=True`` path (grid dependency control + the L2 weight prefetch before the wait).
 PDL_VERSION = "pdl1"
-#: Default L2 prefetch per program of the ``pdl=True`` path, bytes (split evenly over the program's rows).
-DEFAULT_PREFETCH_BYTES = 16384
+#: Default L2 prefetch per program of the ``pdl=True`` path, bytes (split evenly over the program's rows). 0: the
+#: H200 step measured the prefetch slower than PDL alone (Llama-3.1-8B B=1 T=1K 4.404 ms with 16 KiB vs 4.230 ms
+#: without; gemv_probe chains +4-18 %; kernels/NOTES.md "PDL through the step"), so it stays an option.
+DEFAULT_PREFETCH_BYTES = 0
 #: Largest ``prefetch_bytes`` accepted: ~800 resident programs × 64 KiB ≈ 52 MB would already fill the 60 MB L2.
 MAX_PREFETCH_BYTES = 65536
 

@@ -50,7 +50,7 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     if swap is None:
         swap = default_swap(kb, vb)
     if vf is None:
-        vf = default_v_fold(swap, vtp, asym, kb, vb, v_full)
+        vf = default_v_fold(swap, vtp, asym, kb, vb, v_full, d)
     m_pad = max(SWAP_MIN_ROWS, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G))
     consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, VF=vf, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
                   ASYM=asym, BLOCK_N=block_n, MAGIC=True, ASM=True, SPLIT=split, V_FULL=v_full, SC=sc,

@@ -230,6 +230,15 @@ def test_default_config():
     assert default_config(16, 16, 128, 32, 8, 32768)["block_n"] == 128
     assert default_config(8, 8, 128, 32, 8, 32768)["block_n"] == 32  # v5: 8-bit parts use the 1-warp shape too
     assert default_config(8, 8, 128, 1, 8, 4096)["block_n"] == 64  # small launch
+    # v8: small launches with a quantized part at d = 64 use the 1-warp 32-token shape; small launches of the 4-warp
+    # shape merge in a programmatic dependent launch, every other launch in a separate merge kernel
+    assert (default_config(4, 4, 64, 1, 2, 4096)["block_n"], default_config(4, 4, 64, 1, 2, 4096)["num_warps"]) == (
+        32, 1)
+    assert default_config(16, 16, 64, 1, 2, 4096)["num_warps"] == 4
+    assert default_config(4, 4, 128, 1, 8, 4096)["merge"] == "pdl"
+    assert default_config(16, 16, 128, 1, 8, 4096)["merge"] == "pdl"
+    assert default_config(4, 4, 64, 1, 2, 4096)["merge"] == "kernel"
+    assert default_config(4, 4, 128, 32, 8, 32768)["merge"] == "kernel"
     for kb, vb in BIT_PAIRS:
         for d in D_VALUES:
             c = default_config(kb, vb, d, 64, 8, 131072)
@@ -582,6 +591,20 @@ def test_v_fold_is_the_default_only_where_it_applies():
     assert torch.equal(a, c) and (a.float() - b.float()).abs().max().item() < 5e-3
 
 
+def test_v_fold_default_with_an_8_bit_k_only_at_head_dim_64():
+    """v8: the fold is the default for 8-bit K over 4-bit octet V at d = 64 (measured faster there) and not at
+    d >= 128 (measured slower); 4- and 16-bit K fold at every d."""
+    from kvmodel.kernels.decode_attention import default_v_fold
+
+    assert default_v_fold(True, 2, False, 8, 4, False, 64)
+    assert not default_v_fold(True, 2, False, 8, 4, False, 128) and not default_v_fold(True, 2, False, 8, 4, False, 256)
+    assert all(default_v_fold(True, 2, False, kb, 4, False, d) for kb in (4, 16) for d in (64, 128, 256))
+    assert not default_v_fold(True, 2, True, 4, 4, False, 64)  # asymmetric V cannot fold
+    cache, g = _make_cache(1, 1, 40, 64, 8, 4, 32, False, 5, v_layout="token_octet")
+    q = torch.randn(1, 4, 64, generator=g).half().to(DEV)
+    assert torch.equal(decode_attention(q, cache), decode_attention(q, cache, v_fold=True))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,G,Hkv,d,T,kb,vb", [(1, 4, 8, 128, 4096, 4, 4), (1, 7, 4, 128, 4097, 4, 4),
                                                (3, 7, 2, 64, 1000, 8, 8), (2, 2, 8, 256, 4096, 16, 16),
@@ -808,8 +831,8 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
         want = da.default_config(kb, vb, d, B, Hkv, T)
         got = timing.kernel_config(kb, vb, d, B, Hkv, T)
         key = (kb, vb, d, B, Hkv, T)
-        assert (got["block_n"], got["num_warps"], got["programs_per_sm"]) == (
-            want["block_n"], want["num_warps"], want["programs_per_sm"]), key
+        assert (got["block_n"], got["num_warps"], got["programs_per_sm"], got["merge"]) == (
+            want["block_n"], want["num_warps"], want["programs_per_sm"], want["merge"]), key
         assert got["large"] == (B * Hkv * T >= da.LARGE_WORK), key
         splits = da.choose_num_splits(B, Hkv, T, want["block_n"], sms, want["programs_per_sm"])
         assert float(timing.kernel_split_count(kb, vb, d, B, Hkv, T, sms)) == splits, key

@@ -100,36 +100,6 @@ if triton is not None:
             return _to_f16(b & 0xF, MAGIC), _to_f16(b >> 4, MAGIC)
 
     @triton.jit
-    def _nibbles_lop3(b):
-        """Packed bytes b (uint8; 4 consecutive bytes per 32-bit word) → (1024 + low nibble, 1024 + 16·high nibble)
-        as fp16, FasterTransformer's unpack: 4 LOP3 + 1 SHF per word (8 values) instead of 2 LOP3 + 1 SHF + 4 PRMT.
-        The pairs come out as bytes (0, 2) and (1, 3) of the word, so within every aligned 4-pack elements 1 and 2
-        are swapped (the caller permutes q's channels to match, :func:`_lop3_perm`); the high nibbles carry a factor
-        16 (removed exactly by the caller's fma(x, 1/16, -72))."""
-        lo, hi = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t;
-            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $2, $4, 0x00F000F0, 0x64006400, 0xEA;
-            shr.b32 t, $4, 8;
-            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $3, t, 0x00F000F0, 0x64006400, 0xEA;
-            }""",
-            constraints="=r,=r,=r,=r,r",
-            args=[b],
-            dtype=(tl.float16, tl.float16),
-            is_pure=True,
-            pack=4,
-        )
-        return lo, hi
-
-    @triton.jit
-    def _lop3_perm(j):
-        """Byte index whose nibble :func:`_nibbles_lop3` puts at element j: elements 1 and 2 of each aligned 4-pack
-        swapped."""
-        return (j & ~3) | ((j & 1) << 1) | ((j >> 1) & 1)
-
-    @triton.jit
     def _bytes_f16(b, MAGIC: tl.constexpr, ASM: tl.constexpr):
         """Bytes b (uint8) → fp16 1024 + b (MAGIC) or b."""
         if ASM:
@@ -175,10 +145,8 @@ if triton is not None:
     @triton.jit
     def _load_tile(base, s_base, z_base, offs_n, mask_n, stride_t, stride_st,
                    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, KL: tl.constexpr = False):
-        """Load and dequantize one tile of BLOCK_N tokens: returns the two halves (A, B), fp16 [BLOCK_N, D/2].
-        KL (4 bits, symmetric, ASM): the LOP3 unpack (:func:`_nibbles_lop3`; the halves' elements come out in
-        :func:`_lop3_perm` order)."""
+                   BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+        """Load and dequantize one tile of BLOCK_N tokens: returns the two halves (A, B), fp16 [BLOCK_N, D/2]."""
         HALF_D: tl.constexpr = D // 2
         if BITS == 16:
             j = tl.arange(0, HALF_D)[None, :]
@@ -201,14 +169,9 @@ if triton is not None:
                 z = tl.load(z_base + n3 * stride_st + gh, mask=m3, other=0.0)
             else:
                 z = s
-            if KL:
-                ca, cb = _nibbles_lop3(b)
-                xa = (ca - 1032.0) * s  # exact centring, then the group scale
-                xb = (cb * 0.0625 - 72.0) * s  # (1024 + 16 h) / 16 - 72 = h - 8, exact (one HFMA2 when contracted)
-            else:
-                ca, cb = _nibbles_f16(b, MAGIC, ASM)
-                xa = _dequant(ca, s, z, BITS, ASYM, MAGIC)
-                xb = _dequant(cb, s, z, BITS, ASYM, MAGIC)
+            ca, cb = _nibbles_f16(b, MAGIC, ASM)
+            xa = _dequant(ca, s, z, BITS, ASYM, MAGIC)
+            xb = _dequant(cb, s, z, BITS, ASYM, MAGIC)
             return tl.reshape(xa, (BLOCK_N, HALF_D)), tl.reshape(xb, (BLOCK_N, HALF_D))
         else:
             # 8 bits: halves are channels [0, D/2) and [D/2, D); W channels per (sub)group in a half
@@ -361,7 +324,6 @@ if triton is not None:
         V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
         VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
         MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False, PDL: tl.constexpr = False,
-        KL: tl.constexpr = False,
     ):
         if PDL:  # programmatic dependent launch: the merge grid may be scheduled once every program has started
             gdc_launch_dependents()
@@ -377,12 +339,8 @@ if triton is not None:
         j = tl.arange(0, HALF_D)
         # channel of element j of half A / B, for K (q side) and for V (output side)
         if K_BITS == 4:
-            if KL:  # the LOP3 unpack's element order (_lop3_perm)
-                qa_ch = 2 * _lop3_perm(j)
-                qb_ch = 2 * _lop3_perm(j) + 1
-            else:
-                qa_ch = 2 * j
-                qb_ch = 2 * j + 1
+            qa_ch = 2 * j
+            qb_ch = 2 * j + 1
         else:
             qa_ch = j
             qb_ch = j + HALF_D
@@ -453,7 +411,7 @@ if triton is not None:
                                   ASM)
             else:
                 ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                    ASM, KL)
+                                    ASM)
             # scores and softmax over the tile's tokens: [M_PAD, BLOCK_N], or [BLOCK_N, M_PAD] with swapped dots
             if SW:
                 if K_FULL:
@@ -802,7 +760,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
                      async_scales: bool | None = None, merge: str | None = None,
                      maxnreg: int | None = None, swap: bool | None = None,
-                     v_fold: bool | None = None, k_unpack: str = "prmt") -> torch.Tensor:
+                     v_fold: bool | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -820,9 +778,6 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     of 16).
     ``v_fold``: with ``swap`` and a symmetric 4-bit token_octet V, V's group scales multiply the P tile per group
     (one batched dot over the channel groups) instead of dequantizing V.
-    ``k_unpack``: "prmt" (default) or "lop3" — a symmetric 4-bit K unpacked with FasterTransformer's LOP3 sequence
-    (4 LOP3 + 1 SHF per 8 values instead of 2 LOP3 + 1 SHF + 4 PRMT; q's channels permuted to its element order).
-    Only on the GPU's inline-PTX path; elsewhere (interpreter, asymmetric or 8/16-bit K) the default unpack runs.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -916,9 +871,6 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         v_fold = default_v_fold(swap, vtp, cache.asym, k.bits, v.bits, v_full, d)
     if v_fold and not v_fold_possible(swap, vtp, cache.asym, v.bits, v_full):
         raise ValueError("v_fold needs swap=True and a symmetric 4-bit V in the token_octet layout")
-    if k_unpack not in ("prmt", "lop3"):
-        raise ValueError(f"k_unpack must be 'prmt' or 'lop3', got {k_unpack!r}")
-    k_lop3 = k_unpack == "lop3" and asm and k.bits == 4 and not cache.asym and not k_full
     merge_sb = min(16, triton.next_power_of_2(num_splits))
     merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step
     grid = (num_splits, prog_heads, B)
@@ -933,7 +885,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
         K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
-        VF=bool(v_fold), PDL=bool(pdl and split), KL=bool(k_lop3),
+        VF=bool(v_fold), PDL=bool(pdl and split),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:

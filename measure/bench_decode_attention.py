@@ -555,24 +555,9 @@ _PROBE_V8B = [
     ("llama-3.1-8b", 1, 4096, (4, 4), ["pdl", "pdlsp32", "fused"]),
     ("qwen2.5-7b", 1, 16384, (4, 4), ["pdl", "pdlsp32", "pdlsp64"]),
 ]
-# v9 candidate: 4-bit K unpacked with FasterTransformer's LOP3 sequence (k_unpack="lop3": offline sm_90, 4/4 loop
-# instructions d = 64 452 -> 427, d = 128 743 -> 721, d = 256 800 -> 758); "kl" vs the v8 default, same shape and splits
-PROBE_VARIANTS["kl"] = dict(k_unpack="lop3")
-_PROBE_V9 = [
-    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "kl"]),
-    ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "kl"]),
-    ("qwen2.5-7b", 16, 131072, (4, 4), ["dflt", "kl"]),
-    ("qwen2.5-7b", 32, 32768, (4, 4), ["dflt", "kl"]),
-    ("gemma-3-12b", 32, 32768, (4, 4), ["dflt", "kl"]),
-    ("qwen2.5-0.5b", 64, 16384, (4, 4), ["dflt", "kl"]),
-    ("qwen2.5-0.5b", 16, 131072, (4, 4), ["dflt", "kl"]),
-    ("llama-3.1-8b", 8, 4096, (4, 4), ["dflt", "kl"]),
-    ("llama-3.1-8b", 1, 4096, (4, 4), ["dflt", "kl"]),
-    ("qwen2.5-0.5b", 1, 4096, (4, 4), ["dflt", "kl"]),
-]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
-              "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9": _PROBE_V9}
+              "v8": _PROBE_V8, "v8b": _PROBE_V8B}
 
 
 def _probe_compile(spec):
@@ -667,7 +652,7 @@ def main(argv=None):
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
                     help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits; "
-                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches; v9: LOP3 K unpack)")
+                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

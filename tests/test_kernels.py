@@ -605,39 +605,6 @@ def test_v_fold_default_with_an_8_bit_k_only_at_head_dim_64():
     assert torch.equal(decode_attention(q, cache), decode_attention(q, cache, v_fold=True))
 
 
-def test_k_unpack_option_is_checked_and_off_gpu_runs_the_default_unpack():
-    """k_unpack="lop3" (the LOP3 4-bit K unpack) exists only on the GPU's inline-PTX path; elsewhere the launcher
-    runs the default unpack (identical output), and an unknown value is refused."""
-    cache, g = _make_cache(1, 1, 40, 64, 4, 4, 32, False, 7, v_layout="token_octet")
-    q = torch.randn(1, 4, 64, generator=g).half().to(DEV)
-    with pytest.raises(ValueError, match="k_unpack"):
-        decode_attention(q, cache, k_unpack="magic")
-    if DEV == "cpu":
-        assert torch.equal(decode_attention(q, cache, k_unpack="lop3"), decode_attention(q, cache))
-
-
-def _lop3_gpu_cases():
-    for G, d, vb, T in itertools.product((1, 4, 7, 8), (64, 128, 256), (4, 8, 16), (65, 1000, 4097)):
-        yield pytest.param(3, G, 2, d, T, vb, id=f"B3-G{G}-d{d}-T{T}-k4v{vb}lop3")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,G,Hkv,d,T,vb", list(_lop3_gpu_cases()))
-def test_decode_attention_k_lop3_unpack_gpu(B, G, Hkv, d, T, vb):
-    """The LOP3 4-bit K unpack (its element order matched by q's channel permutation) on the cross product's G, d,
-    T and every V width, small launches."""
-    check_attention(B, G, Hkv, d, T, 4, vb, seed=T + 3 * G + d + vb, v_layout="auto" if vb == 4 else "channel",
-                    k_unpack="lop3")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d,G", [(64, 7), (128, 4), (256, 2), (128, 7)])
-def test_decode_attention_k_lop3_large_launch_gpu(d, G):
-    """The LOP3 K unpack in the large-launch (1-/2-warp, 32-token) shapes, asymmetric K falling back."""
-    check_attention(2, G, 8, d, 65543, 4, 4, seed=d + G, v_layout="token_octet", k_unpack="lop3")
-    check_attention(2, G, 2, d, 1000, 4, 4, asym=True, seed=d + G + 1, k_unpack="lop3")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,G,Hkv,d,T,kb,vb", [(1, 4, 8, 128, 4096, 4, 4), (1, 7, 4, 128, 4097, 4, 4),
                                                (3, 7, 2, 64, 1000, 8, 8), (2, 2, 8, 256, 4096, 16, 16),

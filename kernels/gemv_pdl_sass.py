@@ -33,6 +33,8 @@ def compile_gemv(B_PAD=1, BLOCK_N=8, BLOCK_K=512, DOT=0, num_warps=4, num_stages
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .sass_probe import offline_signature
+
     fn = fn or importlib.import_module("kvmodel.kernels.gemv")._gemv_kernel
     ptrs = {"X": "*fp16", "W": "*fp16", "Bias": "*fp16", "R": "*fp16", "Y": "*fp16", "Part": "*fp32",
             "Counter": "*i32", "G": "*fp16"}
@@ -42,19 +44,7 @@ def compile_gemv(B_PAD=1, BLOCK_N=8, BLOCK_K=512, DOT=0, num_warps=4, num_stages
               "EMU_BF16": False}
     if pdl:
         consts.update(PDL=True, PF_ROW=pf_row)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in ptrs:
-            sig[name] = ptrs[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ints:
-            sig[name] = "i32"
-            if name != "B":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "eps":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "constexpr"
+    sig, attrs = offline_signature(fn, ptrs, ints, not_div=("B",), floats=("eps",))
     src = ASTSource(fn, sig, constexprs={k: v for k, v in consts.items() if k in fn.arg_names}, attrs=attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
     if pdl:

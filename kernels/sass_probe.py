@@ -27,6 +27,26 @@ def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def offline_signature(fn, ptrs: dict, ints, not_div=(), floats=()) -> tuple[dict, dict]:
+    """Signature and attributes for an offline ``triton.compile`` of ``fn``: pointers (``ptrs``: name → type) and
+    ints (``ints``, except ``not_div``) get the JIT's 16-divisibility specialization, as a real launch with aligned
+    buffers does (without it the byte loads look un-pipelined), ``floats`` are fp32, everything else constexpr."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ints:
+            sig[name] = "i32"
+            if name not in not_div:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    return sig, attrs
+
+
 def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3, group=32, asym=False,
                    vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=None, vf=None):
     """The compiled kernel (``triton.compile`` result) for sm_90. ``swap`` / ``vf`` None: the launcher's defaults
@@ -55,19 +75,7 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, VF=vf, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
                   ASYM=asym, BLOCK_N=block_n, MAGIC=True, ASM=True, SPLIT=split, V_FULL=v_full, SC=sc,
                   K_FULL=k_full, VTP=vtp)
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in ptrs:
-            sig[name] = ptrs[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ints:
-            sig[name] = "i32"
-            if name not in not_div:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "constexpr"
+    sig, attrs = offline_signature(fn, ptrs, ints, not_div, floats=("qk_scale",))
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))

@@ -19,8 +19,9 @@ qkv and before gate/up of dense layers and the SiLU·mul before down are fused i
 ``gemv(norm_weight=)`` / ``gemv(gate_up=True)`` — dropping those three small launches per layer),
 ``kvmodel-graph-gemv-pdl`` (``--linear triton-pdl``: as ``triton``, with every GEMV and the RMSNorm / RoPE /
 SiLU·mul kernels launched as programmatic dependents of the kernel before them (Hopper PDL: a kernel's programs
-are scheduled while its predecessor drains, each GEMV program prefetches its first ``--pdl-prefetch-bytes`` of
-weights into L2, then waits for the predecessor before reading its inputs); attention and torch ops stay normal
+are scheduled while its predecessor drains; each GEMV program can prefetch its first ``--pdl-prefetch-bytes`` of
+weights into L2 — default 0, the prefetch measured slower — then waits for the predecessor before reading its
+inputs); attention and torch ops stay normal
 launches; only on CUDA capability ≥ 9 — elsewhere the ``triton`` step, noted in the row), and
 Hugging Face transformers' own model on the same architecture with random weights: ``hf-eager`` (DynamicCache,
 eager launches) and ``hf-static-graph`` (StaticCache, the forward captured in a CUDA graph by hand;

@@ -44,14 +44,15 @@ from scipy.optimize import least_squares, nnls
 from kvmodel.specs import (BandwidthCurve, Calibration, FusedKernelCurve, GPUSpec, SpecError, get_gpu,
                            load_yaml_spec)
 from kvmodel.timing import (DEFAULT_FLOP_EFFICIENCY, curve_time_s, expand_charged_bytes, expand_reread_miss,
-                            fused_curve_key, kernel_config, kernel_config_key)
+                            fused_curve_key, kernel_config, kernel_config_key, sdpa_charged_bytes)
 
 RUNTIMES = ("kvmodel-graph", "hf-eager", "hf-static-graph")
 MiB = 1024**2
 
 __all__ = [
     "CalibrationDataError", "fit_curve", "curve_quality", "fit_stream", "fit_weights", "fit_lm_head",
-    "fit_attention", "fit_curve_reread", "expand_points_from_grid", "grid_calibration_rows", "fit_fused",
+    "fit_attention", "fit_curve_reread", "fit_curves_pairs", "fit_p0_pairs", "expand_points_from_grid",
+    "p0_points_from_grid", "grid_calibration_rows", "fit_fused",
     "fit_overheads", "attention_op", "fit_calibration", "fit_all", "write_calibration",
     "load_calibration",
     "find_calibration", "calibration_path", "gpu_slug", "read_csv_rows",
@@ -205,6 +206,48 @@ def fit_curve_reread(nbytes, reread_bytes, times, fit=None, max_weight: float = 
 GRID_CALIB_SUFFIX = "_calib"
 
 
+#: Upper bound of SDPA's fitted half-efficiency pair count (:func:`fit_curves_pairs`), pairs.
+SDPA_PAIRS_HALF_MAX = 64.0
+
+
+def fit_curves_pairs(points: dict, fit=None, max_half: float = SDPA_PAIRS_HALF_MAX) -> dict:
+    """P0 (SDPA) curves with their (sequence, KV head) pair term, one saturation parameter shared by all of them:
+    ``points[key] = (bytes, pairs, seconds)`` (pairs = B x Hkv); each key's curve is fitted by ``fit`` (default
+    :func:`fit_curve`; any ``fit(bytes, times) -> BandwidthCurve``) at the charged bytes
+    (:func:`kvmodel.timing.sdpa_charged_bytes`), and ``pairs_half`` in [0, ``max_half``] by a bounded scalar
+    search on the summed robust cost (log pairs_half; 0 = off kept when no better). Shared: SDPA's parallelism over
+    pairs is one mechanism whatever the head dim, and only some head dims have calls of few pairs (the training
+    split's d = 128 model never has fewer than 8, Qwen2.5-0.5B at d = 64 has 2-256). Without two distinct pair
+    counts among the points the term is not identified: the plain curves, ``pairs_half`` None. Returns key ->
+    BandwidthCurve."""
+    from scipy.optimize import minimize_scalar
+
+    fit = fit or fit_curve
+    pts = {k: tuple(np.asarray(a, float) for a in v) for k, v in points.items() if len(v[0]) >= 2}
+    if not pts:
+        return {}
+    if np.unique(np.concatenate([p for _, p, _ in pts.values()])).size < 2:
+        return {k: fit(x, t) for k, (x, _, t) in pts.items()}
+
+    def curves_at(h):
+        return {k: fit(sdpa_charged_bytes(x, p, h), t) for k, (x, p, t) in pts.items()}
+
+    def cost_of(h):
+        tot = 0.0
+        for k, c in curves_at(h).items():
+            x, p, t = pts[k]
+            tot += _robust_cost(curve_time_s(sdpa_charged_bytes(x, p, h), c.t0_s, c.bw_GBps, c.knee_bytes,
+                                             c.sharpness), t)
+        return tot
+
+    res = minimize_scalar(lambda lh: cost_of(float(np.exp(lh))), bounds=(np.log(0.1), np.log(max_half)),
+                          method="bounded", options={"xatol": 1e-2})
+    h = float(np.exp(res.x))
+    if cost_of(h) > cost_of(0.0):
+        h = 0.0
+    return {k: c.model_copy(update={"pairs_half": h}) for k, c in curves_at(h).items()}
+
+
 def _json_file(path: Path) -> dict:
     import json
 
@@ -263,6 +306,40 @@ def expand_points_from_grid(grid_rows: Sequence[dict], l2_bytes: float) -> dict[
 # ----------------------------------------------------------------------------------------------------------------
 # Reading measurement files
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def p0_points_from_grid(grid_rows: Sequence[dict]) -> dict[str, tuple[list, list, list]]:
+    """(bytes, pairs, seconds) of the grid's default P0 (SDPA) rows under ``attention:P0`` and
+    ``attention:P0:d<d>`` (the keys :func:`attention_points_from_grid` files them under); pairs = B x Hkv, the
+    (sequence, KV head) pairs of :func:`kvmodel.timing.sdpa_pair_efficiency`."""
+    pts: dict[str, tuple[list, list, list]] = {}
+    for r in grid_rows:
+        if not _ok(r) or (r.get("variant") or "default") != "default" or r.get("pipeline") != "P0":
+            continue
+        b, t, B, H, d = (_f(r, k) for k in ("bytes_moved", "median_s", "B", "Hkv", "d"))
+        if not (b and t and B and H and d):
+            continue
+        for k in ("attention:P0", f"attention:P0:d{int(d)}"):
+            xs, ps, ts = pts.setdefault(k, ([], [], []))
+            xs.append(b), ps.append(B * H), ts.append(t)
+    return pts
+
+
+def fit_p0_pairs(att: dict, grid_rows: Sequence[dict], min_points: int = 4) -> dict:
+    """``att`` with its SDPA curves (``attention:P0:d<d>``, and the pooled ``attention:P0``) re-fitted with the
+    (sequence, KV head) pair term: one ``pairs_half`` shared by the head dims (:func:`fit_curves_pairs`), the pooled
+    curve then fitted at that value. Keys without grid points are left as they are."""
+    pts = p0_points_from_grid(grid_rows)
+    per_d = {k: v for k, v in pts.items() if k != "attention:P0" and k in att and len(v[0]) >= min_points}
+    if not per_d:
+        return att
+    out = dict(att)
+    out.update(fit_curves_pairs(per_d))
+    h = next(iter(out[k] for k in per_d)).pairs_half
+    if "attention:P0" in pts and "attention:P0" in att and len(pts["attention:P0"][0]) >= min_points:
+        x, p, t = (np.asarray(a, float) for a in pts["attention:P0"])
+        out["attention:P0"] = fit_curve(sdpa_charged_bytes(x, p, h), t).model_copy(update={"pairs_half": h})
+    return out
 
 
 def read_csv_rows(path) -> list[dict]:
@@ -607,6 +684,9 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
     for op, (xs, rs, ts) in expand_points_from_grid(grid_rows, g.l2_cache_MiB * MiB).items():
         if op in att and len(xs) >= 4:
             att[op] = fit_curve_reread(xs, rs, ts)
+    # P0 (SDPA): its bandwidth saturates in the (sequence, KV head) pairs of the call
+    if grid_rows:
+        att = fit_p0_pairs(att, grid_rows)
     ops.update(att)
     if fused is None:
         fused = fit_fused(grid_rows, g) if grid_rows else {}

@@ -19,7 +19,7 @@ from kvmodel.architecture import param_breakdown, weight_calls
 from kvmodel.specs import GiB, GPUSpec, KVFormat, ModelSpec, Workload
 from kvmodel.symbolic import PIPELINE_FORMULAS
 from kvmodel.timing import (KERNEL_LARGE_WORK, TimeModel, expand_charged_bytes, expand_reread_miss, kernel_config,
-                            kernel_config_key, kernel_split_count)
+                            kernel_config_key, kernel_split_count, sdpa_charged_bytes)
 
 #: Memory reserved beside weights and KV (CUDA context, activations, allocator slack), bytes.
 DEFAULT_WORKSPACE_BYTES = 2 * GiB
@@ -99,13 +99,18 @@ def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: in
     pooled one), no L2 hits (a decode step's KV exceeds the L2), roofline-checked like every op. Otherwise each
     block shape's bandwidth curve (``attention:P5:...:<shape>`` where calibrated). P0-expand: with
     ``reread_bytes`` (symbolic ``attn_bytes_P0_expand_reread``) and a curve fitted with a repeat-read weight, the
-    repeat reads L2 cannot serve are charged too (:func:`kvmodel.timing.expand_charged_bytes`)."""
+    repeat reads L2 cannot serve are charged too (:func:`kvmodel.timing.expand_charged_bytes`). P0: with a curve
+    fitted with its pair term (``pairs_half``), at the bytes charged for B x Hkv (sequence, KV head) pairs
+    (:func:`kvmodel.timing.sdpa_charged_bytes`)."""
     if pipeline != "P5":
         op = tm.attention_op(pipeline, fmt.k_bits, fmt.v_bits, head_dim)
         w = getattr(tm.curves.get(op), "reread_weight", None)
         if pipeline == "P0-expand" and reread_bytes is not None and w:
             miss = expand_reread_miss(T, head_dim, tm.gpu.l2_cache_MiB * 2**20)
             nbytes = expand_charged_bytes(nbytes, reread_bytes, miss, w)
+        h = getattr(tm.curves.get(op), "pairs_half", None)
+        if pipeline == "P0" and h:  # SDPA's bandwidth saturates in its (sequence, KV head) pairs
+            nbytes = sdpa_charged_bytes(nbytes, np.asarray(B, dtype=float) * np.asarray(Hkv, dtype=float), h)
         return tm.op_time(op, nbytes, flops)
     kb, vb = fmt.k_bits, fmt.v_bits
     if not tm.has_fused(kb, vb, head_dim):

@@ -84,6 +84,11 @@ class BandwidthCurve(_Strict):
         default=None, ge=0,
         description="P0-expand only: the curve is evaluated at bytes + reread_weight x the repeat reads DRAM serves "
                     "(kvmodel.timing.expand_charged_bytes); None: no such term")
+    pairs_half: Optional[float] = Field(
+        default=None, ge=0,
+        description="P0 (SDPA) only: (sequence, KV head) pairs B x Hkv at which SDPA reaches 1/sqrt(2) of its "
+                    "plateau bandwidth; the curve is evaluated at bytes / kvmodel.timing.sdpa_pair_efficiency "
+                    "(kvmodel.timing.sdpa_charged_bytes); None: no such term")
     r2: Optional[float] = Field(default=None, description="fit quality (R^2 of log time)")
     n_points: Optional[int] = None
     median_abs_pct_error: Optional[float] = None

@@ -262,6 +262,34 @@ def expand_charged_bytes(nbytes, reread_bytes, miss, weight: float):
             + float(weight) * np.asarray(reread_bytes, dtype=float) * np.asarray(miss, dtype=float))
 
 
+#: Sharpness of SDPA's (P0) saturation in its (sequence, KV head) pairs (:func:`sdpa_pair_efficiency`), fixed: with
+#: 2 the H200 rows at T = 128K (2 / 4 / 8 / 16 / 32 pairs: 2.38 / 3.27 / 3.86-4.11 / 4.34 / 4.47 TB/s) follow one
+#: saturation parameter; the training split identifies that parameter, not the shape.
+SDPA_PAIRS_SHARPNESS = 2.0
+
+
+def sdpa_pair_efficiency(pairs, pairs_half):
+    """Fraction of its plateau bandwidth SDPA (P0, FlashAttention decode) reaches with ``pairs`` (sequence, KV head)
+    pairs in the call (B x Hkv): ``(1 + (pairs_half / pairs)^n)^(-1/n)``, n = :data:`SDPA_PAIRS_SHARPNESS`,
+    dimensionless, in (0, 1], rising with pairs. Why: the kernel parallelizes over (sequence, head) pairs and
+    splits the context among them; with few pairs fewer loads are in flight than DRAM needs (H200, T = 128K: 2 pairs
+    2.38 TB/s, 32 pairs 4.47 TB/s), which the bytes alone do not show. ``pairs_half`` (pairs at which the efficiency
+    is 1/sqrt(2)), fitted; None or 0 switches the term off (1). Vectorized."""
+    if not pairs_half:
+        return np.ones(np.shape(pairs)) if np.ndim(pairs) else 1.0
+    p = np.maximum(np.asarray(pairs, dtype=float), 1e-9)
+    n = SDPA_PAIRS_SHARPNESS
+    return (1.0 + (float(pairs_half) / p) ** n) ** (-1.0 / n)
+
+
+def sdpa_charged_bytes(nbytes, pairs, pairs_half):
+    """Bytes a P0 (SDPA) curve is evaluated at: its counted traffic (``attn_bytes_P0``) over
+    :func:`sdpa_pair_efficiency` (bytes; the curve's byte term streams at the plateau bandwidth x the efficiency,
+    while below its knee the launch-bound floor is left alone). ``pairs_half`` None or 0: the counted bytes.
+    Vectorized."""
+    return np.asarray(nbytes, dtype=float) / sdpa_pair_efficiency(pairs, pairs_half)
+
+
 def dequant_v_layout(v_bits, head_dim) -> str:
     """Layout of a V cache as the kernels allocate it by default (``kernels.quant.default_v_layout``, kernel v8,
     ported): 'token_octet' for 4-bit V at every head dim, else 'channel'. K is always 'channel'. ``head_dim`` is

@@ -40,9 +40,10 @@ from kvmodel import fused_fit, traffic
 from kvmodel.fused_fit import FusedCurves, format_label
 from kvmodel.predict import attention_call_time_s, fused_launches
 from kvmodel.specs import BandwidthCurve, KVFormat, get_model
-from kvmodel.calibration import fit_curve_reread
+from kvmodel.calibration import fit_curve_reread, fit_curves_pairs
 from kvmodel.timing import (DEQUANT_LAYOUTS, OccupancyCurve, curve_time_s, dequant_step_time_s, dequant_v_layout,
-                            expand_charged_bytes, expand_reread_miss, kernel_split_count, split_count)
+                            expand_charged_bytes, expand_reread_miss, kernel_split_count, sdpa_charged_bytes,
+                            split_count)
 
 from .common import curve_dict, data_path, error_stats, fit_curve, grouped_stats
 
@@ -118,6 +119,8 @@ def prepare_attention(d: pd.DataFrame) -> pd.DataFrame:
     kb, vb, g = d["k_bits"].to_numpy(float), d["v_bits"].to_numpy(float), d["group"].to_numpy(float)
     ab = traffic.attention_layer_bytes
     d["bytes_P0"] = ab("P0", B, T, Hq, Hkv, hd)
+    # SDPA's (sequence, KV head) pairs (kvmodel.timing.sdpa_pair_efficiency)
+    d["pairs"] = B * Hkv
     d["bytes_P0x"] = ab("P0-expand", B, T, Hq, Hkv, hd)
     # P0-expand's repeat reads that L2 cannot serve (kvmodel.timing.expand_reread_miss)
     d["bytes_P0x_reread"] = traffic.expand_reread_bytes(B, T, Hq, Hkv, hd) * expand_reread_miss(T, hd, L2_BYTES)
@@ -187,8 +190,12 @@ class AttentionCalibration:
         else the format's pooled curve at the nearest head dim)."""
         return self.p5.curve(k_bits, v_bits, hd, config)
 
-    def _p0_time(self, nbytes, hd):
+    def _p0_time(self, nbytes, hd, pairs=None):
+        """SDPA's (P0) seconds for ``nbytes`` at head dim ``hd``; with ``pairs`` (B x Hkv) and a curve fitted with
+        its pair term, at the charged bytes (:func:`kvmodel.timing.sdpa_charged_bytes`)."""
         c = _by_dim(self.p0, hd)
+        if pairs is not None and c.pairs_half:
+            nbytes = sdpa_charged_bytes(nbytes, pairs, c.pairs_half)
         return curve_time_s(nbytes, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
 
     def time_s(self, pipeline: str, B, T, Hq, Hkv, d, k_bits, v_bits, group=32, num_splits=None,
@@ -197,7 +204,7 @@ class AttentionCalibration:
         B, T = np.asarray(B, dtype=float), np.asarray(T, dtype=float)
         ab = traffic.attention_layer_bytes
         if pipeline == "P0":
-            return self._p0_time(ab("P0", B, T, Hq, Hkv, d), d)
+            return self._p0_time(ab("P0", B, T, Hq, Hkv, d), d, B * Hkv)
         if pipeline == "P0-expand":
             c = self.p0x
             if c is None:
@@ -208,7 +215,7 @@ class AttentionCalibration:
             return curve_time_s(nb, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness)
         if pipeline == "P1":
             bk, bv = dequant_half_bytes(B, T, Hkv, d, k_bits, v_bits, group)
-            return (self._p0_time(ab("P0", B, T, Hq, Hkv, d), d)
+            return (self._p0_time(ab("P0", B, T, Hq, Hkv, d), d, B * Hkv)
                     + dequant_step_time_s(bk, bv, dequant_v_layout(v_bits, d), self.dequant))
         if pipeline == "P5":
             # the kernel's block shape and split count for each call (its own rules, ported; kvmodel predict's)
@@ -237,7 +244,10 @@ def _p5_key(key: tuple):
 
 def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCalibration:
     base = train[train["variant"] == ""]
-    c0 = {int(hd): fit_curve(g["bytes_P0"], g["median_s"]) for hd, g in base[base.pipeline == "P0"].groupby("d")}
+    # SDPA per head dim, with its (sequence, KV head) pair term shared by the head dims (kvmodel calibrate's fit,
+    # on this model's fitter)
+    c0 = fit_curves_pairs({int(hd): (g["bytes_P0"], g["pairs"], g["median_s"])
+                           for hd, g in base[base.pipeline == "P0"].groupby("d")}, fit=fit_curve)
     px = base[base.pipeline == "P0-expand"]
     # P0-expand with its repeat reads that leave L2 (the same fit kvmodel calibrate uses, on this model's fitter)
     cx = (fit_curve_reread(px["bytes_P0x"], px["bytes_P0x_reread"], px["median_s"], fit=fit_curve)
@@ -245,7 +255,8 @@ def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCal
     cal = AttentionCalibration(p0=c0, p0x=cx, dequant=None, sm_count=sm_count)
     p1 = base[base.pipeline == "P1"]
     if len(p1) >= 6:
-        t0 = np.concatenate([cal._p0_time(g["bytes_P0"].to_numpy(float), hd) for hd, g in p1.groupby("d")])
+        t0 = np.concatenate([cal._p0_time(g["bytes_P0"].to_numpy(float), hd, g["pairs"].to_numpy(float))
+                             for hd, g in p1.groupby("d")])
         p1 = pd.concat([g for _, g in p1.groupby("d")])
         cal.dequant = fit_dequant_launches(p1["bytes_dq_k"], p1["bytes_dq_v"], p1["v_layout"], p1["median_s"],
                                            base_s=t0)
@@ -303,7 +314,7 @@ def predict_attention(cal: AttentionCalibration, d: pd.DataFrame) -> np.ndarray:
     pl = d["pipeline"].to_numpy()
     for hd in d["d"].unique():
         m = (d["d"] == hd).to_numpy()
-        p0 = cal._p0_time(d["bytes_P0"].to_numpy(float), hd)
+        p0 = cal._p0_time(d["bytes_P0"].to_numpy(float), hd, d["pairs"].to_numpy(float))
         out[m & (pl == "P0")] = p0[m & (pl == "P0")]
         if cal.dequant is not None:
             t1 = p0 + dequant_step_time_s(d["bytes_dq_k"].to_numpy(float), d["bytes_dq_v"].to_numpy(float),

@@ -609,8 +609,11 @@ def _worst_rows_text(att: dict, limit: float = 15.0, max_rows: int = 12) -> list
         L.append(f"| {r.pipeline} | {r.model} | {int(r.B)} | {int(r['T'])} | {int(r.k_bits)}/{int(r.v_bits)} | "
                  f"{_int_or_blank(r.get('num_splits'))} | {_int_or_blank(r.get('working_sets'))} | "
                  f"{r.meas_s * 1e6:.1f} | {r.pred_s * 1e6:.1f} | {r.err:+.1f} |")
-    L += ["", "SDPA (P0) with few KV heads at B = 1 (Qwen2.5-0.5B: 2, Qwen2.5-7B: 4; the d = 128 training model "
-          "has 8), fused calls of 64-128 splits (the merge, section 6) and of 2-4 one-warp programs per SM.", ""]
+    L += ["", "SDPA (P0) with few (sequence, KV head) pairs is modelled (kvmodel.timing.sdpa_pair_efficiency, "
+          "one fitted pairs_half). Open: the fused kernel's small launches of at most one program per SM, whose "
+          "time grows with the call's bytes while the occupancy curve is flat (fp16 d = 128 T = 1K, 2 / 4 / 8 / "
+          "16 MB: 7.5 / 7.8 / 8.3 / 9.7 us, all predicted 8.7); the PDL merge's saving is not separable from the "
+          "small shape's curve (every split call of that shape merges by PDL).", ""]
     return L
 
 

@@ -588,7 +588,7 @@ def _expand_and_dequant_text(att: dict) -> str:
             "held-out Qwen2.5-7B rows at T = 128K from -13..-15 % to within a few %. P1 runs one dequantize kernel "
             "per half stored below 16 bits (a 16-bit half is used in place: K16/V4 launches one), each timed by "
             "the curve of the cache layout it reads (`kvmodel.timing.dequant_step_time_s`; K channel, 4-bit V "
-            f"token_octet at d >= 128): {rates}{floor}.")
+            f"token_octet, kernel v8; v4-v7: token_octet at d >= 128 only): {rates}{floor}.")
 
 
 def _worst_rows_text(att: dict, limit: float = 15.0, max_rows: int = 12) -> list:

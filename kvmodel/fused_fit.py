@@ -66,6 +66,14 @@ FUSED_L2 = True
 FUSED_L2_ITERATIONS = 2
 #: The alternation stops early once the L2 rate moves by less than this fraction (the curves would not change).
 FUSED_L2_TOLERANCE = 1e-3
+#: Bound every curve's streaming by the call's DRAM bytes at the chip's read ceiling
+#: (:func:`kvmodel.timing.fused_ceiling_time_s`): the rows' measured ``read_ceiling_GBps`` x one fraction shared by all
+#: curves, fitted (:func:`fit_ceiling_fraction`) by alternating with the curves. Without it the one-wave launches'
+#: time is flat in their programs and the small 4-warp shape's per-program rates came out unphysical (r1 ~10-20 TB/s
+#: per program); the fp16 d = 128 T = 1K calls of 2-16 MB took 7.5-9.8 us, all predicted 8.7.
+FUSED_CEILING = True
+#: Bounds of the fitted fraction of the measured read ceiling.
+CEILING_FRACTION_MIN, CEILING_FRACTION_MAX = 0.5, 2.0
 
 
 def format_label(k_bits, v_bits) -> str:
@@ -149,7 +157,8 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
                   fit_head_dim=True, splits=None, overheads: bool = False,
                   merge_in_rounds: bool = False, one_split: bool = False,
                   l2_hit=None, l2_rate_scale=None, knee_programs=None,
-                  merge_fixed=None, fit_sharpness: bool = False) -> tuple[OccupancyCurve, dict]:
+                  merge_fixed=None, fit_sharpness: bool = False,
+                  ceiling_GBps: float = 0.0) -> tuple[OccupancyCurve, dict]:
     """Fit a fused kernel's :class:`OccupancyCurve` to measured calls.
 
     Parameters: t0, the sharing rate r_c, the lone-program rate r_1 = r_c * c_res^u with u in [0, 1] (a lone program
@@ -163,7 +172,8 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
     hold the programs per SM at which the SM saturates fixed (r_1 = c_res * r_c / knee) instead of fitting u.
     ``merge_fixed``: hold the split-K merge at ``(merge_s, merge_per_split_s)`` instead of fitting it.
     ``fit_sharpness``: fit the SM's saturation sharpness (``OccupancyCurve.sm_sharpness``, symbolic
-    ``fused_wave_time_smooth``) and the knee (u) with it, instead of a hard min.
+    ``fused_wave_time_smooth``) and the knee (u) with it, instead of a hard min. ``ceiling_GBps``: the read ceiling
+    (x its fraction) the calls' DRAM bytes are bounded by (``OccupancyCurve.ceiling_GBps``), held fixed; 0: off.
     Returns (curve, fit info: c_res_costs, r2_log, n_points, median_abs_pct_error).
     """
     programs = np.asarray(programs, dtype=float)
@@ -216,7 +226,8 @@ def fit_occupancy(programs, nbytes, t_s, sm_count: int, head_dim=128, c_res_choi
         return OccupancyCurve(l2_rate_scale=sl2, t0_s=float(t0), r1_GBps=float(rc * c ** u), rc_GBps=float(rc),
                               c_res=int(c), sm_sharpness=nsat,
                               head_dim_exponent=float(e), program_overhead_bytes=w0, merge_s=ms,
-                              merge_per_split_s=mps, merge_per_round_s=mpr, one_split_rate_scale=s1)
+                              merge_per_split_s=mps, merge_per_round_s=mpr, one_split_rate_scale=s1,
+                              ceiling_GBps=float(ceiling_GBps or 0.0))
 
     results = []
     for c in c_res_choices:
@@ -275,6 +286,9 @@ class FusedCurves:
     per_shape: dict = field(default_factory=dict)
     l2_rate_scale: float = 1.0
     info: dict = field(default_factory=dict)
+    #: the measured read ceiling the curves are bounded by (GB/s) and the fitted fraction of it; 0: term off
+    read_ceiling_GBps: float = 0.0
+    ceiling_fraction: float = 0.0
 
     def curve(self, k_bits, v_bits, head_dim, shape: Optional[str] = None,
               nearest: bool = True) -> Optional[OccupancyCurve]:
@@ -315,10 +329,14 @@ class FusedCurves:
         return out
 
 
-def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float, merge: Optional[dict] = None) -> FusedCurves:
+def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float, merge: Optional[dict] = None,
+                read_ceiling_GBps: float = 0.0, ceiling_fraction: float = 0.0) -> FusedCurves:
     """Every pooled and per-shape curve with the L2-served rate held at ``l2_rate_scale`` (and, with ``merge``,
-    the split-K merge held at ``merge[head_dim] = (merge_s, merge_per_split_s)``)."""
-    out = FusedCurves(l2_rate_scale=l2_rate_scale)
+    the split-K merge held at ``merge[head_dim] = (merge_s, merge_per_split_s)``; with ``read_ceiling_GBps`` and
+    ``ceiling_fraction`` > 0, bounded by the read ceiling x that fraction)."""
+    out = FusedCurves(l2_rate_scale=l2_rate_scale, read_ceiling_GBps=float(read_ceiling_GBps or 0.0),
+                      ceiling_fraction=float(ceiling_fraction or 0.0))
+    ceil = out.read_ceiling_GBps * out.ceiling_fraction
 
     def fit(g, c_res_choices, knee=None, sharp=False):
         mf = None if merge is None else merge.get(int(g["d"].iloc[0]))
@@ -326,7 +344,7 @@ def _fit_curves(p5: pd.DataFrame, sm_count: int, l2_rate_scale: float, merge: Op
                              c_res_choices=c_res_choices, splits=g["num_splits"], overheads=True,
                              one_split=FUSED_ONE_SPLIT, merge_in_rounds=FUSED_MERGE_IN_ROUNDS,
                              l2_hit=g["l2_hit"] if FUSED_L2 else None, l2_rate_scale=l2_rate_scale,
-                             knee_programs=knee, merge_fixed=mf, fit_sharpness=sharp)
+                             knee_programs=knee, merge_fixed=mf, fit_sharpness=sharp, ceiling_GBps=ceil)
 
     for (kb, vb, hd), g in p5.groupby(["k_bits", "v_bits", "d"]):
         if len(g) < MIN_ROWS_POOLED:
@@ -395,19 +413,61 @@ def _fit_merge_per_head_dim(curves: FusedCurves, p5: pd.DataFrame, sm_count: int
     return out
 
 
+def read_ceiling_of(p5: pd.DataFrame) -> float:
+    """The chip's measured read ceiling (GB/s) of a grid's rows: the median of their ``read_ceiling_GBps`` (each
+    benchmark row carries the read probe of its run); 0 when the rows have none (the ceiling term stays off)."""
+    if "read_ceiling_GBps" not in p5.columns:
+        return 0.0
+    v = pd.to_numeric(p5["read_ceiling_GBps"], errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(np.median(v)) if v.size else 0.0
+
+
+def fit_ceiling_fraction(curves: FusedCurves, p5: pd.DataFrame, sm_count: int, read_ceiling_GBps: float) -> float:
+    """The fraction of the measured read ceiling shared by every curve (``OccupancyCurve.ceiling_GBps`` =
+    fraction x ``read_ceiling_GBps``), fitted on all rows with the curves' other terms held (soft-L1 in log time,
+    bounded by :data:`CEILING_FRACTION_MIN`..:data:`CEILING_FRACTION_MAX`). Sets the curves to it; returns it."""
+    from scipy.optimize import minimize_scalar
+
+    meas = p5["median_s"].to_numpy(float)
+
+    def set_to(f):
+        for c in curves.all_curves():
+            c.ceiling_GBps = f * read_ceiling_GBps
+        curves.read_ceiling_GBps, curves.ceiling_fraction = float(read_ceiling_GBps), float(f)
+
+    def cost(lf):
+        set_to(float(np.exp(lf)))
+        r = np.log(curves.time_s(p5, sm_count) / meas)
+        r = r[np.isfinite(r)]
+        return float(np.sum(np.sqrt(1.0 + (r / 0.05) ** 2) - 1.0))
+
+    f = float(np.exp(minimize_scalar(cost, bounds=(np.log(CEILING_FRACTION_MIN), np.log(CEILING_FRACTION_MAX)),
+                                     method="bounded").x))
+    set_to(f)
+    return f
+
+
 def fit_fused_curves(p5: pd.DataFrame, sm_count: int) -> FusedCurves:
     """All P5 curves of a grid's default-kernel rows (prepared by :func:`add_fused_columns`, with ``median_s``):
     pooled per (format, head dim), per block shape where fitted, the split-K merge per head dim shared by all of
     them (:data:`FUSED_MERGE_PER_HEAD_DIM`, :data:`FUSED_MERGE_ITERATIONS` alternations), and one L2-served rate
     shared by all, found by alternating (:data:`FUSED_L2_ITERATIONS`) fits of the curves with it fixed and of it
-    with the curves fixed, until it moves by less than :data:`FUSED_L2_TOLERANCE`."""
+    with the curves fixed, until it moves by less than :data:`FUSED_L2_TOLERANCE`. With :data:`FUSED_CEILING` and
+    rows that carry ``read_ceiling_GBps``, every curve is bounded by the read ceiling x one fraction
+    (:func:`fit_ceiling_fraction`, fitted once after the merge, starting from 1)."""
     l2s = 1.0
-    curves = _fit_curves(p5, sm_count, l2s)
+    ceil = read_ceiling_of(p5) if FUSED_CEILING else 0.0
+    frac = 1.0 if ceil > 0 else 0.0
+    curves = _fit_curves(p5, sm_count, l2s, None, ceil, frac)
     merge = None
     if FUSED_MERGE_PER_HEAD_DIM:
         for _ in range(FUSED_MERGE_ITERATIONS):
             merge = _fit_merge_per_head_dim(curves, p5, sm_count)
-            curves = _fit_curves(p5, sm_count, l2s, merge)
+            curves = _fit_curves(p5, sm_count, l2s, merge, ceil, frac)
+    if ceil > 0:
+        frac = fit_ceiling_fraction(curves, p5, sm_count, ceil)
+        curves = _fit_curves(p5, sm_count, l2s, merge, ceil, frac)
     if not FUSED_L2:
         return curves
     for _ in range(FUSED_L2_ITERATIONS):
@@ -418,5 +478,5 @@ def fit_fused_curves(p5: pd.DataFrame, sm_count: int) -> FusedCurves:
             curves.l2_rate_scale = new
             break
         l2s = new
-        curves = _fit_curves(p5, sm_count, l2s, merge)
+        curves = _fit_curves(p5, sm_count, l2s, merge, ceil, frac)
     return curves

@@ -117,6 +117,10 @@ class FusedKernelCurve(_Strict):
     sm_sharpness: float = Field(
         default=0.0, ge=0, description="sharpness of an SM's saturation in resident programs (symbolic "
                                        "fused_wave_time_smooth); 0: the hard min of fused_wave_time")
+    ceiling_GBps: float = Field(
+        default=0.0, ge=0, description="the chip's read ceiling x the fitted fraction, GB/s: the call's DRAM bytes "
+                                       "at this rate bound its streaming time (kvmodel.timing.fused_ceiling_time_s, "
+                                       "a smooth max); 0: off")
     r2: Optional[float] = Field(default=None, description="fit quality (R^2 of log time)")
     n_points: Optional[int] = None
     median_abs_pct_error: Optional[float] = None

@@ -588,6 +588,19 @@ fused_wave_time_smooth = _def(
     "share; n -> infinity is fused_wave_time's hard min). Latency-bound 1-warp programs keep gaining from more "
     "co-resident programs past the knee (more loads in flight), at a falling rate.",
 )
+t_stream = sp.Symbol("t_stream", **_nonneg)  # seconds a fused kernel's programs stream (its wave time less t_k0)
+W_dram = sp.Symbol("W_dram", **_nonneg)  # bytes of one call that DRAM serves (all programs together)
+BW_ceil = sp.Symbol("BW_ceil", **_pos)  # the chip's read ceiling (x a fitted fraction), bytes/s
+n_ceil = sp.Symbol("n_ceil", **_pos)  # sharpness of the smooth max of streaming time and ceiling time
+fused_ceiling_time = _def(
+    "fused_ceiling_time",
+    t_k0 + (t_stream ** n_ceil + (W_dram / BW_ceil) ** n_ceil) ** (1 / n_ceil),
+    "s",
+    "A fused kernel's time with the chip's read ceiling: the programs' streaming time t_stream (fused_wave_time "
+    "less t_k0) and the time all of the call's DRAM bytes need at the ceiling, W_dram / BW_ceil, combined by a "
+    "smooth max (n_ceil; infinity: the hard max). No launch streams its bytes faster than the chip reads: within "
+    "one wave the per-program time is flat in programs, the ceiling time grows with the call's bytes.",
+)
 fused_occupancy = _def(
     "fused_occupancy",
     P_prog * W_prog / (N_SM * c_res * r_c) / (fused_wave_time - t_k0),

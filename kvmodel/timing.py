@@ -165,7 +165,7 @@ class OccupancyCurve:
     def __init__(self, t0_s: float, r1_GBps: float, rc_GBps: float, c_res: int = 2, head_dim_exponent: float = 0.0,
                  program_overhead_bytes: float = 0.0, merge_s: float = 0.0, merge_per_split_s: float = 0.0,
                  merge_per_round_s: float = 0.0, merge_round_splits: int = 16, one_split_rate_scale: float = 1.0,
-                 l2_rate_scale: float = 1.0, sm_sharpness: float = 0.0):
+                 l2_rate_scale: float = 1.0, sm_sharpness: float = 0.0, ceiling_GBps: float = 0.0):
         self.t0_s = float(t0_s)
         self.r1_GBps = float(r1_GBps)
         self.rc_GBps = float(rc_GBps)
@@ -193,6 +193,10 @@ class OccupancyCurve:
         #: flight) at a falling rate: Llama 8/8 d = 128 B = 1 T = 128K, same work in 256 / 512 / 1024 programs
         #: (2 / 4 / 8 per SM): 222 / 158 / 144 us, where a hard knee at 4 gives 2 : 1 : 1.
         self.sm_sharpness = float(sm_sharpness)
+        #: the chip's read ceiling the call's DRAM bytes cannot beat (:func:`fused_ceiling_time_s`), GB/s: the
+        #: measured read ceiling x one fitted fraction shared by all curves (kvmodel.fused_fit); 0: off (old
+        #: calibrations, whose per-program rates were fitted without it)
+        self.ceiling_GBps = float(ceiling_GBps or 0.0)
 
     def as_dict(self) -> dict:
         return dict(t0_s=self.t0_s, r1_GBps=self.r1_GBps, rc_GBps=self.rc_GBps, c_res=self.c_res,
@@ -200,7 +204,7 @@ class OccupancyCurve:
                     merge_s=self.merge_s, merge_per_split_s=self.merge_per_split_s,
                     merge_per_round_s=self.merge_per_round_s, merge_round_splits=self.merge_round_splits,
                     one_split_rate_scale=self.one_split_rate_scale, l2_rate_scale=self.l2_rate_scale,
-                    sm_sharpness=self.sm_sharpness)
+                    sm_sharpness=self.sm_sharpness, ceiling_GBps=self.ceiling_GBps)
 
     def plateau_GBps(self, sm_count: int) -> float:
         return sm_count * self.c_res * self.rc_GBps
@@ -220,6 +224,11 @@ class OccupancyCurve:
         if l2_hit is not None and self.l2_rate_scale != 1.0:
             h = np.clip(np.asarray(l2_hit, dtype=float), 0.0, 1.0)
             t = self.t0_s + (t - self.t0_s) / (1.0 + h * (self.l2_rate_scale - 1.0))
+        if self.ceiling_GBps > 0:
+            # the call's DRAM bytes (its counted loads, less what L2 serves) at the chip's read ceiling
+            dram = np.asarray(nbytes, dtype=float) * (
+                1.0 if l2_hit is None else 1.0 - np.clip(np.asarray(l2_hit, dtype=float), 0.0, 1.0))
+            t = fused_ceiling_time_s(t - self.t0_s, dram, self.ceiling_GBps, self.t0_s)
         if splits is not None and (self.merge_s or self.merge_per_split_s or self.merge_per_round_s):
             ns = np.asarray(splits, dtype=float)
             t = t + np.where(ns > 1, self.merge_s + self.merge_per_split_s * ns
@@ -233,6 +242,35 @@ class OccupancyCurve:
         return traffic.evaluate("fused_occupancy", dict(
             P_prog=np.asarray(programs, dtype=float), N_SM=sm_count, c_res=self.c_res, r_1=self.r1_GBps * 1e9,
             r_c=self.rc_GBps * 1e9, W_prog=1.0, t_k0=0.0))
+
+
+#: Sharpness n of the smooth max between a fused call's streaming time and its bytes at the read ceiling
+#: (:func:`fused_ceiling_time_s`), fixed. 3: the fp16 d = 128 T = 1K one-wave launches (2 / 4 / 8 / 16 MB, 16-128
+#: programs, the same bytes per program: 7.46 / 7.81 / 8.26 / 9.72 us) rise with their bytes, while large launches at
+#: 60-70 % of the ceiling are not slowed much ((1 + 0.7^3)^(1/3) = 1.10; n = 2 charged them 1.22 and the int4
+#: d = 64 large launches went to +16-22 %). Validation split, n = 2 / 3 / 4 / 6: held-out attention max 16.2 / 14.3 /
+#: 16.4 / 16.9 %, fitted ceiling fraction 1.00 / 1.00 / 0.98 / 0.99.
+FUSED_CEILING_SHARPNESS = 3.0
+
+
+def fused_ceiling_time_s(stream_s, dram_bytes, ceiling_GBps, t0_s=0.0, sharpness=FUSED_CEILING_SHARPNESS):
+    """Seconds of a fused (P5) call with the chip's read ceiling (symbolic ``fused_ceiling_time``):
+    ``t0_s + smoothmax_n(stream_s, dram_bytes / ceiling)``. ``stream_s``: seconds the programs stream their bytes
+    (the occupancy curve's wave time less t0; per-program, latency-bound); ``dram_bytes``: bytes of the whole call
+    DRAM serves; ``ceiling_GBps``: the chip's read ceiling (GB/s; the measured one x a fitted fraction).
+    Why: within one wave of at most one program per SM the wave time is flat in the number of programs, but no
+    launch streams its bytes faster than the chip reads: H200 fp16 d = 128 T = 1K, 16 / 32 / 64 / 128 programs of the
+    same bytes each (2 / 4 / 8 / 16 MB) take 7.46 / 7.81 / 8.26 / 9.72 us (16 MB need 3.7 us at 4.5 TB/s). Never
+    below ``t0_s + dram_bytes / ceiling``, monotone in both inputs; ``ceiling_GBps`` <= 0: ``t0_s + stream_s``
+    (off). Vectorized."""
+    from kvmodel import traffic
+
+    st = np.asarray(stream_s, dtype=float)
+    if not ceiling_GBps or ceiling_GBps <= 0:
+        return t0_s + st
+    return traffic.evaluate("fused_ceiling_time", dict(
+        t_k0=float(t0_s), t_stream=np.maximum(st, 0.0), W_dram=np.asarray(dram_bytes, dtype=float),
+        BW_ceil=float(ceiling_GBps) * 1e9, n_ceil=float(sharpness)))
 
 
 def l2_hit_fraction(span_bytes, l2_bytes):

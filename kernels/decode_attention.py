@@ -570,6 +570,16 @@ if triton is not None:
         tl.store(Out + b * stride_ob + h * stride_oh + c, (acc / l).to(tl.float16))
 
 
+def pdl_available(device) -> bool:
+    """Whether programmatic dependent launch runs on ``device``: a CUDA device of compute capability >= 9 (Hopper),
+    Triton's grid dependency control (``HAVE_PDL``), not under the interpreter. One rule for every launcher that
+    offers it (``merge="pdl"`` here, ``kernels.gemv.gemv(pdl=True)``); elsewhere they take their normal path."""
+    if not HAVE_PDL or _interpreting():
+        return False
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -825,8 +835,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         merge = cfg["merge"]
     if merge not in ("fused", "kernel", "pdl"):
         raise ValueError(f"merge must be 'fused', 'kernel' or 'pdl', got {merge!r}")
-    pdl = (merge == "pdl" and HAVE_PDL and q.device.type == "cuda" and not _interpreting()
-           and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    pdl = merge == "pdl" and pdl_available(q.device)
     split = num_splits > 1
     fuse = split and merge == "fused"
     counter = out  # unused unless fused

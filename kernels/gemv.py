@@ -68,8 +68,9 @@ programs may be scheduled once every program of the kernel before it in the stre
 threads)`` bytes from the start of its K range, 16-byte multiples; the step never writes weights, so this may run
 before the predecessor finishes); ``gdc_wait()`` (the predecessor grid complete and its writes visible); then
 everything else — x, residual, the prologues' loads, every store. With split-K and ``merge="kernel"``
-the merge kernel is a PDL launch as well (it waits before reading the partials). The default prefetch, 16 KiB a
-program, keeps the total (~800 resident programs on an H200) far below the 60 MB L2. Active only on CUDA devices
+the merge kernel is a PDL launch as well (it waits before reading the partials). The prefetch is off by default
+(``DEFAULT_PREFETCH_BYTES = 0``: measured slower than PDL alone on the H200); ``MAX_PREFETCH_BYTES`` keeps the
+total (~800 resident programs) below the 60 MB L2. Active only on CUDA devices
 of capability ≥ 9 with Triton's grid dependency control and not under the interpreter (:func:`use_pdl`);
 elsewhere ``pdl=True`` silently takes the normal path, same results. The step's ``--linear triton-pdl``
 (``kvmodel.measure.e2e_decode``) chains it with PDL variants of its RMSNorm / RoPE / SiLU·mul kernels;
@@ -88,7 +89,7 @@ from . import _interpreter_compat
 
 # one SM-count helper for every launcher; grid dependency control (programmatic dependent launch: the kernels'
 # gdc_* globals) from the import decode_attention's merge="pdl" uses
-from .decode_attention import DEFAULT_SMS, HAVE_PDL, gdc_launch_dependents, gdc_wait, num_sms
+from .decode_attention import DEFAULT_SMS, gdc_launch_dependents, gdc_wait, num_sms, pdl_available
 
 try:
     import triton
@@ -440,12 +441,7 @@ def use_pdl(requested: bool, device) -> bool:
     """Whether a ``pdl=True`` launch on ``device`` really uses programmatic dependent launch: only on a CUDA
     device of compute capability ≥ 9 (Hopper), with Triton's grid dependency control (``HAVE_PDL``) and not under
     the interpreter. Everywhere else the launcher silently takes the normal path (same kernel, same results)."""
-    if not requested or not HAVE_PDL or _interpreting():
-        return False
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(dev)[0] >= 9
+    return bool(requested) and pdl_available(device)
 
 
 def pdl_launch_kwargs(active: bool, prefetch_bytes: int, block_n: int, num_warps: int, w_ptr: int,

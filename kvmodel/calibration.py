@@ -229,23 +229,21 @@ def fit_curves_pairs(points: dict, fit=None, max_half: float = SDPA_PAIRS_HALF_M
     if np.unique(np.concatenate([p for _, p, _ in pts.values()])).size < 2:
         return {k: fit(x, t) for k, (x, _, t) in pts.items()}
 
-    def curves_at(h):
-        return {k: fit(sdpa_charged_bytes(x, p, h), t) for k, (x, p, t) in pts.items()}
+    def fitted(h):
+        """(summed robust cost, curves) with every key's curve fitted at the bytes charged for ``h``."""
+        tot, curves = 0.0, {}
+        for k, (x, p, t) in pts.items():
+            xb = sdpa_charged_bytes(x, p, h)
+            c = curves[k] = fit(xb, t)
+            tot += _robust_cost(curve_time_s(xb, c.t0_s, c.bw_GBps, c.knee_bytes, c.sharpness), t)
+        return tot, curves
 
-    def cost_of(h):
-        tot = 0.0
-        for k, c in curves_at(h).items():
-            x, p, t = pts[k]
-            tot += _robust_cost(curve_time_s(sdpa_charged_bytes(x, p, h), c.t0_s, c.bw_GBps, c.knee_bytes,
-                                             c.sharpness), t)
-        return tot
-
-    res = minimize_scalar(lambda lh: cost_of(float(np.exp(lh))), bounds=(np.log(0.1), np.log(max_half)),
+    res = minimize_scalar(lambda lh: fitted(float(np.exp(lh)))[0], bounds=(np.log(0.1), np.log(max_half)),
                           method="bounded", options={"xatol": 1e-2})
     h = float(np.exp(res.x))
-    if cost_of(h) > cost_of(0.0):
-        h = 0.0
-    return {k: c.model_copy(update={"pairs_half": h}) for k, c in curves_at(h).items()}
+    (cost_h, curves_h), (cost_0, curves_0) = fitted(h), fitted(0.0)
+    h, curves = (h, curves_h) if cost_h <= cost_0 else (0.0, curves_0)
+    return {k: c.model_copy(update={"pairs_half": h}) for k, c in curves.items()}
 
 
 def _json_file(path: Path) -> dict:

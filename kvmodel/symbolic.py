@@ -588,6 +588,17 @@ fused_wave_time_smooth = _def(
     "share; n -> infinity is fused_wave_time's hard min). Latency-bound 1-warp programs keep gaining from more "
     "co-resident programs past the knee (more loads in flight), at a falling rate.",
 )
+P_pairs = sp.Symbol("P_pairs", **_pos)  # (sequence, KV head) pairs of an SDPA call: B x Hkv
+P_half = sp.Symbol("P_half", **_pos)  # pairs at which SDPA reaches 1/sqrt(2) of its plateau bandwidth (fitted)
+n_pairs = sp.Symbol("n_pairs", **_pos)  # sharpness of that saturation
+sdpa_pair_efficiency = _def(
+    "sdpa_pair_efficiency",
+    (1 + (P_half / P_pairs) ** n_pairs) ** (-1 / n_pairs),
+    "1",
+    "Fraction of its plateau bandwidth SDPA (P0, FlashAttention decode) reaches with P_pairs (sequence, KV head) "
+    "pairs: it parallelizes over the pairs and splits the context among them, so with few pairs fewer loads are "
+    "in flight than DRAM needs (H200, T = 128K: 2 pairs 2.38 TB/s, 32 pairs 4.47 TB/s).",
+)
 t_stream = sp.Symbol("t_stream", **_nonneg)  # seconds a fused kernel's programs stream (its wave time less t_k0)
 W_dram = sp.Symbol("W_dram", **_nonneg)  # bytes of one call that DRAM serves (all programs together)
 BW_ceil = sp.Symbol("BW_ceil", **_pos)  # the chip's read ceiling (x a fitted fraction), bytes/s

@@ -221,13 +221,12 @@ class OccupancyCurve:
         if splits is not None and self.one_split_rate_scale != 1.0:
             one = np.asarray(splits, dtype=float) <= 1
             t = np.where(one, self.t0_s + (t - self.t0_s) / self.one_split_rate_scale, t)
+        h = 0.0 if l2_hit is None else np.clip(np.asarray(l2_hit, dtype=float), 0.0, 1.0)
         if l2_hit is not None and self.l2_rate_scale != 1.0:
-            h = np.clip(np.asarray(l2_hit, dtype=float), 0.0, 1.0)
             t = self.t0_s + (t - self.t0_s) / (1.0 + h * (self.l2_rate_scale - 1.0))
         if self.ceiling_GBps > 0:
             # the call's DRAM bytes (its counted loads, less what L2 serves) at the chip's read ceiling
-            dram = np.asarray(nbytes, dtype=float) * (
-                1.0 if l2_hit is None else 1.0 - np.clip(np.asarray(l2_hit, dtype=float), 0.0, 1.0))
+            dram = np.asarray(nbytes, dtype=float) * (1.0 - h)
             t = fused_ceiling_time_s(t - self.t0_s, dram, self.ceiling_GBps, self.t0_s)
         if splits is not None and (self.merge_s or self.merge_per_split_s or self.merge_per_round_s):
             ns = np.asarray(splits, dtype=float)
@@ -309,16 +308,18 @@ SDPA_PAIRS_SHARPNESS = 2.0
 
 def sdpa_pair_efficiency(pairs, pairs_half):
     """Fraction of its plateau bandwidth SDPA (P0, FlashAttention decode) reaches with ``pairs`` (sequence, KV head)
-    pairs in the call (B x Hkv): ``(1 + (pairs_half / pairs)^n)^(-1/n)``, n = :data:`SDPA_PAIRS_SHARPNESS`,
+    pairs in the call (B x Hkv), symbolic ``sdpa_pair_efficiency``: ``(1 + (pairs_half / pairs)^n)^(-1/n)``, n = :data:`SDPA_PAIRS_SHARPNESS`,
     dimensionless, in (0, 1], rising with pairs. Why: the kernel parallelizes over (sequence, head) pairs and
     splits the context among them; with few pairs fewer loads are in flight than DRAM needs (H200, T = 128K: 2 pairs
     2.38 TB/s, 32 pairs 4.47 TB/s), which the bytes alone do not show. ``pairs_half`` (pairs at which the efficiency
     is 1/sqrt(2)), fitted; None or 0 switches the term off (1). Vectorized."""
+    from kvmodel import traffic
+
     if not pairs_half:
         return np.ones(np.shape(pairs)) if np.ndim(pairs) else 1.0
-    p = np.maximum(np.asarray(pairs, dtype=float), 1e-9)
-    n = SDPA_PAIRS_SHARPNESS
-    return (1.0 + (float(pairs_half) / p) ** n) ** (-1.0 / n)
+    return traffic.evaluate("sdpa_pair_efficiency", dict(
+        P_pairs=np.maximum(np.asarray(pairs, dtype=float), 1e-9), P_half=float(pairs_half),
+        n_pairs=SDPA_PAIRS_SHARPNESS))
 
 
 def sdpa_charged_bytes(nbytes, pairs, pairs_half):

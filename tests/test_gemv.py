@@ -392,10 +392,13 @@ def test_gemv_rejects_bad_prefetch_bytes(bad):
 def test_use_pdl_only_on_hopper_cuda_without_the_interpreter(monkeypatch):
     """The rule that decides the PDL path: requested, Triton has grid dependency control, not interpreting, a
     CUDA device of capability >= 9 (the capability query is faked, so this runs anywhere)."""
+    import importlib
+
     mod = _gemv_mod()
+    da = importlib.import_module("kvmodel.kernels.decode_attention")  # the shared rule, kernels' pdl_available
     cap = {"v": (9, 0)}
     monkeypatch.setattr(mod.torch.cuda, "get_device_capability", lambda dev=None: cap["v"])
-    monkeypatch.setattr(mod, "HAVE_PDL", True)
+    monkeypatch.setattr(da, "HAVE_PDL", True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert mod.use_pdl(True, "cuda") is True
     assert mod.use_pdl(True, torch.device("cuda", 0)) is True
@@ -408,7 +411,7 @@ def test_use_pdl_only_on_hopper_cuda_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert mod.use_pdl(True, "cuda") is False
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(mod, "HAVE_PDL", False)
+    monkeypatch.setattr(da, "HAVE_PDL", False)
     assert mod.use_pdl(True, "cuda") is False
 
 

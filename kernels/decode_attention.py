@@ -324,6 +324,7 @@ if triton is not None:
         V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
         VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
         MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False, PDL: tl.constexpr = False,
+        KF: tl.constexpr = False,
     ):
         if PDL:  # programmatic dependent launch: the merge grid may be scheduled once every program has started
             gdc_launch_dependents()
@@ -384,6 +385,25 @@ if triton is not None:
             # [BLOCK_N, M_PAD], the accumulators [channels, M_PAD]
             if K_FULL:
                 qf = tl.trans(qf)
+            elif KF:
+                # K fold: per channel group g, S_g = codes_g · q_g on the raw fp16 codes (1024 + c with MAGIC)
+                # minus (1024 + 8)·Σ q_g, then S = Σ_g S_g ⊙ s_g: the group scale multiplies the [BLOCK_N, M_PAD]
+                # score tile instead of dequantizing the [BLOCK_N, D] K tile. One batched dot over the groups:
+                # q's even / odd channels of each group (the packed bytes' low / high nibbles) as [NG, W, M_PAD],
+                # and the bias as the dot's initial accumulator
+                WK: tl.constexpr = GROUP // 2
+                NGK: tl.constexpr = D // GROUP
+                kbias_off: tl.constexpr = (1024.0 if MAGIC else 0.0) + 8.0
+                wk = tl.arange(0, WK)
+                gk = tl.arange(0, NGK)
+                q3 = (Q + pid_b * stride_qb + head[None, :, None].to(tl.int64) * stride_qh
+                      + 2 * (gk[None, None, :] * WK + wk[:, None, None]))  # [W, M_PAD, NG]
+                q3a = tl.load(q3, mask=row_ok[None, :, None], other=0.0)
+                q3b = tl.load(q3 + 1, mask=row_ok[None, :, None], other=0.0)
+                kbias = -kbias_off * (tl.sum(q3a.to(tl.float32), 0) + tl.sum(q3b.to(tl.float32), 0))  # [M_PAD, NG]
+                q3a = tl.permute(q3a, (2, 0, 1))  # [NG, W, M_PAD]
+                q3b = tl.permute(q3b, (2, 0, 1))
+                kbias3 = tl.zeros([NGK, BLOCK_N, M_PAD], tl.float32) + tl.permute(kbias, (1, 0))[:, None, :]
             else:
                 qa = tl.trans(qa)
                 qb = tl.trans(qb)
@@ -409,6 +429,15 @@ if triton is not None:
             if K_FULL:
                 kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
                                   ASM)
+            elif KF:
+                n3 = offs_n[:, None, None]
+                bk = tl.load(kd + n3 * skd_t + gk[None, :, None] * WK + wk[None, None, :], mask=mask_n[:, None, None],
+                             other=0)  # [BLOCK_N, NG, W] packed bytes
+                sk = tl.load(ks + offs_n[:, None] * sks_t + gk[None, :], mask=mask_n[:, None], other=0.0)
+                klo, khi = _nibbles_f16(bk, MAGIC, ASM)  # raw codes
+                s3 = tl.dot(tl.permute(klo, (1, 0, 2)), q3a, kbias3)
+                s3 = tl.dot(tl.permute(khi, (1, 0, 2)), q3b, s3)  # [NG, BLOCK_N, M_PAD]
+                s = tl.sum(s3 * tl.permute(tl.reshape(sk.to(tl.float32), (BLOCK_N, NGK, 1)), (1, 0, 2)), 0)
             else:
                 ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
                                     ASM)
@@ -416,6 +445,8 @@ if triton is not None:
             if SW:
                 if K_FULL:
                     s = tl.dot(kf, qf)
+                elif KF:
+                    pass  # scores already folded above
                 else:
                     s = tl.dot(ka, qa)
                     s = tl.dot(kb, qb, s)
@@ -671,6 +702,11 @@ def v_fold_possible(swap: bool, vtp: int, asym: bool, v_bits: int, v_full: bool)
     return bool(swap) and vtp == 2 and not asym and v_bits == 4 and not v_full
 
 
+def k_fold_possible(swap: bool, asym: bool, k_bits: int, k_full: bool) -> bool:
+    """Whether the K fold (group scales on the score tile) applies: swapped dots, symmetric 4-bit K."""
+    return bool(swap) and not asym and k_bits == 4 and not k_full
+
+
 def default_v_fold(swap: bool, vtp: int, asym: bool, k_bits: int, v_bits: int, v_full: bool, d: int = 128) -> bool:
     """The V fold's default (v7/v8): wherever it can run, except with an 8-bit K at d >= 128 (measured slower
     folded: Llama B=32 T=32K 8/4 502 vs 464 us; at d = 64 the fold wins with an 8-bit K too: Qwen2.5-0.5B B=64
@@ -770,7 +806,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
                      async_scales: bool | None = None, merge: str | None = None,
                      maxnreg: int | None = None, swap: bool | None = None,
-                     v_fold: bool | None = None) -> torch.Tensor:
+                     v_fold: bool | None = None, k_fold: bool | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -788,6 +824,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     of 16).
     ``v_fold``: with ``swap`` and a symmetric 4-bit token_octet V, V's group scales multiply the P tile per group
     (one batched dot over the channel groups) instead of dequantizing V.
+    ``k_fold``: with ``swap`` and a symmetric 4-bit K, K's group scales multiply the score tile per group (two
+    dots per group on the raw codes) instead of dequantizing K.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -880,6 +918,10 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         v_fold = default_v_fold(swap, vtp, cache.asym, k.bits, v.bits, v_full, d)
     if v_fold and not v_fold_possible(swap, vtp, cache.asym, v.bits, v_full):
         raise ValueError("v_fold needs swap=True and a symmetric 4-bit V in the token_octet layout")
+    if k_fold is None:
+        k_fold = False
+    if k_fold and not k_fold_possible(swap, cache.asym, k.bits, k_full):
+        raise ValueError("k_fold needs swap=True and a symmetric 4-bit K (k_full off)")
     merge_sb = min(16, triton.next_power_of_2(num_splits))
     merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step
     grid = (num_splits, prog_heads, B)
@@ -894,7 +936,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
         K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
-        VF=bool(v_fold), PDL=bool(pdl and split),
+        VF=bool(v_fold), PDL=bool(pdl and split), KF=bool(k_fold),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:

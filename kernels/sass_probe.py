@@ -48,7 +48,7 @@ def offline_signature(fn, ptrs: dict, ints, not_div=(), floats=()) -> tuple[dict
 
 
 def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3, group=32, asym=False,
-                   vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=None, vf=None):
+                   vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=None, vf=None, kf=False):
     """The compiled kernel (``triton.compile`` result) for sm_90. ``swap`` / ``vf`` None: the launcher's defaults
     (swapped dots for a quantized part; the V fold for a symmetric 4-bit token_octet V with K not 8-bit)."""
     import triton
@@ -74,7 +74,7 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     m_pad = max(SWAP_MIN_ROWS, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G))
     consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, VF=vf, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
                   ASYM=asym, BLOCK_N=block_n, MAGIC=True, ASM=True, SPLIT=split, V_FULL=v_full, SC=sc,
-                  K_FULL=k_full, VTP=vtp)
+                  K_FULL=k_full, VTP=vtp, KF=kf)
     sig, attrs = offline_signature(fn, ptrs, ints, not_div, floats=("qk_scale",))
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -187,6 +187,8 @@ def main(argv=None):
                     help="swapped operands (tokens on the mma M side); default: the launcher's")
     ap.add_argument("--vf", type=int, default=None, choices=(0, 1),
                     help="V fold (swapped, token_octet 4-bit V): V scales on the P tile; default: the launcher's")
+    ap.add_argument("--kf", type=int, default=0, choices=(0, 1),
+                    help="K fold (swapped, symmetric 4-bit K): K scales on the score tile")
     ap.add_argument("--v-full", action="store_true")
     ap.add_argument("--table", action="store_true", help="v3 vs v4 candidate at both default block shapes")
     ap.add_argument("--occupancy", action="store_true",
@@ -210,7 +212,8 @@ def main(argv=None):
         return
     cfg = dict(kb=a.kb, vb=a.vb, d=a.d, G=a.G, group=a.group, block_n=a.block_n, num_warps=a.warps,
                num_stages=a.stages, vtp=a.vtp, v_full=a.v_full,
-               swap=None if a.swap is None else bool(a.swap), vf=None if a.vf is None else bool(a.vf))
+               swap=None if a.swap is None else bool(a.swap), vf=None if a.vf is None else bool(a.vf),
+               kf=bool(a.kf))
     print(_fmt(str(cfg), probe(**cfg)))
 
 

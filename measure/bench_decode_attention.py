@@ -555,9 +555,36 @@ _PROBE_V8B = [
     ("llama-3.1-8b", 1, 4096, (4, 4), ["pdl", "pdlsp32", "fused"]),
     ("qwen2.5-7b", 1, 16384, (4, 4), ["pdl", "pdlsp32", "pdlsp64"]),
 ]
+# v9 (K fold: symmetric 4-bit K's group scales on the score tile, one batched dot over the groups on the raw codes):
+# the throughput cases (where the 1-/2-warp 32-token shapes run) and small launches with the fold on the 1-warp
+# shape (the 4-warp shape's loop gets longer with the fold: 474 -> 596 instructions offline)
+PROBE_VARIANTS["kf"] = dict(k_fold=True)
+PROBE_VARIANTS["kfa32x1"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=3)
+PROBE_VARIANTS["kfpdla32x1"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=3, merge="pdl")
+for _n in (12, 24, 48):
+    PROBE_VARIANTS[f"kfsp{_n}"] = dict(k_fold=True, num_splits=_n)
+_PROBE_V9KF = [
+    ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "kf", "kfsp12", "kfsp24"]),
+    ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "kf"]),
+    ("qwen2.5-7b", 16, 131072, (4, 4), ["dflt", "kf", "kfsp24", "kfsp48"]),
+    ("qwen2.5-7b", 32, 32768, (4, 4), ["dflt", "kf"]),
+    ("gemma-3-12b", 32, 32768, (4, 4), ["dflt", "kf"]),
+    ("gemma-3-12b", 4, 131072, (4, 4), ["dflt", "kf"]),
+    ("qwen2.5-0.5b", 64, 16384, (4, 4), ["dflt", "kf"]),
+    ("qwen2.5-0.5b", 16, 131072, (4, 4), ["dflt", "kf"]),
+    ("llama-3.1-8b", 32, 32768, (4, 16), ["dflt", "kf"]),
+    ("llama-3.1-8b", 32, 32768, (4, 8), ["dflt", "kf"]),
+    ("llama-3.1-8b", 8, 4096, (4, 4), ["dflt", "kf"]),
+    ("llama-3.1-8b", 4, 16384, (4, 4), ["dflt", "kf"]),
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["dflt", "a32x1", "kfa32x1", "kfpdla32x1"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["dflt", "kfa32x1", "kfpdla32x1"]),
+    ("qwen2.5-0.5b", 1, 4096, (4, 4), ["dflt", "kf", "kfpdla32x1"]),
+    ("qwen2.5-0.5b", 4, 4096, (4, 4), ["dflt", "kf"]),
+    ("qwen2.5-0.5b", 1, 1024, (4, 4), ["dflt", "kf"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
-              "v8": _PROBE_V8, "v8b": _PROBE_V8B}
+              "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF}
 
 
 def _probe_compile(spec):
@@ -652,7 +679,7 @@ def main(argv=None):
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
                     help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits; "
-                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches)")
+                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches; v9kf: the K fold)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

@@ -572,6 +572,29 @@ def test_decode_attention_v_fold(B, G, Hkv, d, T, kb, group, block_n, num_warps,
                     v_fold=True, block_n=block_n, num_warps=num_warps, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("B,G,Hkv,d,T,vb,group,block_n,num_warps,num_splits,v_layout", [
+    (2, 4, 1, 128, 150, 4, 32, 32, 1, None, "token_octet"), (1, 7, 2, 128, 65, 4, 64, 64, 4, 3, "token_octet"),
+    (2, 2, 1, 256, 100, 4, 32, 32, 2, 1, "token_octet"), (1, 8, 1, 64, 63, 8, 32, 32, 1, 2, "channel"),
+    (3, 1, 1, 256, 40, 16, 128, 64, 4, None, "channel"), (1, 3, 1, 128, 1000, 4, 32, 32, 1, 5, "token_octet"),
+    (1, 5, 1, 64, 97, 4, 64, 32, 1, None, "channel")])
+def test_decode_attention_k_fold(B, G, Hkv, d, T, vb, group, block_n, num_warps, num_splits, v_layout):
+    """K fold (swapped dots, symmetric 4-bit K: one batched dot over the channel groups on the raw codes, the
+    group scales on the score tile) against the float32 reference on tail-poisoned caches; T not a multiple of
+    the block, G 1-8, every group size, V at 4/8/16 bits in both 4-bit layouts."""
+    check_attention(B, G, Hkv, d, T, 4, vb, group, False, seed=3 * T + G + d, v_layout=v_layout, swap=True,
+                    k_fold=True, block_n=block_n, num_warps=num_warps, num_splits=num_splits)
+
+
+def test_k_fold_is_refused_where_it_cannot_apply():
+    """k_fold=True needs swapped dots and a symmetric 4-bit K (k_full off): anything else is a ValueError."""
+    for kb, asym, opts in ((8, False, {}), (16, False, {}), (4, True, {}), (4, False, {"swap": False}),
+                           (4, False, {"k_full": True})):
+        cache, g = _make_cache(1, 1, 40, 128, kb, 4, 32, asym, 3, v_layout="token_octet")
+        q = torch.randn(1, 4, 128, generator=g).half().to(DEV)
+        with pytest.raises(ValueError, match="k_fold"):
+            decode_attention(q, cache, k_fold=True, **opts)
+
+
 def test_v_fold_is_the_default_only_where_it_applies():
     """v_fold=True is refused where it cannot apply (asymmetric V, channel layout, no swap); the default turns it
     on exactly for swapped symmetric 4-bit token_octet V (same result as v_fold=False)."""
@@ -641,6 +664,29 @@ def _octet_gpu_cases():
 @pytest.mark.parametrize("B,G,Hkv,d,T,kb", list(_octet_gpu_cases()))
 def test_decode_attention_octet_v_full_gpu(B, G, Hkv, d, T, kb):
     check_attention(B, G, Hkv, d, T, kb, 4, seed=T * 5 + G * 3 + d + B + kb, v_layout="token_octet")
+
+
+def _k_fold_gpu_cases():
+    """The cross product's T, G, d, B for a 4-bit K folded, over a token_octet 4-bit V (the V fold too) and over
+    8- and 16-bit V."""
+    for G, d, T, B, vb in itertools.product(G_VALUES, D_VALUES, T_VALUES, B_VALUES, (4, 8, 16)):
+        yield pytest.param(B, G, 2, d, T, vb, id=f"B{B}-G{G}-d{d}-T{T}-k4v{vb}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,G,Hkv,d,T,vb", list(_k_fold_gpu_cases()))
+def test_decode_attention_k_fold_gpu(B, G, Hkv, d, T, vb):
+    """K fold at full shapes on the GPU (the raw-code dots' fp32 accumulation of 1024 + c on the tensor cores)."""
+    check_attention(B, G, Hkv, d, T, 4, vb, seed=T * 7 + G * 5 + d + B + vb,
+                    v_layout="token_octet" if vb == 4 else "channel", swap=True, k_fold=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb,vb,d,G", [(4, 4, 128, 4), (4, 4, 256, 2), (4, 4, 64, 7), (4, 16, 128, 4)])
+def test_decode_attention_large_launch_k_fold_gpu(kb, vb, d, G):
+    """A launch past LARGE_WORK token-heads with the K fold (the throughput shapes and split counts)."""
+    check_attention(2, G, 8, d, 65543, kb, vb, seed=kb + d + G + 1, v_layout="token_octet" if vb == 4 else "channel",
+                    swap=True, k_fold=True)
 
 
 @pytest.mark.gpu

@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover
 LOG2E = 1.4426950408889634
 V_FULL_DEFAULT = False  # True: V dequantized to a full-width fp16 tile before the P·V dot (_load_v_full); measured no faster for 4/4 (NOTES.md), so the grid default is the halves path
 DEFAULT_SMS = 132  # H200; the launcher reads the real count from the device when there is one
+K_FOLD_DEFAULT = True  # v9: large launches with a symmetric 4-bit K fold K's group scales into the score tile
 SWAP_MIN_ROWS = 8  # query rows of the swapped (tokens-as-M) dots: mma.m16n8k16's N is 8
 SWAP_DEFAULT = True  # formats with a quantized part use the swapped dots (v6; offline SASS −15…−25 % instructions)
 V_FOLD_DEFAULT = True  # swapped dots + symmetric 4-bit token_octet V (K not 8-bit): V scales on the P tile (v7)
@@ -663,8 +664,9 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: launches with a quantized part at d = 64 use the 1-warp 32-token shape; small launches of the 4-warp shape merge
 #: their splits in a programmatic dependent launch).
 #: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
-#: measured.
-KERNEL_VERSION = "v8"
+#: measured. v9: the K fold — large launches with a symmetric 4-bit K multiply K's group scales into the score tile
+#: (one batched dot over the channel groups on the raw codes) instead of dequantizing the K tile.
+KERNEL_VERSION = "v9"
 
 LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
@@ -726,18 +728,22 @@ def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T:
     shape, 0.68-0.76x the time at B = 1-16, T = 4K); large ones with a quantized part use 1–2 warps per program
     and 32-token tiles (no cross-warp softmax reductions, more independent programs per SM). ``merge``: small
     launches of the 4-warp shape merge their splits in a programmatic dependent launch (v8: 0.4-0.7 us less at
-    B = 1-4 in every probe; large launches gained nothing or lost, e.g. Llama B=8 T=4K 24.4 vs 26.2 us)."""
+    B = 1-4 in every probe; large launches gained nothing or lost, e.g. Llama B=8 T=4K 24.4 vs 26.2 us). ``k_fold``
+    (v9): large launches with a 4-bit K fold its group scales into the score tile (symmetric caches only, the
+    launcher checks; H100 probe v9kf: Llama B=16 T=128K 4/4 993 -> 852 us, Qwen2.5-7B 507 -> 443, Gemma B=4 T=128K
+    670 -> 598; small launches tie or lose with it: Qwen2.5-7B B=1 T=4K 9.3 -> 11.1 us on the 1-warp shape)."""
     large = B * prog_heads * T >= LARGE_WORK
     sw = default_swap(k_bits, v_bits)
     if k_bits == 16 and v_bits == 16:
         bn = 128 if d == 128 and large else 64
         return dict(block_n=bn, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw,
-                    merge="kernel" if large else "pdl")
+                    merge="kernel" if large else "pdl", k_fold=False)
     if not large and d != 64:
-        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw, merge="pdl")
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw, merge="pdl", k_fold=False)
     bn, w = (32, 2) if d > 128 else (32, 1)
     ppsm = shape_programs_per_sm(k_bits, v_bits, d, bn, w)
-    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=sw, merge="kernel")
+    kf = K_FOLD_DEFAULT and sw and large and k_bits == 4
+    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=sw, merge="kernel", k_fold=kf)
 
 
 def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
@@ -919,7 +925,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     if v_fold and not v_fold_possible(swap, vtp, cache.asym, v.bits, v_full):
         raise ValueError("v_fold needs swap=True and a symmetric 4-bit V in the token_octet layout")
     if k_fold is None:
-        k_fold = False
+        k_fold = (cfg["k_fold"] and (block_n, num_warps) == (cfg["block_n"], cfg["num_warps"])
+                  and k_fold_possible(swap, cache.asym, k.bits, k_full))
     if k_fold and not k_fold_possible(swap, cache.asym, k.bits, k_full):
         raise ValueError("k_fold needs swap=True and a symmetric 4-bit K (k_full off)")
     merge_sb = min(16, triton.next_power_of_2(num_splits))

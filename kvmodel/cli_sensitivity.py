@@ -31,6 +31,9 @@ _INSTALL_HINT = (
 
 def _deps():
     """Import torch, transformers and the measurement module, or exit 1 with an install hint."""
+    from kvmodel.checkout_path import drop_checkout_root_from_path
+
+    drop_checkout_root_from_path()  # transformers >= 5.25 imports PyPI's `kernels`, which the checkout shadows
     for mod, what in (("torch", "PyTorch (torch)"), ("transformers", "transformers")):
         try:
             __import__(mod)

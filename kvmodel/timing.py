@@ -417,8 +417,8 @@ KERNEL_LARGE_WORK = 1 << 18
 
 def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
     """The fused split-K kernel's block shape for one call: the rule of ``kernels.decode_attention.default_config``
-    (kernel v8), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
-    assumes), ``merge`` ('pdl': the split merge as a programmatic dependent launch, small launches of the 4-warp
+    (kernel v9), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
+    assumes), ``k_fold`` (K's group scales folded into the score tile, symmetric 4-bit K), ``merge`` ('pdl': the split merge as a programmatic dependent launch, small launches of the 4-warp
     shape; else 'kernel') and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of
     the call, so a model may use it: the two sides of the threshold are different programs with different
     per-token costs."""
@@ -426,12 +426,14 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
     large = float(batch) * float(prog_heads) * float(context) >= KERNEL_LARGE_WORK
     if kb == 16 and vb == 16:
         bn = 128 if d == 128 and large else 64
-        return dict(block_n=bn, num_warps=4, programs_per_sm=4, merge="kernel" if large else "pdl", large=large)
+        return dict(block_n=bn, num_warps=4, programs_per_sm=4, merge="kernel" if large else "pdl", large=large,
+                    k_fold=False)
     if not large and d != 64:
-        return dict(block_n=64, num_warps=4, programs_per_sm=4, merge="pdl", large=large)
+        return dict(block_n=64, num_warps=4, programs_per_sm=4, merge="pdl", large=large, k_fold=False)
+    k_fold = large and kb == 4  # v9: K's group scales folded into the score tile (symmetric caches)
     if d > 128:
         return dict(block_n=32, num_warps=2, programs_per_sm=16 if (kb, vb) == (4, 4) else 4, merge="kernel",
-                    large=large)
+                    large=large, k_fold=k_fold)
     # programs per SM the split rule assumes for the 1-warp shape (kernels.decode_attention.SHAPE_PROGRAMS_PER_SM)
     if 8 in (kb, vb):
         pps = 8 if d in (64, 128) else 4
@@ -439,7 +441,7 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
         pps = 16 if d in (64, 128) else 4
     else:
         pps = {64: 9, 128: 8}.get(d, 4)
-    return dict(block_n=32, num_warps=1, programs_per_sm=pps, merge="kernel", large=large)
+    return dict(block_n=32, num_warps=1, programs_per_sm=pps, merge="kernel", large=large, k_fold=k_fold)
 
 
 def kernel_config_key(cfg: dict) -> str:

@@ -90,6 +90,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvmodel.checkout_path import drop_checkout_root_from_path
+
+# transformers (imported lazily below) >= 5.25 imports PyPI's `kernels`, which a checkout root on sys.path shadows
+drop_checkout_root_from_path()
+
 __all__ = [
     "LINEAR_REGIME_RATIO",
     "VARIANTS",

@@ -6,6 +6,12 @@ import os
 
 import pytest
 
+from kvmodel.checkout_path import drop_checkout_root_from_path
+
+# transformers >= 5.25 imports PyPI's `kernels`; with the repository root on sys.path (python -m pytest) this
+# checkout's kernels/ folder would shadow it. The tests import the installed package, which needs no root entry.
+drop_checkout_root_from_path()
+
 
 def _cuda_available() -> bool:
     try:

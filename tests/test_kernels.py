@@ -239,6 +239,10 @@ def test_default_config():
     assert default_config(16, 16, 128, 1, 8, 4096)["merge"] == "pdl"
     assert default_config(4, 4, 64, 1, 2, 4096)["merge"] == "kernel"
     assert default_config(4, 4, 128, 32, 8, 32768)["merge"] == "kernel"
+    # v9: the K fold runs on large launches with a 4-bit K (the 1-/2-warp shapes), never on small ones
+    assert default_config(4, 4, 128, 32, 8, 32768)["k_fold"] and default_config(4, 16, 256, 32, 8, 32768)["k_fold"]
+    assert not default_config(4, 4, 128, 1, 8, 4096)["k_fold"] and not default_config(4, 4, 64, 1, 2, 4096)["k_fold"]
+    assert not default_config(8, 4, 128, 32, 8, 32768)["k_fold"]
     for kb, vb in BIT_PAIRS:
         for d in D_VALUES:
             c = default_config(kb, vb, d, 64, 8, 131072)
@@ -877,8 +881,8 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
         want = da.default_config(kb, vb, d, B, Hkv, T)
         got = timing.kernel_config(kb, vb, d, B, Hkv, T)
         key = (kb, vb, d, B, Hkv, T)
-        assert (got["block_n"], got["num_warps"], got["programs_per_sm"], got["merge"]) == (
-            want["block_n"], want["num_warps"], want["programs_per_sm"], want["merge"]), key
+        assert (got["block_n"], got["num_warps"], got["programs_per_sm"], got["merge"], got["k_fold"]) == (
+            want["block_n"], want["num_warps"], want["programs_per_sm"], want["merge"], want["k_fold"]), key
         assert got["large"] == (B * Hkv * T >= da.LARGE_WORK), key
         splits = da.choose_num_splits(B, Hkv, T, want["block_n"], sms, want["programs_per_sm"])
         assert float(timing.kernel_split_count(kb, vb, d, B, Hkv, T, sms)) == splits, key

@@ -582,9 +582,18 @@ _PROBE_V9KF = [
     ("qwen2.5-0.5b", 4, 4096, (4, 4), ["dflt", "kf"]),
     ("qwen2.5-0.5b", 1, 1024, (4, 4), ["dflt", "kf"]),
 ]
+# v9, repeat: the K fold on and off alternately at the d = 128 long-context cases, each case three times on fresh
+# allocations (the v9 grid's medians there sat at the v8 time with p10 at the probe's K-fold time)
+PROBE_VARIANTS["nokf"] = dict(k_fold=False)
+_PROBE_V9REP = 3 * [
+    ("llama-3.1-8b", 16, 131072, (4, 4), ["nokf", "dflt"]),
+    ("qwen2.5-7b", 16, 131072, (4, 4), ["nokf", "dflt"]),
+    ("llama-3.1-8b", 8, 131072, (4, 4), ["nokf", "dflt"]),
+    ("gemma-3-12b", 4, 131072, (4, 4), ["nokf", "dflt"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
-              "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF}
+              "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF, "v9rep": _PROBE_V9REP}
 
 
 def _probe_compile(spec):
@@ -641,16 +650,16 @@ def probe(args, ceil):
         for name, fn in runs:
             pipe = name if name in ("P0", "P1") else "P5"
             try:
-                med = time_graph(fn, n_sets, target_s=args.target_s)[0]
+                med, p10, p90 = time_graph(fn, n_sets, target_s=args.target_s)[:3]
             except Exception as e:  # noqa: BLE001
                 line.append(f"{name} ERR {type(e).__name__}: {str(e)[:80]}")
                 continue
             by = bytes_moved(pipe, B, T, Hq, Hkv, d, kb, vb)[0]
             pct = 100 * by / med / 1e9 / ceil["read_GBps"]
-            line.append(f"{name} {med * 1e6:.1f}us {pct:.0f}%")
+            line.append(f"{name} {med * 1e6:.1f}us ({p10 * 1e6:.0f}-{p90 * 1e6:.0f}) {pct:.0f}%")
             if out:
                 out.write(json.dumps(dict(model=model, B=B, T=T, k_bits=kb, v_bits=vb, variant=name,
-                                          opts=PROBE_VARIANTS.get(name), median_s=med, bytes=by,
+                                          opts=PROBE_VARIANTS.get(name), median_s=med, p10_s=p10, p90_s=p90, bytes=by,
                                           pct_read_ceiling=pct, read_GBps=ceil["read_GBps"])) + "\n")
                 out.flush()
         log(f"PROBE {model} B={B} T={T} {kb}/{vb}: " + " | ".join(line))

@@ -446,9 +446,7 @@ if triton is not None:
             if SW:
                 if K_FULL:
                     s = tl.dot(kf, qf)
-                elif KF:
-                    pass  # scores already folded above
-                else:
+                elif not KF:  # (with the K fold the scores were built with the tile's load)
                     s = tl.dot(ka, qa)
                     s = tl.dot(kb, qb, s)
                 s = s * qk_scale
@@ -830,8 +828,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     of 16).
     ``v_fold``: with ``swap`` and a symmetric 4-bit token_octet V, V's group scales multiply the P tile per group
     (one batched dot over the channel groups) instead of dequantizing V.
-    ``k_fold``: with ``swap`` and a symmetric 4-bit K, K's group scales multiply the score tile per group (two
-    dots per group on the raw codes) instead of dequantizing K.
+    ``k_fold``: with ``swap`` and a symmetric 4-bit K, K's group scales multiply the score tile (one batched dot
+    over the channel groups on the raw codes) instead of dequantizing K; None = :func:`default_config`'s choice.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")

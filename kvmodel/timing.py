@@ -418,10 +418,10 @@ KERNEL_LARGE_WORK = 1 << 18
 def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
     """The fused split-K kernel's block shape for one call: the rule of ``kernels.decode_attention.default_config``
     (kernel v9), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
-    assumes), ``k_fold`` (K's group scales folded into the score tile, symmetric 4-bit K), ``merge`` ('pdl': the split merge as a programmatic dependent launch, small launches of the 4-warp
-    shape; else 'kernel') and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of
-    the call, so a model may use it: the two sides of the threshold are different programs with different
-    per-token costs."""
+    assumes), ``k_fold`` (K's group scales folded into the score tile, symmetric 4-bit K), ``merge`` ('pdl': the
+    split merge as a programmatic dependent launch, small launches of the 4-warp shape; else 'kernel') and
+    ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of the call, so a model may
+    use it: the two sides of the threshold are different programs with different per-token costs."""
     kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
     large = float(batch) * float(prog_heads) * float(context) >= KERNEL_LARGE_WORK
     if kb == 16 and vb == 16:

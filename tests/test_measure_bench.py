@@ -42,3 +42,48 @@ def test_every_probe_set_names_known_variants_and_models():
             assert B >= 1 and T >= 1 and kb in (4, 8, 16) and vb in (4, 8, 16), (name, model)
             for v in variants:
                 assert v in bench.PROBE_VARIANTS, (name, model, v)
+
+
+def test_kernel_timeline_stats_from_trace_events(tmp_path):
+    """Span per call is a replay's first start to last end / R (median over replays); busy is the kernels' summed
+    duration per call; the per-kernel means are over every event of that name."""
+    import json
+
+    from kvmodel.measure import kernel_timeline as tl
+
+    ev, t = [], 0.0
+    for rep in range(3):  # 3 replays of R = 2 calls, each call a 4 us split kernel + 2 us merge, 1 us apart
+        for _ in range(2):
+            ev.append(dict(cat="kernel", name="_attn_split_kernel", ts=t, dur=4.0))
+            ev.append(dict(cat="kernel", name="_merge_kernel", ts=t + 5.0, dur=2.0))
+            t += 8.0
+        t += 100.0  # host gap between replays: not part of any span
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": ev + [dict(cat="cpu_op", name="x", ts=0.0, dur=1.0)]}))
+    events = tl._kernel_events(str(trace))
+    assert len(events) == 12
+    st = tl.timeline_stats(events, replays=3, R=2)
+    assert st["busy_us"] == pytest.approx(6.0)
+    assert st["span_us"] == pytest.approx((8.0 + 7.0) / 2)
+    assert st["kernels_per_call"] == 2
+    assert st["kernels"]["_merge_kernel"] == dict(per_call=1.0, mean_us=2.0)
+    assert tl.timeline_stats([], 3, 2)["kernels"] == {}
+
+
+def test_kernel_timeline_cases_name_known_variants_and_models():
+    from kvmodel.measure import kernel_timeline as tl
+
+    for cases in tl.CASES.values():
+        for model, B, T, fmt, names in cases:
+            assert model in bench.MODELS and fmt in bench.FORMATS
+            assert all(n in ("P0", "P1") or n in bench.PROBE_VARIANTS for n in names)
+
+
+def test_kernel_timeline_without_a_gpu_says_so(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    from kvmodel.measure import kernel_timeline as tl
+
+    assert tl.main(["--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

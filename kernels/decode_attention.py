@@ -622,6 +622,31 @@ def num_sms(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
+#: Most fp32 partial-output elements (splits x head dim) the merge kernel loads in one round when it reads every
+#: split at once (up to 64 splits at d <= 128, 32 at d = 256; 8 warps hold 32 of them per thread).
+MERGE_MAX_ELEMS = 8192
+#: Whether the merge reads every split in one round by default (v10 candidate; kernel v9 reads 16 per round).
+ONE_ROUND_MERGE_DEFAULT = False
+
+
+def merge_shape(num_splits: int, d: int, block_s: int | None = None) -> tuple[int, int]:
+    """(splits per round of loads, warps) of the split merge. Each round is a dependent L2 round trip (H100 kernel
+    timeline, B=1 T=4K Qwen2.5-0.5B: 32 splits in two rounds of 16 take 2.17 us, 16 in one 1.57). ``block_s``:
+    the most splits per round (a power of two; 16 = kernel v9's merge: 4 per round at <= 4 splits, else 16);
+    None = every split in one round where ``next_pow2(num_splits) * d <= MERGE_MAX_ELEMS``
+    (:data:`ONE_ROUND_MERGE_DEFAULT`) or kernel v9's 16. 1 warp for <= 4 per round, else 4, 8 from 4 K partials."""
+    if block_s is None:
+        block_s = max(16, MERGE_MAX_ELEMS // d) if ONE_ROUND_MERGE_DEFAULT else 16
+    elif block_s < 1 or block_s & (block_s - 1):
+        raise ValueError(f"merge_block_s must be a power of two, got {block_s}")
+    if block_s == 16:
+        block_s = 4 if num_splits <= 4 else 16  # kernel v9's merge
+    else:
+        block_s = max(4, min(block_s, triton.next_power_of_2(num_splits)))
+    warps = 1 if block_s <= 4 else max(4, min(8, block_s * d // 1024))
+    return block_s, warps
+
+
 def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DEFAULT_SMS,
                       programs_per_sm: int = 4, min_tiles_per_split: int = 4, max_splits: int = 128) -> int:
     """Split count that fills the SMs: minimizes (waves of programs) × (tiles per program + overhead).
@@ -810,7 +835,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      workspace: dict | None = None, v_full: bool | None = None, k_full: bool | None = None,
                      async_scales: bool | None = None, merge: str | None = None,
                      maxnreg: int | None = None, swap: bool | None = None,
-                     v_fold: bool | None = None, k_fold: bool | None = None) -> torch.Tensor:
+                     v_fold: bool | None = None, k_fold: bool | None = None,
+                     merge_block_s: int | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -830,6 +856,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     (one batched dot over the channel groups) instead of dequantizing V.
     ``k_fold``: with ``swap`` and a symmetric 4-bit K, K's group scales multiply the score tile (one batched dot
     over the channel groups on the raw codes) instead of dequantizing K; None = :func:`default_config`'s choice.
+    ``merge_block_s``: the most splits the merge kernel reads per round of loads (a power of two; None =
+    :func:`merge_shape`'s default; 16 = kernel v9's merge).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -945,9 +973,10 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:
+        bs, mw = merge_shape(num_splits, d, merge_block_s)
         _merge_kernel[(B * Hq,)](
             part_o, part_l, out, num_splits, Hq * num_splits * d, num_splits * d, d,
-            out.stride(0), out.stride(1), Hq, D=d, BLOCK_S=4 if num_splits <= 4 else 16, PDL=pdl,
-            num_warps=1 if num_splits <= 4 else 4, **({"launch_pdl": True} if pdl else {}),
+            out.stride(0), out.stride(1), Hq, D=d, BLOCK_S=bs, PDL=pdl,
+            num_warps=mw, **({"launch_pdl": True} if pdl else {}),
         )
     return out

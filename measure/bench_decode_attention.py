@@ -591,9 +591,46 @@ _PROBE_V9REP = 3 * [
     ("llama-3.1-8b", 8, 131072, (4, 4), ["nokf", "dflt"]),
     ("gemma-3-12b", 4, 131072, (4, 4), ["nokf", "dflt"]),
 ]
+# v10 candidate (small launches): the merge reads every split in one round (merge_block_s=64: merge_shape caps it at
+# MERGE_MAX_ELEMS / d), which should make more splits pay at B = 1 (v8b measured 64 / 128 splits slower with kernel
+# v9's rounds of 16). "mb64" = the default block shape and split count with the one-round merge, "mb16" = v9's
+# merge; spN / a32x1spN / a64x4spN / a32x2spN: N splits (the default / 1-warp 32-token / 4-warp 64-token / 2-warp
+# 32-token shape) with the one-round merge; ...mb16: v9's merge; ...mk: separate (not PDL) merge
+PROBE_VARIANTS["mb16"] = dict(merge_block_s=16)
+PROBE_VARIANTS["mb64"] = dict(merge_block_s=64)
+for _n in (16, 32, 64, 128):
+    _one = dict(num_splits=_n, merge_block_s=64)
+    PROBE_VARIANTS[f"sp{_n}"] = dict(_one)
+    PROBE_VARIANTS[f"a32x1sp{_n}"] = dict(block_n=32, num_warps=1, num_stages=3, **_one)
+    PROBE_VARIANTS[f"a32x1sp{_n}mk"] = dict(block_n=32, num_warps=1, num_stages=3, merge="kernel", **_one)
+    PROBE_VARIANTS[f"a32x1sp{_n}mb16"] = dict(block_n=32, num_warps=1, num_stages=3, num_splits=_n,
+                                              merge_block_s=16)
+    PROBE_VARIANTS[f"a64x4sp{_n}"] = dict(block_n=64, num_warps=4, num_stages=3, **_one)
+    PROBE_VARIANTS[f"a32x2sp{_n}"] = dict(block_n=32, num_warps=2, num_stages=3, **_one)
+_PROBE_V10 = [
+    ("qwen2.5-0.5b", 1, 4096, (4, 4), ["dflt", "mb64", "a32x1sp64", "a32x1sp64mb16", "a32x1sp128", "a32x1sp64mk"]),
+    ("qwen2.5-0.5b", 1, 1024, (4, 4), ["dflt", "a32x1sp32", "a32x1sp16"]),
+    ("qwen2.5-0.5b", 1, 16384, (4, 4), ["dflt", "a32x1sp64", "a32x1sp128"]),
+    ("qwen2.5-0.5b", 4, 4096, (4, 4), ["dflt", "a32x1sp32", "a32x1sp64"]),
+    ("qwen2.5-0.5b", 1, 4096, (8, 8), ["dflt", "a32x1sp64", "a32x1sp128"]),
+    ("qwen2.5-0.5b", 1, 4096, (16, 16), ["dflt", "sp32", "sp64"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["dflt", "mb64", "sp32", "sp64", "a32x1sp32", "a32x1sp64", "a32x1sp128",
+                                     "a32x1sp64mk"]),
+    ("qwen2.5-7b", 1, 1024, (4, 4), ["dflt", "a32x1sp32", "sp16"]),
+    ("qwen2.5-7b", 1, 16384, (4, 4), ["dflt", "sp32", "sp64", "a32x1sp64", "a32x1sp128"]),
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["dflt", "sp32", "a32x1sp32", "a32x1sp64", "a32x1sp64mk"]),
+    ("llama-3.1-8b", 1, 1024, (4, 4), ["dflt", "a32x1sp16", "a32x1sp32"]),
+    ("llama-3.1-8b", 1, 32768, (4, 4), ["dflt", "sp64", "sp128", "a32x1sp128"]),
+    ("llama-3.1-8b", 4, 4096, (4, 4), ["dflt", "sp32", "a32x1sp32"]),
+    ("llama-3.1-8b", 1, 4096, (8, 8), ["dflt", "sp32", "a32x1sp64"]),
+    ("llama-3.1-8b", 1, 4096, (16, 16), ["dflt", "sp32", "sp64"]),
+    ("gemma-3-12b", 1, 4096, (4, 4), ["dflt", "sp32", "sp64", "a32x2sp32", "a32x2sp64"]),
+    ("gemma-3-12b", 1, 1024, (4, 4), ["dflt", "sp16", "a32x2sp32"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
-              "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF, "v9rep": _PROBE_V9REP}
+              "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF, "v9rep": _PROBE_V9REP,
+              "v10": _PROBE_V10}
 
 
 def _probe_compile(spec):

@@ -10,6 +10,7 @@ NaN-poisoned before each run and every element must be written).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -171,6 +172,41 @@ def test_decode_attention_options(num_splits, gqa_shared):
 def test_split_merge_fused_and_separate(merge, G, d, num_splits):
     check_attention(2, G, 2, d, 150, 4, 4, seed=60 + G + num_splits, num_splits=num_splits, block_n=32,
                     merge=merge)
+
+
+@pytest.mark.parametrize("d,T,num_splits,merge_block_s", [(64, 2000, 64, 64), (64, 2000, 64, 16),
+                                                          (128, 1100, 35, 64), (256, 700, 22, 32),
+                                                          (64, 150, 3, 64), (128, 300, 9, 4), (64, 600, 19, None)])
+def test_split_merge_in_one_round_and_in_several(d, T, num_splits, merge_block_s):
+    """The merge gives the right answer whether it reads every split in one round of loads (the v10 candidate,
+    up to 64 splits at d = 64) or in rounds of 16 / 4 (the last one partly masked)."""
+    check_attention(1, 3, 2, d, T, 4, 4, seed=d + T + num_splits, num_splits=num_splits, block_n=32,
+                    num_warps=1, merge="kernel", merge_block_s=merge_block_s)
+
+
+def test_merge_shape(monkeypatch):
+    """16 keeps kernel v9's rounds (4 at <= 4 splits); a larger bound reads every split in one round up to
+    MERGE_MAX_ELEMS partial elements; never under 4 per round; not a power of two is refused; the default follows
+    ONE_ROUND_MERGE_DEFAULT."""
+    da = importlib.import_module("kvmodel.kernels.decode_attention")
+
+    assert da.merge_shape(40, 64, 16) == (16, 4) and da.merge_shape(3, 64, 16) == (4, 1)
+    assert da.merge_shape(32, 64, 64) == (32, 4)
+    assert da.merge_shape(64, 128, 64) == (64, 8)
+    assert da.merge_shape(17, 64, 64) == (32, 4)
+    assert da.merge_shape(3, 128, 64) == (4, 1)
+    monkeypatch.setattr(da, "ONE_ROUND_MERGE_DEFAULT", False)
+    assert da.merge_shape(64, 64) == (16, 4)
+    monkeypatch.setattr(da, "ONE_ROUND_MERGE_DEFAULT", True)
+    assert da.merge_shape(128, 256) == (32, 8)
+    assert da.merge_shape(128, 128)[0] == da.MERGE_MAX_ELEMS // 128
+    for ns in range(1, 130):
+        for d in (64, 128, 256):
+            bs, w = da.merge_shape(ns, d)
+            assert bs & (bs - 1) == 0 and bs * d <= max(da.MERGE_MAX_ELEMS, 16 * d) and 1 <= w <= 8
+            assert bs >= min(ns, da.MERGE_MAX_ELEMS // d)
+    with pytest.raises(ValueError, match="power of two"):
+        da.merge_shape(8, 64, 12)
 
 
 def test_fused_merge_resets_its_counters_across_calls():

@@ -120,10 +120,12 @@ if triton is not None:
 
     @triton.jit
     def _dequant(x, s, z, BITS: tl.constexpr, ASYM: tl.constexpr, MAGIC: tl.constexpr):
-        """x: fp16 codes (+1024 when MAGIC) → fp16 values, with group scale s (and zero z)."""
+        """x: fp16 codes (+1024 when MAGIC) → fp16 values, with group scale s (and zero z). The asymmetric
+        c·s + z is one fused multiply-add (one rounding, as the fp32 reference dequantizes: HFMA2 on the GPU; the
+        interpreter's fma is made to round once too, kernels._interpreter_compat)."""
         bias: tl.constexpr = 1024.0 if MAGIC else 0.0
         if ASYM:
-            return (x - bias) * s + z
+            return tl.fma(x - bias, s, z)
         else:
             return (x - (bias + 2.0 ** (BITS - 1))) * s
 

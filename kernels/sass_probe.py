@@ -190,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--kf", type=int, default=0, choices=(0, 1),
                     help="K fold (swapped, symmetric 4-bit K): K scales on the score tile")
     ap.add_argument("--v-full", action="store_true")
+    ap.add_argument("--asym", action="store_true", help="asymmetric quantization (scale and zero per group)")
     ap.add_argument("--table", action="store_true", help="v3 vs v4 candidate at both default block shapes")
     ap.add_argument("--occupancy", action="store_true",
                     help="resident programs per SM of the 1-warp shape's builds (registers, shared memory)")
@@ -211,7 +212,7 @@ def main(argv=None):
                            probe(**cfg)), flush=True)
         return
     cfg = dict(kb=a.kb, vb=a.vb, d=a.d, G=a.G, group=a.group, block_n=a.block_n, num_warps=a.warps,
-               num_stages=a.stages, vtp=a.vtp, v_full=a.v_full,
+               num_stages=a.stages, vtp=a.vtp, v_full=a.v_full, asym=a.asym,
                swap=None if a.swap is None else bool(a.swap), vf=None if a.vf is None else bool(a.vf),
                kf=bool(a.kf))
     print(_fmt(str(cfg), probe(**cfg)))

@@ -182,8 +182,8 @@ def fill_bytes(path):
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def time_graph(fn, n_sets, target_s=0.05, min_graph_s=2e-4, max_samples=30, min_samples=3):
-    """Median/p10/p90 seconds per call of fn(i) (i = working set), from CUDA-graph replays."""
+def warm_up(fn, n_sets):
+    """Run fn(i) on a side stream for the first working sets (compiles, allocates workspaces before a capture)."""
     import torch
 
     s = torch.cuda.Stream()
@@ -193,6 +193,24 @@ def time_graph(fn, n_sets, target_s=0.05, min_graph_s=2e-4, max_samples=30, min_
             fn(i)
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
+
+
+def capture_graph(fn, n_sets, R):
+    """A CUDA graph of R calls fn(r % n_sets), cycling over the working sets."""
+    import torch
+
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for r in range(R):
+            fn(r % n_sets)
+    return g
+
+
+def time_graph(fn, n_sets, target_s=0.05, min_graph_s=2e-4, max_samples=30, min_samples=3):
+    """Median/p10/p90 seconds per call of fn(i) (i = working set), from CUDA-graph replays."""
+    import torch
+
+    warm_up(fn, n_sets)
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     fn(0)
@@ -201,10 +219,7 @@ def time_graph(fn, n_sets, target_s=0.05, min_graph_s=2e-4, max_samples=30, min_
     est = max(e0.elapsed_time(e1) * 1e-3, 2e-6)
     reps = max(1, math.ceil(min_graph_s / (est * n_sets)))
     R = n_sets * reps
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for r in range(R):
-            fn(r % n_sets)
+    g = capture_graph(fn, n_sets, R)
     g.replay()
     torch.cuda.synchronize()
     n = int(min(max_samples, max(min_samples, math.ceil(target_s / (est * R)))))

@@ -25,7 +25,8 @@ import sys
 import tempfile
 from collections import defaultdict
 
-from kvmodel.measure.bench_decode_attention import L2_BYTES, MODELS, PROBE_VARIANTS, cache_bytes, log, make_cache
+from kvmodel.measure.bench_decode_attention import (L2_BYTES, MODELS, PROBE_VARIANTS, cache_bytes, capture_graph, log,
+                                                    make_cache, warm_up)
 
 #: (model, B, T, (k_bits, v_bits), [pipelines / P5 variants]); "P0" and "P1" are the torch pipelines.
 CASES = {
@@ -72,18 +73,9 @@ def timeline(fn, n_sets: int, replays: int = 5, min_graph_s: float = 2e-4) -> di
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(min(n_sets, 3)):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
+    warm_up(fn, n_sets)
     R = n_sets * max(1, math.ceil(min_graph_s / (1e-5 * n_sets)))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for r in range(R):
-            fn(r % n_sets)
+    g = capture_graph(fn, n_sets, R)
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()

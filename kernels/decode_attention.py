@@ -627,8 +627,11 @@ def num_sms(device: torch.device) -> int:
 #: Most fp32 partial-output elements (splits x head dim) the merge kernel loads in one round when it reads every
 #: split at once (up to 64 splits at d <= 128, 32 at d = 256; 8 warps hold 32 of them per thread).
 MERGE_MAX_ELEMS = 8192
-#: Whether the merge reads every split in one round by default (v10 candidate; kernel v9 reads 16 per round).
-ONE_ROUND_MERGE_DEFAULT = False
+#: Whether the merge reads every split in one round by default (kernel v10; v9 read 16 per round).
+ONE_ROUND_MERGE_DEFAULT = True
+#: Split rule of small launches with a quantized part (kernel v10): at least this many tiles per split and at most
+#: MERGE_MAX_ELEMS / d splits (so the merge reads them in one round). Large launches and 16/16 keep v9's 4 / 128.
+SMALL_MIN_TILES_PER_SPLIT = 2
 
 
 def merge_shape(num_splits: int, d: int, block_s: int | None = None) -> tuple[int, int]:
@@ -690,8 +693,11 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: their splits in a programmatic dependent launch).
 #: Recorded in measurement provenance (kvmodel.measure.provenance); bump it with any change that alters what is
 #: measured. v9: the K fold — large launches with a symmetric 4-bit K multiply K's group scales into the score tile
-#: (one batched dot over the channel groups on the raw codes) instead of dequantizing the K tile.
-KERNEL_VERSION = "v9"
+#: (one batched dot over the channel groups on the raw codes) instead of dequantizing the K tile. v10: the split
+#: merge reads every split in one round of loads (up to MERGE_MAX_ELEMS partial elements; v9 read 16 per round),
+#: and small launches with a quantized part split into at least 2 tiles per split (v9: 4), at most
+#: MERGE_MAX_ELEMS / d splits (H100 probe v10: Qwen2.5-0.5B B=1 T=4K 7.9 -> 6.6 us, Qwen2.5-7B 9.5 -> 7.9).
+KERNEL_VERSION = "v10"
 
 LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
@@ -756,19 +762,28 @@ def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T:
     B = 1-4 in every probe; large launches gained nothing or lost, e.g. Llama B=8 T=4K 24.4 vs 26.2 us). ``k_fold``
     (v9): large launches with a 4-bit K fold its group scales into the score tile (symmetric caches only, the
     launcher checks; H100 probe v9kf: Llama B=16 T=128K 4/4 993 -> 852 us, Qwen2.5-7B 507 -> 443, Gemma B=4 T=128K
-    670 -> 598; small launches tie or lose with it: Qwen2.5-7B B=1 T=4K 9.3 -> 11.1 us on the 1-warp shape)."""
+    670 -> 598; small launches tie or lose with it: Qwen2.5-7B B=1 T=4K 9.3 -> 11.1 us on the 1-warp shape).
+    ``min_tiles_per_split`` / ``max_splits`` (v10, passed to the split rule): small launches with a quantized part
+    take splits of 2 tiles, at most MERGE_MAX_ELEMS / d of them (H100 probe v10, B = 1: Qwen2.5-0.5B T=4K 64 splits
+    6.6 us vs v9's 16 at 7.9, T=16K 128 splits 8.7 vs 11.6; Qwen2.5-7B T=4K 32 splits 7.9 vs 9.5); everything else
+    keeps 4 / 128 (16/16: Llama B=1 T=4K 32 splits 12.6 vs 11.6)."""
     large = B * prog_heads * T >= LARGE_WORK
     sw = default_swap(k_bits, v_bits)
+    rule = dict(min_tiles_per_split=4, max_splits=128)
+    if not large and (k_bits, v_bits) != (16, 16):
+        rule = dict(min_tiles_per_split=SMALL_MIN_TILES_PER_SPLIT, max_splits=MERGE_MAX_ELEMS // d)
     if k_bits == 16 and v_bits == 16:
         bn = 128 if d == 128 and large else 64
         return dict(block_n=bn, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw,
-                    merge="kernel" if large else "pdl", k_fold=False)
+                    merge="kernel" if large else "pdl", k_fold=False, **rule)
     if not large and d != 64:
-        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw, merge="pdl", k_fold=False)
+        return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw, merge="pdl", k_fold=False,
+                    **rule)
     bn, w = (32, 2) if d > 128 else (32, 1)
     ppsm = shape_programs_per_sm(k_bits, v_bits, d, bn, w)
     kf = K_FOLD_DEFAULT and sw and large and k_bits == 4
-    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=sw, merge="kernel", k_fold=kf)
+    return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=sw, merge="kernel", k_fold=kf,
+                **rule)
 
 
 def _check_inputs(q: torch.Tensor, cache: QuantizedKVCache) -> None:
@@ -838,7 +853,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      async_scales: bool | None = None, merge: str | None = None,
                      maxnreg: int | None = None, swap: bool | None = None,
                      v_fold: bool | None = None, k_fold: bool | None = None,
-                     merge_block_s: int | None = None) -> torch.Tensor:
+                     merge_block_s: int | None = None, min_tiles_per_split: int | None = None,
+                     max_splits: int | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -860,6 +876,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     over the channel groups on the raw codes) instead of dequantizing K; None = :func:`default_config`'s choice.
     ``merge_block_s``: the most splits the merge kernel reads per round of loads (a power of two; None =
     :func:`merge_shape`'s default; 16 = kernel v9's merge).
+    ``min_tiles_per_split`` / ``max_splits``: the split rule's bounds when ``num_splits`` is None (None =
+    :func:`default_config`'s; 4 / 128 = kernel v9's rule).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -888,7 +906,12 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         swap = cfg["swap"]
     m_pad = max(SWAP_MIN_ROWS if swap else 16, triton.next_power_of_2(hpp))
     if num_splits is None:
-        num_splits = choose_num_splits(B, prog_heads, T, block_n, num_sms(q.device), programs_per_sm)
+        mt = cfg["min_tiles_per_split"] if min_tiles_per_split is None else int(min_tiles_per_split)
+        ms = cfg["max_splits"] if max_splits is None else int(max_splits)
+        if mt < 1 or ms < 1:
+            raise ValueError(f"min_tiles_per_split and max_splits must be >= 1, got {mt}, {ms}")
+        num_splits = choose_num_splits(B, prog_heads, T, block_n, num_sms(q.device), programs_per_sm,
+                                       min_tiles_per_split=mt, max_splits=ms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tiles = -(-T // block_n)

@@ -415,25 +415,38 @@ def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64
 KERNEL_LARGE_WORK = 1 << 18
 
 
+#: Fused-kernel version this port mirrors (``kernels.decode_attention.KERNEL_VERSION``; tests/test_kernels.py
+#: checks they agree, tests/test_validation.py holds the port to the committed grid of this version).
+KERNEL_PORT_VERSION = "v10"
+#: Most fp32 partial-output elements (splits x head dim) the merge reads in one round of loads
+#: (``kernels.decode_attention.MERGE_MAX_ELEMS``, kernel v10).
+KERNEL_MERGE_MAX_ELEMS = 8192
+
+
 def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
     """The fused split-K kernel's block shape for one call: the rule of ``kernels.decode_attention.default_config``
-    (kernel v9), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
+    (kernel v10), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
     assumes), ``k_fold`` (K's group scales folded into the score tile, symmetric 4-bit K), ``merge`` ('pdl': the
-    split merge as a programmatic dependent launch, small launches of the 4-warp shape; else 'kernel') and
-    ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of the call, so a model may
-    use it: the two sides of the threshold are different programs with different per-token costs."""
+    split merge as a programmatic dependent launch, small launches of the 4-warp shape; else 'kernel'),
+    ``min_tiles_per_split`` / ``max_splits`` (the split rule's bounds: 2 / MERGE_MAX_ELEMS / d for small launches
+    with a quantized part, else 4 / 128) and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a
+    deterministic function of the call, so a model may use it: the two sides of the threshold are different
+    programs with different per-token costs."""
     kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
     large = float(batch) * float(prog_heads) * float(context) >= KERNEL_LARGE_WORK
+    rule = dict(min_tiles_per_split=4, max_splits=128)
+    if not large and (kb, vb) != (16, 16):
+        rule = dict(min_tiles_per_split=2, max_splits=KERNEL_MERGE_MAX_ELEMS // d)
     if kb == 16 and vb == 16:
         bn = 128 if d == 128 and large else 64
         return dict(block_n=bn, num_warps=4, programs_per_sm=4, merge="kernel" if large else "pdl", large=large,
-                    k_fold=False)
+                    k_fold=False, **rule)
     if not large and d != 64:
-        return dict(block_n=64, num_warps=4, programs_per_sm=4, merge="pdl", large=large, k_fold=False)
+        return dict(block_n=64, num_warps=4, programs_per_sm=4, merge="pdl", large=large, k_fold=False, **rule)
     k_fold = large and kb == 4  # v9: K's group scales folded into the score tile (symmetric caches)
     if d > 128:
         return dict(block_n=32, num_warps=2, programs_per_sm=16 if (kb, vb) == (4, 4) else 4, merge="kernel",
-                    large=large, k_fold=k_fold)
+                    large=large, k_fold=k_fold, **rule)
     # programs per SM the split rule assumes for the 1-warp shape (kernels.decode_attention.SHAPE_PROGRAMS_PER_SM)
     if 8 in (kb, vb):
         pps = 8 if d in (64, 128) else 4
@@ -441,7 +454,7 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
         pps = 16 if d in (64, 128) else 4
     else:
         pps = {64: 9, 128: 8}.get(d, 4)
-    return dict(block_n=32, num_warps=1, programs_per_sm=pps, merge="kernel", large=large, k_fold=k_fold)
+    return dict(block_n=32, num_warps=1, programs_per_sm=pps, merge="kernel", large=large, k_fold=k_fold, **rule)
 
 
 def kernel_config_key(cfg: dict) -> str:
@@ -451,11 +464,13 @@ def kernel_config_key(cfg: dict) -> str:
 
 def kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_count: int):
     """Splits the fused kernel actually launches: its block shape from :func:`kernel_config`, then
-    :func:`split_count` with that shape's tile size and programs per SM (vectorized over batch / context)."""
+    :func:`split_count` with that shape's tile size, programs per SM and split bounds (vectorized over batch /
+    context)."""
 
     def one(B, T):
         c = kernel_config(k_bits, v_bits, head_dim, B, kv_heads, T)
         return float(split_count(B * kv_heads, T, sm_count, block_n=c["block_n"],
-                                 programs_per_sm=c["programs_per_sm"]))
+                                 programs_per_sm=c["programs_per_sm"],
+                                 min_tiles_per_split=c["min_tiles_per_split"], max_splits=c["max_splits"]))
 
     return np.vectorize(one, otypes=[float])(batch, context)

@@ -642,10 +642,38 @@ _PROBE_V10 = [
     ("gemma-3-12b", 1, 4096, (4, 4), ["dflt", "sp32", "sp64", "a32x2sp32", "a32x2sp64"]),
     ("gemma-3-12b", 1, 1024, (4, 4), ["dflt", "sp16", "a32x2sp32"]),
 ]
+# v10 check: the kernel-v10 defaults ("dflt": one-round merge; small launches with a quantized part split into 2-tile
+# splits, at most MERGE_MAX_ELEMS / d) against kernel v9's rule and merge ("v9r": 4 tiles / 128 splits, rounds of
+# 16), at the v10 probe's small cases, plus large launches (where only the merge changed) and alternatives at T = 1K
+PROBE_VARIANTS["v9r"] = dict(min_tiles_per_split=4, max_splits=128, merge_block_s=16)
+PROBE_VARIANTS["a32x1sp32d"] = dict(block_n=32, num_warps=1, num_stages=3, num_splits=32)
+_PROBE_V10B = [
+    ("qwen2.5-0.5b", 1, 4096, (4, 4), ["dflt", "v9r"]),
+    ("qwen2.5-0.5b", 1, 1024, (4, 4), ["dflt", "v9r"]),
+    ("qwen2.5-0.5b", 1, 16384, (4, 4), ["dflt", "v9r"]),
+    ("qwen2.5-0.5b", 4, 4096, (4, 4), ["dflt", "v9r"]),
+    ("qwen2.5-0.5b", 1, 4096, (8, 8), ["dflt", "v9r"]),
+    ("qwen2.5-0.5b", 1, 4096, (16, 16), ["dflt", "v9r"]),
+    ("qwen2.5-7b", 1, 4096, (4, 4), ["dflt", "v9r"]),
+    ("qwen2.5-7b", 1, 1024, (4, 4), ["dflt", "v9r", "sp16"]),
+    ("qwen2.5-7b", 1, 16384, (4, 4), ["dflt", "v9r"]),
+    ("llama-3.1-8b", 1, 4096, (4, 4), ["dflt", "v9r"]),
+    ("llama-3.1-8b", 1, 1024, (4, 4), ["dflt", "v9r", "sp16", "a32x1sp32d"]),
+    ("llama-3.1-8b", 1, 32768, (4, 4), ["dflt", "v9r", "sp64"]),
+    ("llama-3.1-8b", 4, 4096, (4, 4), ["dflt", "v9r"]),
+    ("llama-3.1-8b", 1, 4096, (8, 8), ["dflt", "v9r"]),
+    ("llama-3.1-8b", 1, 4096, (16, 16), ["dflt", "v9r"]),
+    ("gemma-3-12b", 1, 4096, (4, 4), ["dflt", "v9r", "sp16"]),
+    ("gemma-3-12b", 1, 1024, (4, 4), ["dflt", "v9r", "sp16"]),
+    ("llama-3.1-8b", 8, 4096, (4, 4), ["dflt", "v9r"]),
+    ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "v9r"]),
+    ("qwen2.5-0.5b", 64, 16384, (4, 4), ["dflt", "v9r"]),
+    ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "v9r"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
               "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF, "v9rep": _PROBE_V9REP,
-              "v10": _PROBE_V10}
+              "v10": _PROBE_V10, "v10b": _PROBE_V10B}
 
 
 def _probe_compile(spec):

@@ -210,6 +210,49 @@ def test_merge_shape(monkeypatch):
         da.merge_shape(8, 64, 12)
 
 
+def test_split_rule_bounds_by_launch_size():
+    """Kernel v10: small launches with a quantized part split into 2-tile splits, at most MERGE_MAX_ELEMS / d of them
+    (one merge round); large launches and 16/16 keep v9's 4 tiles / 128 splits."""
+    da = importlib.import_module("kvmodel.kernels.decode_attention")
+
+    for d in (64, 128, 256):
+        small = da.default_config(4, 8, d, 1, 4, 4096)
+        assert (small["min_tiles_per_split"], small["max_splits"]) == (2, da.MERGE_MAX_ELEMS // d)
+        large = da.default_config(4, 8, d, 64, 8, 32768)
+        assert (large["min_tiles_per_split"], large["max_splits"]) == (4, 128)
+        fp16 = da.default_config(16, 16, d, 1, 4, 4096)
+        assert (fp16["min_tiles_per_split"], fp16["max_splits"]) == (4, 128)
+
+
+def test_launcher_splits_by_the_rule_bounds():
+    """The launcher's split count is choose_num_splits with default_config's bounds, or the caller's
+    (min_tiles_per_split / max_splits); bad bounds are refused; the answer is right either way."""
+    da = importlib.import_module("kvmodel.kernels.decode_attention")
+    B, Hkv, G, d, T = 1, 2, 2, 64, 1000
+    cache, g = _make_cache(B, Hkv, T, d, 4, 4, 32, False, seed=5)
+    q = torch.randn(B, Hkv * G, d, generator=g).half().to(DEV)
+    cfg = da.default_config(4, 4, d, B, Hkv, T)
+    sms = da.num_sms(q.device)
+
+    def launched(**kw):
+        ws = {}
+        out = da.decode_attention(q, cache, workspace=ws, **kw)
+        (ns,) = [k[2] for k in ws if len(k) == 5]
+        return ns, out
+
+    ns, out = launched()
+    assert ns == da.choose_num_splits(B, Hkv, T, cfg["block_n"], sms, cfg["programs_per_sm"], 2, 128)
+    ns9, out9 = launched(min_tiles_per_split=4, max_splits=128)
+    assert ns9 == da.choose_num_splits(B, Hkv, T, cfg["block_n"], sms, cfg["programs_per_sm"], 4, 128) < ns
+    ns3, _ = launched(max_splits=3)
+    assert ns3 <= 3
+    ref = decode_attention_reference(q, cache).float()
+    for o in (out, out9):
+        assert torch.allclose(o.float(), ref, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="min_tiles_per_split"):
+        da.decode_attention(q, cache, min_tiles_per_split=0)
+
+
 def test_fused_merge_resets_its_counters_across_calls():
     """A workspace reused across calls (as under CUDA-graph replay) must give the same answer every call: the
     last program of each head group resets its counter after merging."""
@@ -911,6 +954,8 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
 
     da = importlib.import_module("kvmodel.kernels.decode_attention")  # the module (the package exports a function)
     assert timing.KERNEL_LARGE_WORK == da.LARGE_WORK
+    assert timing.KERNEL_PORT_VERSION == da.KERNEL_VERSION
+    assert timing.KERNEL_MERGE_MAX_ELEMS == da.MERGE_MAX_ELEMS
     sms = 132
     n = 0
     for kb, vb, d, B, Hkv, T in itertools.product((4, 8, 16), (4, 8, 16), (64, 128, 256), (1, 2, 4, 16, 64, 128),
@@ -918,10 +963,11 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
         want = da.default_config(kb, vb, d, B, Hkv, T)
         got = timing.kernel_config(kb, vb, d, B, Hkv, T)
         key = (kb, vb, d, B, Hkv, T)
-        assert (got["block_n"], got["num_warps"], got["programs_per_sm"], got["merge"], got["k_fold"]) == (
-            want["block_n"], want["num_warps"], want["programs_per_sm"], want["merge"], want["k_fold"]), key
+        keys = ("block_n", "num_warps", "programs_per_sm", "merge", "k_fold", "min_tiles_per_split", "max_splits")
+        assert [got[k] for k in keys] == [want[k] for k in keys], key
         assert got["large"] == (B * Hkv * T >= da.LARGE_WORK), key
-        splits = da.choose_num_splits(B, Hkv, T, want["block_n"], sms, want["programs_per_sm"])
+        splits = da.choose_num_splits(B, Hkv, T, want["block_n"], sms, want["programs_per_sm"],
+                                      min_tiles_per_split=want["min_tiles_per_split"], max_splits=want["max_splits"])
         assert float(timing.kernel_split_count(kb, vb, d, B, Hkv, T, sms)) == splits, key
         n += 1
     assert n == 3 * 3 * 3 * 6 * 4 * 8

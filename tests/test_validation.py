@@ -304,21 +304,37 @@ def test_atomic_write_and_stats(tmp_path):
     assert s["median_abs_pct"] == pytest.approx(10.0) and s["max_abs_pct"] == pytest.approx(10.0)
 
 
+def _grids_of_kernel(version: str):
+    """Committed decode-attention grids (validation/data/<gpu>/decode_attention*.csv) whose provenance names
+    kernel ``version``."""
+    import json
+
+    root = Path(__file__).resolve().parents[1] / "validation" / "data"
+    for csv in sorted(root.glob("*/decode_attention*.csv")):
+        prov = csv.with_suffix(".provenance.json")
+        if prov.exists() and json.loads(prov.read_text()).get("kernel_version") == version:
+            yield csv, json.loads(prov.read_text())
+
+
 def test_kernel_config_port_matches_measured_splits():
-    """The ported block-shape + split rule (kvmodel.timing) reproduces the kernel's num_splits on the committed grid."""
-    from kvmodel.timing import KERNEL_LARGE_WORK, kernel_config, kernel_split_count
+    """The ported block-shape + split rule (kvmodel.timing) reproduces the num_splits the kernel launched on every
+    committed grid of the kernel version it ports (and such a grid exists)."""
+    from kvmodel.timing import KERNEL_LARGE_WORK, KERNEL_PORT_VERSION, kernel_config, kernel_split_count
     from kvmodel.validation import heldout as H
 
     assert kernel_config(4, 4, 128, 1, 8, 1024)["block_n"] == 64          # small launch: 4-warp 64-token tiles
     assert kernel_config(4, 4, 128, 128, 8, 1024)["num_warps"] == 1        # 2^20 token-heads: 1-warp 32-token
     assert kernel_config(8, 4, 128, 128, 8, 32768)["num_warps"] == 1       # v5: 8-bit parts use it too
     assert KERNEL_LARGE_WORK == 1 << 18  # kernel v4 (v3: 2^20; test_kernels checks it equals the kernel's)
-    d = H.load_attention()
-    if d is None:
-        pytest.skip("no H200 grid committed")
-    p = d[(d.pipeline == "P5") & (d.variant == "")]
-    ns = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, 132) for r in p.itertuples()]
-    assert np.array_equal(np.asarray(ns, float), p.num_splits.to_numpy(float))
+    grids = list(_grids_of_kernel(KERNEL_PORT_VERSION))
+    assert grids, f"no committed decode-attention grid of kernel {KERNEL_PORT_VERSION}"
+    for csv, prov in grids:
+        d = H.prepare_attention(pd.read_csv(csv))
+        p = d[(d.pipeline == "P5") & (d.variant == "")]
+        assert len(p) > 100, csv
+        sms = int(prov.get("sm_count") or prov.get("sms"))
+        ns = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, sms) for r in p.itertuples()]
+        assert np.array_equal(np.asarray(ns, float), p.num_splits.to_numpy(float)), csv
 
 
 # ------------------------------------------------------------------------------------------------- non-fused terms

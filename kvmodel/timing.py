@@ -364,7 +364,8 @@ def dequant_step_time_s(bytes_k, bytes_v, v_layout, curves: dict):
 
 def merge_rounds(splits, round_splits: int = 16):
     """Rounds of loads the split-K merge makes: ``ceil(splits / r)`` with r = 4 for <= 4 splits, else
-    ``round_splits`` (kernels.decode_attention's merge launch, BLOCK_S). Vectorized."""
+    ``round_splits`` (kernels.decode_attention's merge launch, BLOCK_S: 16 up to kernel v9; v10 reads
+    KERNEL_MERGE_MAX_ELEMS / d per round, i.e. one round at every small-launch split count). Vectorized."""
     ns = np.asarray(splits, dtype=float)
     r = np.where(ns <= 4, 4.0, float(round_splits))
     return np.ceil(ns / r)

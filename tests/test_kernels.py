@@ -179,7 +179,7 @@ def test_split_merge_fused_and_separate(merge, G, d, num_splits):
                                                           (128, 1100, 35, 64), (256, 700, 22, 32),
                                                           (64, 150, 3, 64), (128, 300, 9, 4), (64, 600, 19, None)])
 def test_split_merge_in_one_round_and_in_several(d, T, num_splits, merge_block_s):
-    """The merge gives the right answer whether it reads every split in one round of loads (the v10 candidate,
+    """The merge gives the right answer whether it reads every split in one round of loads (kernel v10's default,
     up to 64 splits at d = 64) or in rounds of 16 / 4 (the last one partly masked)."""
     check_attention(1, 3, 2, d, T, 4, 4, seed=d + T + num_splits, num_splits=num_splits, block_n=32,
                     num_warps=1, merge="kernel", merge_block_s=merge_block_s)

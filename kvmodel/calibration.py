@@ -255,6 +255,16 @@ def _json_file(path: Path) -> dict:
         return {}
 
 
+def grid_kernel_version(grid_path) -> Optional[str]:
+    """Fused-kernel version that measured the decode-attention grid at ``grid_path`` (its provenance's
+    ``kernel_version``) when :mod:`kvmodel.timing` ports it, else None (the current kernel's rules apply)."""
+    from kvmodel.timing import KERNEL_PORT_VERSIONS
+
+    grid_path = Path(grid_path)
+    v = _json_file(grid_path.with_name(grid_path.stem + ".provenance.json")).get("kernel_version")
+    return v if v in KERNEL_PORT_VERSIONS else None
+
+
 def grid_calibration_rows(grid_path) -> tuple[list[dict], str]:
     """The extra calibration rows beside the decode-attention grid at ``grid_path`` (``<stem>_calib.csv``), as rows
     of the grid: explicit-split variants ``sp<N>`` become 'default' (the default kernel at a given split count: the
@@ -561,12 +571,14 @@ def _kv_format(r: dict):
                     group_size=int(float(r.get("group") or 32)))
 
 
-def _components_s(gpu: GPUSpec, cal: Calibration, rows: Sequence[dict], attention_op: Optional[str] = None):
-    """Predicted weights + attention seconds per e2e row, as kvmodel.predict charges them (no overheads)."""
+def _components_s(gpu: GPUSpec, cal: Calibration, rows: Sequence[dict], attention_op: Optional[str] = None,
+                  kernel_version: Optional[str] = None):
+    """Predicted weights + attention seconds per e2e row, as kvmodel.predict charges them (no overheads), the fused
+    kernel's calls by the launch rules of ``kernel_version`` (the one that measured the rows; None: current)."""
     from kvmodel.predict import attention_time_s, weights_time_s
     from kvmodel.timing import TimeModel
 
-    tm = TimeModel(gpu, cal)
+    tm = TimeModel(gpu, cal, kernel_version=kernel_version)
     w, a, L = [], [], []
     for r in rows:
         spec = _resolve_model(r["model"])
@@ -632,10 +644,13 @@ def _resolve_gpu(gpu: Optional[str], prov: dict) -> GPUSpec:
 
 def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel-graph",
                     attention_csv=None, command: str = "",
-                    fused: Optional[dict[str, FusedKernelCurve]] = None) -> Calibration:
+                    fused: Optional[dict[str, FusedKernelCurve]] = None,
+                    kernel_version: Optional[str] = None) -> Calibration:
     """Fit one runtime's :class:`Calibration` from ``data_dir`` (probes.csv, e2e_decode.csv and, if present,
     decode_attention.csv). ``fused``: the fused kernel's curves when already fitted from the same grid (they do not
-    depend on the runtime), else :func:`fit_fused` fits them."""
+    depend on the runtime), else :func:`fit_fused` fits them. ``kernel_version``: the fused kernel that measured
+    the e2e rows, whose launch rules the overhead fit charges its P5 calls by (default: the grid's provenance,
+    :func:`grid_kernel_version`, else the current kernel)."""
     data_dir = Path(data_dir)
     probe_rows = read_csv_rows(data_dir / "probes.csv")
     if not probe_rows:
@@ -645,6 +660,8 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
     grid_rows = read_csv_rows(grid_path)
     extra_rows, extra_note = grid_calibration_rows(grid_path) if grid_rows else ([], "")
     grid_rows = grid_rows + extra_rows
+    if kernel_version is None and grid_rows:
+        kernel_version = grid_kernel_version(grid_path)
     prov = _provenance(data_dir, "probes") or _provenance(data_dir, "e2e_decode")
     g = _resolve_gpu(gpu, prov)
     peak = g.fp16_dense_TFLOPS * 1e12 * DEFAULT_FLOP_EFFICIENCY
@@ -699,7 +716,7 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
         rows = [r for r in rt_rows if attention_op(r["pipeline"], r["k_bits"], r["v_bits"]) == f"attention:{r['pipeline']}"
                 and f"attention:{r['pipeline']}" in ops]
         if rows:
-            w, a, L = _components_s(g, base, rows)
+            w, a, L = _components_s(g, base, rows, kernel_version=kernel_version)
             m = np.array([float(r["median_s"]) for r in rows])
             step_s, layer_s, q = fit_overheads(m, w + a, L)
             notes.append(f"overheads: e2e residuals, n={q['n']}, step model median |err| "
@@ -719,7 +736,7 @@ def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel
         driver=str(src.get("driver") or ""), torch=str(src.get("torch") or ""), triton=str(src.get("triton") or ""),
         date=str(src.get("date") or ""), command=command or str(src.get("command") or ""),
         read_bw_GBps=read_bw, copy_bw_GBps=copy_bw, step_overhead_s=step_s, layer_overhead_s=layer_s,
-        ops=ops, fused=fused, notes="; ".join(notes),
+        ops=ops, fused=fused, fused_kernel_version=(kernel_version or "") if fused else "", notes="; ".join(notes),
     )
 
 

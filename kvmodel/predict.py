@@ -18,8 +18,9 @@ from kvmodel import traffic
 from kvmodel.architecture import param_breakdown, weight_calls
 from kvmodel.specs import GiB, GPUSpec, KVFormat, ModelSpec, Workload
 from kvmodel.symbolic import PIPELINE_FORMULAS
-from kvmodel.timing import (KERNEL_LARGE_WORK, TimeModel, expand_charged_bytes, expand_reread_miss, kernel_config,
-                            kernel_config_key, kernel_split_count, sdpa_charged_bytes)
+from kvmodel.timing import (KERNEL_LARGE_WORK, KERNEL_PORT_VERSION, TimeModel, expand_charged_bytes,
+                            expand_reread_miss, kernel_config, kernel_config_key, kernel_split_count,
+                            sdpa_charged_bytes)
 
 #: Memory reserved beside weights and KV (CUDA context, activations, allocator slack), bytes.
 DEFAULT_WORKSPACE_BYTES = 2 * GiB
@@ -65,25 +66,29 @@ def weights_time_s(tm: TimeModel, model: ModelSpec, B, weight_bytes_per_param: f
 
 @lru_cache(maxsize=1 << 16)
 def _fused_launch(k_bits: int, v_bits: int, head_dim: int, batch: float, kv_heads: float, context: float,
-                  sm_count: int) -> tuple[float, str]:
-    """(splits, block-shape key) of one fused-kernel call: the kernel's own rules, ported
+                  sm_count: int, version: str = KERNEL_PORT_VERSION) -> tuple[float, str, int]:
+    """(splits, block-shape key, merge splits per round) of one fused-kernel call: the kernel's own rules, ported
     (:func:`kvmodel.timing.kernel_config`, :func:`kvmodel.timing.kernel_split_count`); cached per call shape."""
-    cfg = kernel_config(k_bits, v_bits, head_dim, batch, kv_heads, context)
-    ns = float(kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_count))
-    return ns, kernel_config_key(cfg)
+    cfg = kernel_config(k_bits, v_bits, head_dim, batch, kv_heads, context, version)
+    ns = float(kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_count, version))
+    return ns, kernel_config_key(cfg), int(cfg["merge_round_splits"])
 
 
-def fused_launches(k_bits: int, v_bits: int, head_dim: int, B, Hkv, T, sm_count: int):
-    """Splits and block-shape keys of fused-kernel calls, vectorized over B, Hkv and T (broadcast): each distinct
-    (B, Hkv, T) is evaluated once. Returns (splits array, shape-key object array), of the broadcast shape."""
+def fused_launches(k_bits: int, v_bits: int, head_dim: int, B, Hkv, T, sm_count: int,
+                   version: str = KERNEL_PORT_VERSION, with_merge_rounds: bool = False):
+    """Splits and block-shape keys of fused-kernel calls (kernel ``version``, default the current one),
+    vectorized over B, Hkv and T (broadcast): each distinct (B, Hkv, T) is evaluated once. Returns (splits array,
+    shape-key object array) of the broadcast shape, and with ``with_merge_rounds`` the merge's splits per round."""
     B, H, T = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (B, Hkv, T)))
     trip = np.stack([B.ravel(), H.ravel(), T.ravel()], axis=1)
     uniq, inv = np.unique(trip, axis=0, return_inverse=True)
-    res = [_fused_launch(int(k_bits), int(v_bits), int(head_dim), float(b), float(h), float(t), int(sm_count))
-           for b, h, t in uniq]
+    res = [_fused_launch(int(k_bits), int(v_bits), int(head_dim), float(b), float(h), float(t), int(sm_count),
+                         version) for b, h, t in uniq]
     inv = np.asarray(inv).reshape(-1)
     splits = np.array([r[0] for r in res], dtype=float)[inv].reshape(B.shape)
     keys = np.array([r[1] for r in res], dtype=object)[inv].reshape(B.shape)
+    if with_merge_rounds:
+        return splits, keys, np.array([r[2] for r in res], dtype=float)[inv].reshape(B.shape)
     return splits, keys
 
 
@@ -121,9 +126,10 @@ def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: in
                 kernel_config(kb, vb, head_dim, 1, 1, KERNEL_LARGE_WORK if flag else 1))), nbytes, flops)
             for flag in (False, True))
         return np.where(large, t_large, t_small)
-    splits, keys = fused_launches(kb, vb, head_dim, B, Hkv, T, tm.gpu.sm_count)
+    splits, keys, rounds = fused_launches(kb, vb, head_dim, B, Hkv, T, tm.gpu.sm_count, tm.kernel_version,
+                                          with_merge_rounds=True)
     shape = np.broadcast_shapes(splits.shape, np.shape(nbytes), np.shape(flops))
-    splits, keys = np.broadcast_to(splits, shape), np.broadcast_to(keys, shape)
+    splits, keys, rounds = (np.broadcast_to(x, shape) for x in (splits, keys, rounds))
     nb = np.broadcast_to(np.asarray(nbytes, dtype=float), shape)
     fl = np.broadcast_to(np.asarray(flops, dtype=float), shape)
     programs = np.broadcast_to(traffic.evaluate("fused_programs_splitk", {
@@ -132,7 +138,8 @@ def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: in
     for key in sorted(set(keys.ravel())):
         m = keys == key
         occ = tm.fused_curve(kb, vb, head_dim, key)  # the shape's curve, else the pooled one (has_fused)
-        t = occ.time_s(programs[m], nb[m], tm.gpu.sm_count, head_dim=head_dim, splits=splits[m])
+        t = occ.time_s(programs[m], nb[m], tm.gpu.sm_count, head_dim=head_dim, splits=splits[m],
+                       merge_round_splits=rounds[m])
         out[m] = np.maximum(t, fl[m] / tm.peak_flops)
     return out
 

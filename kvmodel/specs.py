@@ -184,6 +184,10 @@ class Calibration(_Strict):
                     "(block shapes pooled), 'attention:P5:k4v4:d128:n32w1' (one block shape), "
                     "'attention:P5-fp16:d128'; P5 calls without one use ``ops``")
     tp_link: Optional[TPLinkCalibration] = Field(default=None, description="measured all-reduce terms (TP)")
+    fused_kernel_version: str = Field(
+        default="", description="fused-kernel version that measured the P5 data (its decode-attention grid's "
+                                "provenance): predictions with this calibration follow that kernel's launch rules "
+                                "(split count, merge rounds); empty: unknown (the current kernel's rules)")
     notes: str = ""
 
 

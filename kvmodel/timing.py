@@ -83,9 +83,17 @@ def _curve(curves: dict[str, BandwidthCurve], op: str) -> BandwidthCurve:
 class TimeModel:
     """Turns per-call bytes into seconds for one GPU, from a calibration or the documented defaults."""
 
-    def __init__(self, gpu: GPUSpec, calibration=None):
+    def __init__(self, gpu: GPUSpec, calibration=None, kernel_version: str | None = None):
         self.gpu = gpu
         self.calibration = calibration
+        #: fused-kernel version whose launch rules (split count, merge rounds) the P5 calls follow: by default the
+        #: kernel that measured the calibration's P5 data (its curves describe that kernel's programs; another
+        #: version's split counts would extrapolate them), else the current kernel
+        cal_kv = getattr(calibration, "fused_kernel_version", "") or ""
+        if kernel_version is None:
+            kernel_version = cal_kv if cal_kv in KERNEL_PORT_VERSIONS else KERNEL_PORT_VERSION
+        self.kernel_version = kernel_version
+        _check_kernel_version(self.kernel_version)
         curves = default_curves(gpu)
         if calibration is not None:
             curves.update(calibration.ops)
@@ -104,7 +112,9 @@ class TimeModel:
             return (f"uncalibrated: datasheet {self.gpu.memory_bandwidth_GBps:g} GB/s x {DEFAULT_BW_EFFICIENCY}, "
                     f"{DEFAULT_KERNEL_T0_S * 1e6:g} us per kernel")
         c = self.calibration
-        return f"calibrated: {c.gpu} / {c.runtime} ({c.date}, {c.device_name or 'device'})"
+        kv = "" if self.kernel_version == KERNEL_PORT_VERSION else (
+            f"; fused kernel {self.kernel_version}'s launch rules (its data; current {KERNEL_PORT_VERSION})")
+        return f"calibrated: {c.gpu} / {c.runtime} ({c.date}, {c.device_name or 'device'}){kv}"
 
     def attention_op(self, pipeline: str, k_bits: int = 16, v_bits: int = 16, head_dim: int | None = None,
                      shape: str | None = None) -> str:
@@ -209,10 +219,13 @@ class OccupancyCurve:
     def plateau_GBps(self, sm_count: int) -> float:
         return sm_count * self.c_res * self.rc_GBps
 
-    def time_s(self, programs, nbytes, sm_count: int, head_dim=128, splits=None, l2_hit=None):
+    def time_s(self, programs, nbytes, sm_count: int, head_dim=128, splits=None, l2_hit=None,
+               merge_round_splits=None):
         """Seconds for one call of ``programs`` programs loading ``nbytes`` in total (vectorized). ``splits``: the
-        split count per call (adds ``merge_s + merge_per_split_s * splits`` where > 1). ``l2_hit``: fraction of
-        the loads served from L2 (e.g. :func:`l2_hit_fraction`), default none."""
+        split count per call (adds ``merge_s + merge_per_split_s * splits + merge_per_round_s * rounds`` where
+        > 1). ``l2_hit``: fraction of the loads served from L2 (e.g. :func:`l2_hit_fraction`), default none.
+        ``merge_round_splits``: splits the timed kernel's merge loads per round (its version's,
+        :func:`kernel_config`), default the calibrated kernel's (``self.merge_round_splits``)."""
         p = np.maximum(np.asarray(programs, dtype=float), 1.0)
         nb = np.asarray(nbytes, dtype=float) + p * self.program_overhead_bytes
         t = fused_kernel_time_s(p, nb, sm_count, self.c_res, self.r1_GBps, self.rc_GBps, self.t0_s,
@@ -231,7 +244,9 @@ class OccupancyCurve:
         if splits is not None and (self.merge_s or self.merge_per_split_s or self.merge_per_round_s):
             ns = np.asarray(splits, dtype=float)
             t = t + np.where(ns > 1, self.merge_s + self.merge_per_split_s * ns
-                             + self.merge_per_round_s * merge_rounds(ns, self.merge_round_splits), 0.0)
+                             + self.merge_per_round_s * merge_rounds(
+                                 ns, self.merge_round_splits if merge_round_splits is None else merge_round_splits),
+                             0.0)
         return t
 
     def occupancy(self, programs, sm_count: int):
@@ -367,7 +382,7 @@ def merge_rounds(splits, round_splits: int = 16):
     ``round_splits`` (kernels.decode_attention's merge launch, BLOCK_S: 16 up to kernel v9; v10 reads
     KERNEL_MERGE_MAX_ELEMS / d per round, i.e. one round at every small-launch split count). Vectorized."""
     ns = np.asarray(splits, dtype=float)
-    r = np.where(ns <= 4, 4.0, float(round_splits))
+    r = np.where(ns <= 4, 4.0, np.asarray(round_splits, dtype=float))
     return np.ceil(ns / r)
 
 
@@ -424,27 +439,42 @@ KERNEL_PORT_VERSION = "v10"
 KERNEL_MERGE_MAX_ELEMS = 8192
 
 
-def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context) -> dict:
+#: Kernel versions the port can describe: v8-v10 share the block shapes; v10 changed the split bounds of small
+#: launches and the merge's splits per round (so committed grids of v8 / v9 are predicted with their own rules).
+KERNEL_PORT_VERSIONS = ("v8", "v9", "v10")
+
+
+def _check_kernel_version(version: str) -> int:
+    if version not in KERNEL_PORT_VERSIONS:
+        raise ValueError(f"kernel version {version!r} is not ported (known: {', '.join(KERNEL_PORT_VERSIONS)})")
+    return int(version[1:])
+
+
+def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context, version: str = KERNEL_PORT_VERSION) -> dict:
     """The fused split-K kernel's block shape for one call: the rule of ``kernels.decode_attention.default_config``
-    (kernel v10), ported without torch. Returns block_n, num_warps, programs_per_sm (what the kernel's split rule
-    assumes), ``k_fold`` (K's group scales folded into the score tile, symmetric 4-bit K), ``merge`` ('pdl': the
-    split merge as a programmatic dependent launch, small launches of the 4-warp shape; else 'kernel'),
-    ``min_tiles_per_split`` / ``max_splits`` (the split rule's bounds: 2 / MERGE_MAX_ELEMS / d for small launches
-    with a quantized part, else 4 / 128) and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a
-    deterministic function of the call, so a model may use it: the two sides of the threshold are different
-    programs with different per-token costs."""
+    (kernel ``version``, default the current one), ported without torch. Returns block_n, num_warps,
+    programs_per_sm (what the kernel's split rule assumes), ``k_fold`` (K's group scales folded into the score
+    tile, symmetric 4-bit K, v9+), ``merge`` ('pdl': the split merge as a programmatic dependent launch, small
+    launches of the 4-warp shape; else 'kernel'), ``min_tiles_per_split`` / ``max_splits`` (the split rule's
+    bounds: v10 2 / MERGE_MAX_ELEMS / d for small launches with a quantized part, else 4 / 128),
+    ``merge_round_splits`` (splits the merge loads per round beyond 4: v10 max(16, MERGE_MAX_ELEMS / d), before
+    16) and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of the call, so a
+    model may use it: the two sides of the threshold are different programs with different per-token costs."""
     kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
+    v = _check_kernel_version(version)
     large = float(batch) * float(prog_heads) * float(context) >= KERNEL_LARGE_WORK
-    rule = dict(min_tiles_per_split=4, max_splits=128)
-    if not large and (kb, vb) != (16, 16):
-        rule = dict(min_tiles_per_split=2, max_splits=KERNEL_MERGE_MAX_ELEMS // d)
+    rule = dict(min_tiles_per_split=4, max_splits=128, merge_round_splits=16)
+    if v >= 10:
+        rule["merge_round_splits"] = max(16, KERNEL_MERGE_MAX_ELEMS // d)
+        if not large and (kb, vb) != (16, 16):
+            rule.update(min_tiles_per_split=2, max_splits=KERNEL_MERGE_MAX_ELEMS // d)
     if kb == 16 and vb == 16:
         bn = 128 if d == 128 and large else 64
         return dict(block_n=bn, num_warps=4, programs_per_sm=4, merge="kernel" if large else "pdl", large=large,
                     k_fold=False, **rule)
     if not large and d != 64:
         return dict(block_n=64, num_warps=4, programs_per_sm=4, merge="pdl", large=large, k_fold=False, **rule)
-    k_fold = large and kb == 4  # v9: K's group scales folded into the score tile (symmetric caches)
+    k_fold = large and kb == 4 and v >= 9  # v9: K's group scales folded into the score tile (symmetric caches)
     if d > 128:
         return dict(block_n=32, num_warps=2, programs_per_sm=16 if (kb, vb) == (4, 4) else 4, merge="kernel",
                     large=large, k_fold=k_fold, **rule)
@@ -463,13 +493,14 @@ def kernel_config_key(cfg: dict) -> str:
     return f"n{cfg['block_n']}w{cfg['num_warps']}"
 
 
-def kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_count: int):
-    """Splits the fused kernel actually launches: its block shape from :func:`kernel_config`, then
-    :func:`split_count` with that shape's tile size, programs per SM and split bounds (vectorized over batch /
-    context)."""
+def kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_count: int,
+                       version: str = KERNEL_PORT_VERSION):
+    """Splits the fused kernel (``version``, default the current one) actually launches: its block shape from
+    :func:`kernel_config`, then :func:`split_count` with that shape's tile size, programs per SM and split bounds
+    (vectorized over batch / context)."""
 
     def one(B, T):
-        c = kernel_config(k_bits, v_bits, head_dim, B, kv_heads, T)
+        c = kernel_config(k_bits, v_bits, head_dim, B, kv_heads, T, version)
         return float(split_count(B * kv_heads, T, sm_count, block_n=c["block_n"],
                                  programs_per_sm=c["programs_per_sm"],
                                  min_tiles_per_split=c["min_tiles_per_split"], max_splits=c["max_splits"]))

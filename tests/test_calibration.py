@@ -388,3 +388,18 @@ def test_progress_eta():
     p.step("probes", "b", units=4)
     assert lines[-1][0] == 5 and lines[-1][1] == 10 and lines[-1][3] is not None
     assert json.dumps(lines)  # plain data
+
+
+def test_grid_kernel_version_reads_the_grids_provenance(tmp_path):
+    """The fit charges e2e rows' P5 calls by the launch rules of the kernel that measured the grid: its
+    provenance's ``kernel_version`` when ported, else None (the current kernel's rules)."""
+    import json
+
+    from kvmodel.calibration import grid_kernel_version
+
+    grid = tmp_path / "decode_attention.csv"
+    grid.write_text("model\n")
+    assert grid_kernel_version(grid) is None  # no provenance
+    for v, want in (("v9", "v9"), ("v10", "v10"), ("v3 (candidates)", None), (None, None)):
+        (tmp_path / "decode_attention.provenance.json").write_text(json.dumps({"kernel_version": v}))
+        assert grid_kernel_version(grid) == want, v

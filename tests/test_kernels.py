@@ -969,6 +969,8 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
         splits = da.choose_num_splits(B, Hkv, T, want["block_n"], sms, want["programs_per_sm"],
                                       min_tiles_per_split=want["min_tiles_per_split"], max_splits=want["max_splits"])
         assert float(timing.kernel_split_count(kb, vb, d, B, Hkv, T, sms)) == splits, key
+        # the merge's splits per round (beyond 4): what merge_shape reads in one round of a many-split merge
+        assert got["merge_round_splits"] == da.merge_shape(1 << 12, d)[0], key
         n += 1
     assert n == 3 * 3 * 3 * 6 * 4 * 8
     # split_count is choose_num_splits for any tile size / occupancy (vectorized over B*Hkv and T)

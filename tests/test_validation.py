@@ -316,25 +316,71 @@ def _grids_of_kernel(version: str):
             yield csv, json.loads(prov.read_text())
 
 
-def test_kernel_config_port_matches_measured_splits():
-    """The ported block-shape + split rule (kvmodel.timing) reproduces the num_splits the kernel launched on every
-    committed grid of the kernel version it ports (and such a grid exists)."""
-    from kvmodel.timing import KERNEL_LARGE_WORK, KERNEL_PORT_VERSION, kernel_config, kernel_split_count
+#: Split-rule bounds of earlier kernel versions with a committed grid: v10 changed only these bounds (and the
+#: merge), so the port's block shapes with these bounds must still reproduce those grids' splits.
+_EARLIER_SPLIT_BOUNDS = {"v9": dict(min_tiles_per_split=4, max_splits=128)}
+
+
+def _port_splits(rows, sms: int, bounds: dict | None) -> np.ndarray:
+    """num_splits the port gives each grid row: kernel_config's block shape, then split_count with the port's
+    bounds (``bounds=None``) or an earlier version's."""
+    from kvmodel.timing import kernel_config, split_count
+
+    out = []
+    for r in rows.itertuples():
+        c = kernel_config(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T)
+        b = bounds or dict(min_tiles_per_split=c["min_tiles_per_split"], max_splits=c["max_splits"])
+        out.append(float(split_count(r.B * r.Hkv, r.T, sms, block_n=c["block_n"],
+                                     programs_per_sm=c["programs_per_sm"], **b)))
+    return np.asarray(out)
+
+
+def _p5_rows(csv):
     from kvmodel.validation import heldout as H
+
+    d = H.prepare_attention(pd.read_csv(csv))
+    p = d[(d.pipeline == "P5") & (d.variant == "")]
+    assert len(p) > 100, csv
+    return p
+
+
+def test_kernel_config_block_shapes():
+    from kvmodel.timing import KERNEL_LARGE_WORK, kernel_config
 
     assert kernel_config(4, 4, 128, 1, 8, 1024)["block_n"] == 64          # small launch: 4-warp 64-token tiles
     assert kernel_config(4, 4, 128, 128, 8, 1024)["num_warps"] == 1        # 2^20 token-heads: 1-warp 32-token
     assert kernel_config(8, 4, 128, 128, 8, 32768)["num_warps"] == 1       # v5: 8-bit parts use it too
     assert KERNEL_LARGE_WORK == 1 << 18  # kernel v4 (v3: 2^20; test_kernels checks it equals the kernel's)
+
+
+def test_port_block_shapes_reproduce_earlier_versions_grids():
+    """The port's block shapes and split formula, with an earlier version's split bounds, reproduce the num_splits
+    that version's kernel launched on its committed grid (guards everything of the port but the v10 bounds, which
+    tests/test_kernels.py holds to the kernel's default_config)."""
+    grids = [(csv, prov, v) for v in _EARLIER_SPLIT_BOUNDS for csv, prov in _grids_of_kernel(v)]
+    assert grids, "no committed decode-attention grid of an earlier kernel version"
+    for csv, prov, version in grids:
+        p = _p5_rows(csv)
+        sms = int(prov.get("sm_count") or prov.get("sms"))
+        ns = _port_splits(p, sms, _EARLIER_SPLIT_BOUNDS[version])
+        assert np.array_equal(ns, p.num_splits.to_numpy(float)), csv
+
+
+def test_kernel_config_port_matches_measured_splits():
+    """The ported block-shape + split rule (kvmodel.timing.kernel_split_count) reproduces the num_splits the kernel
+    launched on every committed grid of the kernel version it ports."""
+    from kvmodel.timing import KERNEL_PORT_VERSION, kernel_split_count
+
     grids = list(_grids_of_kernel(KERNEL_PORT_VERSION))
-    assert grids, f"no committed decode-attention grid of kernel {KERNEL_PORT_VERSION}"
+    if not grids:
+        pytest.skip(f"no committed decode-attention grid of kernel {KERNEL_PORT_VERSION} yet (measure it with "
+                    "devrun/s8call2.sh); the earlier grids' test covers the port's shapes")
     for csv, prov in grids:
-        d = H.prepare_attention(pd.read_csv(csv))
-        p = d[(d.pipeline == "P5") & (d.variant == "")]
-        assert len(p) > 100, csv
+        p = _p5_rows(csv)
         sms = int(prov.get("sm_count") or prov.get("sms"))
         ns = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, sms) for r in p.itertuples()]
         assert np.array_equal(np.asarray(ns, float), p.num_splits.to_numpy(float)), csv
+        assert np.array_equal(np.asarray(ns, float), _port_splits(p, sms, None)), csv
 
 
 # ------------------------------------------------------------------------------------------------- non-fused terms
@@ -454,3 +500,21 @@ def test_calibration_rows_only_from_the_training_split(synthetic, tmp_path):
         path.with_name(path.stem + ".provenance.json").write_text(json.dumps({"kernel_version": kv}))
     raw, info = heldout.calibration_rows(att, split)
     assert raw.empty and "kernel v6" in info["note"]
+
+
+def test_h200_p5_data_are_predicted_with_their_kernels_launch_rules():
+    """The committed H200 grid and the e2e file's latest P5 rows were measured by one fused-kernel version; the
+    validation and the shipped calibration predict them with that version's launch rules (not the current
+    kernel's, whose split counts the data never saw)."""
+    from kvmodel.calibration import find_calibration, grid_kernel_version
+    from kvmodel.timing import KERNEL_PORT_VERSIONS
+    from kvmodel.validation import heldout as H
+
+    root = Path(__file__).resolve().parents[1] / "validation" / "data" / "h200"
+    kv = H.data_kernel_version()
+    assert kv == grid_kernel_version(root / "decode_attention.csv") and kv in KERNEL_PORT_VERSIONS
+    prov = json.loads((root / "e2e_decode.provenance.json").read_text())
+    p5_runs = [r for r in prov["later_runs"] if "P5" in r.get("command", "") and r.get("kernel_version")]
+    assert max(p5_runs, key=lambda r: r["date"])["kernel_version"] == kv
+    for runtime in ("kvmodel-graph", "hf-eager", "hf-static-graph"):
+        assert find_calibration("H200-SXM", runtime=runtime).fused_kernel_version == kv, runtime

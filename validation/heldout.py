@@ -41,7 +41,7 @@ from kvmodel.fused_fit import FusedCurves, format_label
 from kvmodel.predict import attention_call_time_s, fused_launches
 from kvmodel.specs import BandwidthCurve, KVFormat, get_model
 from kvmodel.calibration import fit_curve_reread, fit_curves_pairs
-from kvmodel.timing import (DEQUANT_LAYOUTS, OccupancyCurve, curve_time_s, dequant_step_time_s, dequant_v_layout,
+from kvmodel.timing import (DEQUANT_LAYOUTS, KERNEL_PORT_VERSION, OccupancyCurve, curve_time_s, dequant_step_time_s, dequant_v_layout,
                             expand_charged_bytes, expand_reread_miss, kernel_split_count, sdpa_charged_bytes,
                             split_count)
 
@@ -167,6 +167,8 @@ class AttentionCalibration:
     p5: FusedCurves = field(default_factory=FusedCurves)
     sm_count: int = H200_SMS
     info: dict = field(default_factory=dict)
+    #: fused-kernel version that measured the data: its launch rules time P5 calls without a measured split count
+    kernel_version: str = KERNEL_PORT_VERSION
 
     @property
     def l2_rate_scale(self) -> float:
@@ -221,7 +223,8 @@ class AttentionCalibration:
             # the kernel's block shape and split count for each call (its own rules, ported; kvmodel predict's)
             B, T = np.broadcast_arrays(B, T)
             ph = Hq if variant == "nogqa" else Hkv
-            ns, keys = fused_launches(k_bits, v_bits, d, B, ph, T, self.sm_count)
+            ns, keys, rounds = fused_launches(k_bits, v_bits, d, B, ph, T, self.sm_count, self.kernel_version,
+                                              with_merge_rounds=True)
             if num_splits is not None:
                 ns = np.broadcast_to(np.asarray(num_splits, float), B.shape)
             nbytes = np.broadcast_to(ab("P5", B, T, Hq, Hkv, d, k_bits, v_bits, group), B.shape)
@@ -232,7 +235,8 @@ class AttentionCalibration:
             for key in np.unique(keys):
                 m = keys == key
                 occ = self.fused_curve(k_bits, v_bits, d, str(key))
-                out[m] = occ.time_s(programs[m], nbytes[m], self.sm_count, head_dim=d, splits=ns[m])
+                out[m] = occ.time_s(programs[m], nbytes[m], self.sm_count, head_dim=d, splits=ns[m],
+                                    merge_round_splits=rounds[m])
             return out if out.ndim else float(out)
         raise ValueError(f"unknown pipeline {pipeline!r}")
 
@@ -242,7 +246,18 @@ def _p5_key(key: tuple):
     return (_fmt(key[0], key[1]), *key[2:])
 
 
-def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCalibration:
+def data_kernel_version(attention_path: Optional[Path] = None) -> str:
+    """Fused-kernel version of the committed H200 P5 data (the attention grid's provenance; the e2e file's P5 rows
+    were measured with the same kernel, tests/test_validation.py checks): its launch rules, not the current
+    kernel's, predict those rows."""
+    from kvmodel.calibration import grid_kernel_version
+
+    path = Path(attention_path) if attention_path else data_path(*ATTENTION_FILE)
+    return grid_kernel_version(path) or KERNEL_PORT_VERSION
+
+
+def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS,
+                  kernel_version: str = KERNEL_PORT_VERSION) -> AttentionCalibration:
     base = train[train["variant"] == ""]
     # SDPA per head dim, with its (sequence, KV head) pair term shared by the head dims (kvmodel calibrate's fit,
     # on this model's fitter)
@@ -252,7 +267,7 @@ def fit_attention(train: pd.DataFrame, sm_count: int = H200_SMS) -> AttentionCal
     # P0-expand with its repeat reads that leave L2 (the same fit kvmodel calibrate uses, on this model's fitter)
     cx = (fit_curve_reread(px["bytes_P0x"], px["bytes_P0x_reread"], px["median_s"], fit=fit_curve)
           if len(px) >= 6 else None)
-    cal = AttentionCalibration(p0=c0, p0x=cx, dequant=None, sm_count=sm_count)
+    cal = AttentionCalibration(p0=c0, p0x=cx, dequant=None, sm_count=sm_count, kernel_version=kernel_version)
     p1 = base[base.pipeline == "P1"]
     if len(p1) >= 6:
         t0 = np.concatenate([cal._p0_time(g["bytes_P0"].to_numpy(float), hd, g["pairs"].to_numpy(float))
@@ -375,7 +390,7 @@ def run_attention(path: Optional[Path] = None) -> dict:
     if len(extra_raw):
         extra = prepare_attention(extra_raw).assign(role="train")
         train = pd.concat([train, extra[train.columns.intersection(extra.columns)]], ignore_index=True)
-    cal = fit_attention(train)
+    cal = fit_attention(train, kernel_version=data_kernel_version(path))
     d["pred_s"] = predict_attention(cal, d)
     d["meas_s"] = d["median_s"]
     d["label"] = _label(d)
@@ -497,12 +512,15 @@ def predict_e2e(cal: E2ECalibration, d: pd.DataFrame, peak_flops: float) -> np.n
     return out
 
 
-def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None) -> tuple[np.ndarray, str]:
+def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None,
+                        kernel_version: Optional[str] = None) -> tuple[np.ndarray, str]:
     """kvmodel as shipped: :func:`kvmodel.predict.step_time_s` per row with calibration ``cal`` (default: the
     shipped H200 kvmodel-graph calibration). Predict looks each attention op up as
     ``attention:<P>:k<b>v<b>:d<d>``, then coarser keys (:meth:`kvmodel.timing.TimeModel.attention_op`).
 
-    No shipped calibration is an explicit "uncalibrated" label, not an error; any other failure propagates."""
+    ``kernel_version``: the fused kernel that measured the rows (its launch rules; default
+    :func:`data_kernel_version`). No shipped calibration is an explicit "uncalibrated" label, not an error; any
+    other failure propagates."""
     from kvmodel.calibration import find_calibration
     from kvmodel.predict import step_time_s
     from kvmodel.specs import KVFormat, get_gpu
@@ -515,7 +533,7 @@ def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None) 
             label = "uncalibrated (datasheet x 0.85): no shipped H200 kvmodel-graph calibration"
         else:
             label = f"shipped calibration ({cal.date or 'undated'}; fitted on all data, not held out)"
-    tm = TimeModel(gpu, cal)
+    tm = TimeModel(gpu, cal, kernel_version=kernel_version or data_kernel_version())
     out = np.full(len(d), np.nan)
     for (name, pl, kb, vb), g in d.groupby(["model", "pipeline", "k_bits", "v_bits"]):
         if pl not in ("P0", "P0-expand", "P1", "P5"):
@@ -526,14 +544,14 @@ def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None) 
     return out, label
 
 
-def predict_attention_shipped(cal, d: pd.DataFrame) -> np.ndarray:
+def predict_attention_shipped(cal, d: pd.DataFrame, kernel_version: Optional[str] = None) -> np.ndarray:
     """Seconds of one attention-layer call exactly as kvmodel predicts it
     (:func:`kvmodel.predict.attention_call_time_s`: the most specific calibrated curve, the fused kernel's block
-    shape chosen by its own size rule)."""
+    shape and splits by its own rules, those of ``kernel_version``, default :func:`data_kernel_version`)."""
     from kvmodel.specs import get_gpu
     from kvmodel.timing import TimeModel
 
-    tm = TimeModel(get_gpu("h200"), cal)
+    tm = TimeModel(get_gpu("h200"), cal, kernel_version=kernel_version or data_kernel_version())
     out = np.full(len(d), np.nan)
     for (pl, kb, vb, hd, grp), g in d.groupby(["pipeline", "k_bits", "v_bits", "d", "group"]):
         if pl not in ("P0", "P0-expand", "P1", "P5"):
@@ -581,15 +599,17 @@ def run_predict_heldout(attention: dict, e2e: dict, attention_path: Optional[Pat
         shutil.copy(probes, tmp / "probes.csv")
         raw_a.to_csv(tmp / "decode_attention.csv", index=False)
         raw_e.to_csv(tmp / "e2e_decode.csv", index=False)
-        cal = fit_calibration(tmp, gpu="h200", runtime="kvmodel-graph",
+        kv = data_kernel_version(att_path)  # the copies carry no provenance: the kernel that measured them
+        cal = fit_calibration(tmp, gpu="h200", runtime="kvmodel-graph", kernel_version=kv,
                               command="kvmodel.validation.heldout.run_predict_heldout (training split only)")
     fa = attention["frame"]
     fa = fa[(fa.role != "train") & (fa.variant == "")].copy()
-    fa["pred_s"] = predict_attention_shipped(cal, fa)
+    fa["pred_s"] = predict_attention_shipped(cal, fa, kv)
     fa = fa[np.isfinite(fa.pred_s)]
-    # predict takes the split count of the kernel's rule as ported; the validation model the measured one
+    # predict takes the split count of the kernel's rule as ported (of the data's kernel version); the
+    # validation model the measured one
     p5 = fa[fa.pipeline == "P5"]
-    rule = np.array([float(kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, H200_SMS))
+    rule = np.array([float(kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, H200_SMS, kv))
                      for r in p5.itertuples()])
     same = rule == p5["num_splits"].to_numpy(float)
     split_rule = {"n_rows": int(len(p5)), "n_split_mismatch": int((~same).sum()),
@@ -597,7 +617,7 @@ def run_predict_heldout(attention: dict, e2e: dict, attention_path: Optional[Pat
                   "mismatching": error_stats(p5.pred_s[~same], p5.median_s[~same])}
     fe = e2e["frame"]
     fe = fe[fe.role != "train"].copy()
-    fe["pred_s"], _ = shipped_predictions(fe, cal, "held-out calibration")
+    fe["pred_s"], _ = shipped_predictions(fe, cal, "held-out calibration", kv)
     fe = fe[np.isfinite(fe.pred_s)]
     return {
         "available": True,

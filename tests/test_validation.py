@@ -374,7 +374,7 @@ def test_kernel_config_port_matches_measured_splits():
     grids = list(_grids_of_kernel(KERNEL_PORT_VERSION))
     if not grids:
         pytest.skip(f"no committed decode-attention grid of kernel {KERNEL_PORT_VERSION} yet (measure it with "
-                    "devrun/s8call2.sh); the earlier grids' test covers the port's shapes")
+                    "devrun/s9grid.sh or s9call1.sh); the earlier grids' test covers the port's shapes")
     for csv, prov in grids:
         p = _p5_rows(csv)
         sms = int(prov.get("sm_count") or prov.get("sms"))

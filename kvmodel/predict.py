@@ -75,10 +75,10 @@ def _fused_launch(k_bits: int, v_bits: int, head_dim: int, batch: float, kv_head
 
 
 def fused_launches(k_bits: int, v_bits: int, head_dim: int, B, Hkv, T, sm_count: int,
-                   version: str = KERNEL_PORT_VERSION, with_merge_rounds: bool = False):
-    """Splits and block-shape keys of fused-kernel calls (kernel ``version``, default the current one),
-    vectorized over B, Hkv and T (broadcast): each distinct (B, Hkv, T) is evaluated once. Returns (splits array,
-    shape-key object array) of the broadcast shape, and with ``with_merge_rounds`` the merge's splits per round."""
+                   version: str = KERNEL_PORT_VERSION):
+    """Splits, block-shape keys and the merge's splits per round of fused-kernel calls (kernel ``version``,
+    default the current one), vectorized over B, Hkv and T (broadcast): each distinct (B, Hkv, T) is evaluated
+    once. Returns (splits, shape-key object array, merge splits per round), of the broadcast shape."""
     B, H, T = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (B, Hkv, T)))
     trip = np.stack([B.ravel(), H.ravel(), T.ravel()], axis=1)
     uniq, inv = np.unique(trip, axis=0, return_inverse=True)
@@ -87,9 +87,8 @@ def fused_launches(k_bits: int, v_bits: int, head_dim: int, B, Hkv, T, sm_count:
     inv = np.asarray(inv).reshape(-1)
     splits = np.array([r[0] for r in res], dtype=float)[inv].reshape(B.shape)
     keys = np.array([r[1] for r in res], dtype=object)[inv].reshape(B.shape)
-    if with_merge_rounds:
-        return splits, keys, np.array([r[2] for r in res], dtype=float)[inv].reshape(B.shape)
-    return splits, keys
+    rounds = np.array([r[2] for r in res], dtype=float)[inv].reshape(B.shape)
+    return splits, keys, rounds
 
 
 def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: int, B, Hkv, T, nbytes, flops,
@@ -126,8 +125,7 @@ def _attention_op_time(tm: TimeModel, pipeline: str, fmt: KVFormat, head_dim: in
                 kernel_config(kb, vb, head_dim, 1, 1, KERNEL_LARGE_WORK if flag else 1))), nbytes, flops)
             for flag in (False, True))
         return np.where(large, t_large, t_small)
-    splits, keys, rounds = fused_launches(kb, vb, head_dim, B, Hkv, T, tm.gpu.sm_count, tm.kernel_version,
-                                          with_merge_rounds=True)
+    splits, keys, rounds = fused_launches(kb, vb, head_dim, B, Hkv, T, tm.gpu.sm_count, tm.kernel_version)
     shape = np.broadcast_shapes(splits.shape, np.shape(nbytes), np.shape(flops))
     splits, keys, rounds = (np.broadcast_to(x, shape) for x in (splits, keys, rounds))
     nb = np.broadcast_to(np.asarray(nbytes, dtype=float), shape)

@@ -310,29 +310,14 @@ def _grids_of_kernel(version: str):
     import json
 
     root = Path(__file__).resolve().parents[1] / "validation" / "data"
+    from kvmodel.calibration import GRID_CALIB_SUFFIX
+
     for csv in sorted(root.glob("*/decode_attention*.csv")):
+        if csv.stem.endswith(GRID_CALIB_SUFFIX):  # explicit-split calibration rows beside a grid, not a grid
+            continue
         prov = csv.with_suffix(".provenance.json")
         if prov.exists() and json.loads(prov.read_text()).get("kernel_version") == version:
             yield csv, json.loads(prov.read_text())
-
-
-#: Split-rule bounds of earlier kernel versions with a committed grid: v10 changed only these bounds (and the
-#: merge), so the port's block shapes with these bounds must still reproduce those grids' splits.
-_EARLIER_SPLIT_BOUNDS = {"v9": dict(min_tiles_per_split=4, max_splits=128)}
-
-
-def _port_splits(rows, sms: int, bounds: dict | None) -> np.ndarray:
-    """num_splits the port gives each grid row: kernel_config's block shape, then split_count with the port's
-    bounds (``bounds=None``) or an earlier version's."""
-    from kvmodel.timing import kernel_config, split_count
-
-    out = []
-    for r in rows.itertuples():
-        c = kernel_config(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T)
-        b = bounds or dict(min_tiles_per_split=c["min_tiles_per_split"], max_splits=c["max_splits"])
-        out.append(float(split_count(r.B * r.Hkv, r.T, sms, block_n=c["block_n"],
-                                     programs_per_sm=c["programs_per_sm"], **b)))
-    return np.asarray(out)
 
 
 def _p5_rows(csv):
@@ -354,16 +339,22 @@ def test_kernel_config_block_shapes():
 
 
 def test_port_block_shapes_reproduce_earlier_versions_grids():
-    """The port's block shapes and split formula, with an earlier version's split bounds, reproduce the num_splits
-    that version's kernel launched on its committed grid (guards everything of the port but the v10 bounds, which
-    tests/test_kernels.py holds to the kernel's default_config)."""
-    grids = [(csv, prov, v) for v in _EARLIER_SPLIT_BOUNDS for csv, prov in _grids_of_kernel(v)]
+    """The port, at an earlier kernel version (``kernel_split_count(..., version)``), reproduces the num_splits that
+    version's kernel launched on its committed grid (the H100 v9 grid: v10 changed only the small launches' split
+    bounds, which tests/test_kernels.py holds to the kernel's default_config)."""
+    from kvmodel.timing import KERNEL_PORT_VERSION, KERNEL_PORT_VERSIONS, kernel_split_count
+
+    grids = [(csv, prov, v) for v in KERNEL_PORT_VERSIONS if v != KERNEL_PORT_VERSION
+             for csv, prov in _grids_of_kernel(v)]
     assert grids, "no committed decode-attention grid of an earlier kernel version"
     for csv, prov, version in grids:
         p = _p5_rows(csv)
         sms = int(prov.get("sm_count") or prov.get("sms"))
-        ns = _port_splits(p, sms, _EARLIER_SPLIT_BOUNDS[version])
-        assert np.array_equal(ns, p.num_splits.to_numpy(float)), csv
+        ns = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, sms, version) for r in p.itertuples()]
+        assert np.array_equal(np.asarray(ns, float), p.num_splits.to_numpy(float)), (csv, version)
+        if version == "v9":  # v10's bounds would not (98 of the H100 v9 grid's 685 rows differ)
+            ns10 = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, sms) for r in p.itertuples()]
+            assert not np.array_equal(np.asarray(ns10, float), p.num_splits.to_numpy(float)), csv
 
 
 def test_kernel_config_port_matches_measured_splits():
@@ -380,7 +371,6 @@ def test_kernel_config_port_matches_measured_splits():
         sms = int(prov.get("sm_count") or prov.get("sms"))
         ns = [kernel_split_count(r.k_bits, r.v_bits, r.d, r.B, r.Hkv, r.T, sms) for r in p.itertuples()]
         assert np.array_equal(np.asarray(ns, float), p.num_splits.to_numpy(float)), csv
-        assert np.array_equal(np.asarray(ns, float), _port_splits(p, sms, None)), csv
 
 
 # ------------------------------------------------------------------------------------------------- non-fused terms

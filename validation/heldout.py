@@ -41,9 +41,9 @@ from kvmodel.fused_fit import FusedCurves, format_label
 from kvmodel.predict import attention_call_time_s, fused_launches
 from kvmodel.specs import BandwidthCurve, KVFormat, get_model
 from kvmodel.calibration import fit_curve_reread, fit_curves_pairs
-from kvmodel.timing import (DEQUANT_LAYOUTS, KERNEL_PORT_VERSION, OccupancyCurve, curve_time_s, dequant_step_time_s, dequant_v_layout,
-                            expand_charged_bytes, expand_reread_miss, kernel_split_count, sdpa_charged_bytes,
-                            split_count)
+from kvmodel.timing import (DEQUANT_LAYOUTS, KERNEL_PORT_VERSION, OccupancyCurve, curve_time_s,
+                            dequant_step_time_s, dequant_v_layout, expand_charged_bytes, expand_reread_miss,
+                            kernel_split_count, sdpa_charged_bytes, split_count)
 
 from .common import curve_dict, data_path, error_stats, fit_curve, grouped_stats
 
@@ -223,8 +223,7 @@ class AttentionCalibration:
             # the kernel's block shape and split count for each call (its own rules, ported; kvmodel predict's)
             B, T = np.broadcast_arrays(B, T)
             ph = Hq if variant == "nogqa" else Hkv
-            ns, keys, rounds = fused_launches(k_bits, v_bits, d, B, ph, T, self.sm_count, self.kernel_version,
-                                              with_merge_rounds=True)
+            ns, keys, rounds = fused_launches(k_bits, v_bits, d, B, ph, T, self.sm_count, self.kernel_version)
             if num_splits is not None:
                 ns = np.broadcast_to(np.asarray(num_splits, float), B.shape)
             nbytes = np.broadcast_to(ab("P5", B, T, Hq, Hkv, d, k_bits, v_bits, group), B.shape)

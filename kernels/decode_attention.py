@@ -632,6 +632,15 @@ ONE_ROUND_MERGE_DEFAULT = True
 #: Split rule of small launches with a quantized part (kernel v10): at least this many tiles per split and at most
 #: MERGE_MAX_ELEMS / d splits (so the merge reads them in one round). Large launches and 16/16 keep v9's 4 / 128.
 SMALL_MIN_TILES_PER_SPLIT = 2
+#: Tiles per split of the long-split rule (kernel v9's; large launches and 16/16 keep it).
+LONG_SPLIT_TILES = 4
+#: Kernel v11: small launches take splits shorter than LONG_SPLIT_TILES only while they have at most this many
+#: programs per SM (B · heads · splits ≤ SMs × this), by the small shape's warps per program: the 4-warp shape
+#: (d = 128, 256) 1, the 1-warp 32-token shape (d = 64) 4. The v10 grid (H100, against v9's): 2-tile splits won
+#: at up to 128 programs of the 4-warp shape (Qwen2.5-7B B=1 T=4K 1.12-1.28x, Gemma B=1 T=1K 1.27-1.49x) and lost
+#: from 256 (Qwen2.5-7B B=16 T=1K 8/8 17.4 -> 23.0 us, Gemma B=8 T=1K 0.81-0.82x); at d = 64 they won up to 512
+#: programs (Qwen2.5-0.5B B=16 T=1K 1.05-1.09x) and lost from 1,024 (B=32 T=1K 0.93-0.99x).
+SHORT_SPLIT_PROGRAMS_PER_SM = {4: 1, 1: 4}
 
 
 def merge_shape(num_splits: int, d: int, block_s: int | None = None) -> tuple[int, int]:
@@ -653,19 +662,27 @@ def merge_shape(num_splits: int, d: int, block_s: int | None = None) -> tuple[in
 
 
 def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DEFAULT_SMS,
-                      programs_per_sm: int = 4, min_tiles_per_split: int = 4, max_splits: int = 128) -> int:
+                      programs_per_sm: int = 4, min_tiles_per_split: int = 4, max_splits: int = 128,
+                      short_split_programs: int | None = None) -> int:
     """Split count that fills the SMs: minimizes (waves of programs) × (tiles per program + overhead).
 
     ``programs_per_sm`` is how many programs one SM runs at once; a program costs about one extra tile of
     overhead (q load, epilogue, partial write); splits below ``min_tiles_per_split`` tiles are not worth it, nor
-    more than two waves of programs.
+    more than two waves of programs. ``short_split_programs`` (kernel v11): splits shorter than
+    :data:`LONG_SPLIT_TILES` tiles only while the launch has at most this many programs (B · Hkv · splits; None =
+    no such cap).
     """
     n = B * Hkv
     tiles = max(1, -(-T // block_n))
     slots = max(1, sms * programs_per_sm)
     # at most two waves of programs (v5: beyond that, more splits only add per-program overhead — 8/4 Llama B=16
     # T=128K: 24 splits 1116 us vs 12 splits 1006)
-    s_max = max(1, min(max_splits, tiles // min_tiles_per_split, (2 * slots) // n))
+    waves2 = (2 * slots) // n
+    s_max = min(max_splits, tiles // min_tiles_per_split, waves2)
+    if short_split_programs is not None and min_tiles_per_split < LONG_SPLIT_TILES:
+        s_long = min(max_splits, tiles // LONG_SPLIT_TILES, waves2)
+        s_max = max(s_long, min(s_max, short_split_programs // n))
+    s_max = max(1, s_max)
     best, best_cost = 1, None
     for s in range(1, s_max + 1):
         per = -(-tiles // s)
@@ -675,6 +692,30 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
         if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = s_eff, cost
     return best
+
+
+def plan_num_splits(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T: int, sms: int, *,
+                    block_n: int | None = None, num_warps: int | None = None,
+                    min_tiles_per_split: int | None = None, max_splits: int | None = None,
+                    short_split_programs_per_sm: int | None = None) -> int:
+    """Splits :func:`decode_attention` launches for a call when ``num_splits`` is None (the same keyword
+    overrides; None = :func:`default_config`'s), after dropping empty splits. Benchmarks record this."""
+    cfg = default_config(k_bits, v_bits, d, B, prog_heads, T)
+    bn = cfg["block_n"] if block_n is None else int(block_n)
+    nw = cfg["num_warps"] if num_warps is None else int(num_warps)
+    pps = cfg["programs_per_sm"]
+    if (bn, nw) != (cfg["block_n"], cfg["num_warps"]):
+        pps = shape_programs_per_sm(k_bits, v_bits, d, bn, nw)
+    mt = cfg["min_tiles_per_split"] if min_tiles_per_split is None else int(min_tiles_per_split)
+    ms = cfg["max_splits"] if max_splits is None else int(max_splits)
+    sp = cfg["short_split_programs_per_sm"] if short_split_programs_per_sm is None else int(short_split_programs_per_sm)
+    if mt < 1 or ms < 1:
+        raise ValueError(f"min_tiles_per_split and max_splits must be >= 1, got {mt}, {ms}")
+    s = choose_num_splits(B, prog_heads, T, bn, sms, pps, min_tiles_per_split=mt, max_splits=ms,
+                          short_split_programs=sms * sp if sp and sp > 0 else None)
+    tiles = -(-T // bn)
+    per = -(-tiles // min(s, tiles))
+    return -(-T // (per * bn))
 
 
 #: Version of the fused decode-attention kernel and its defaults, as kernels/NOTES.md names them (v1: halves path,
@@ -696,8 +737,10 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 #: (one batched dot over the channel groups on the raw codes) instead of dequantizing the K tile. v10: the split
 #: merge reads every split in one round of loads (up to MERGE_MAX_ELEMS partial elements; v9 read 16 per round),
 #: and small launches with a quantized part split into at least 2 tiles per split (v9: 4), at most
-#: MERGE_MAX_ELEMS / d splits (H100 probe v10: Qwen2.5-0.5B B=1 T=4K 7.9 -> 6.6 us, Qwen2.5-7B 9.5 -> 7.9).
-KERNEL_VERSION = "v10"
+#: MERGE_MAX_ELEMS / d splits (H100 probe v10: Qwen2.5-0.5B B=1 T=4K 7.9 -> 6.6 us, Qwen2.5-7B 9.5 -> 7.9). v11:
+#: those short splits only while the launch has at most SMs x SHORT_SPLIT_PROGRAMS_PER_SM programs (the v10 grid:
+#: they lost at B = 4-16, T = 1K-4K, e.g. Qwen2.5-7B B=16 T=1K 8/8 17.4 -> 23.0 us).
+KERNEL_VERSION = "v11"
 
 LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
@@ -766,12 +809,16 @@ def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T:
     ``min_tiles_per_split`` / ``max_splits`` (v10, passed to the split rule): small launches with a quantized part
     take splits of 2 tiles, at most MERGE_MAX_ELEMS / d of them (H100 probe v10, B = 1: Qwen2.5-0.5B T=4K 64 splits
     6.6 us vs v9's 16 at 7.9, T=16K 128 splits 8.7 vs 11.6; Qwen2.5-7B T=4K 32 splits 7.9 vs 9.5); everything else
-    keeps 4 / 128 (16/16: Llama B=1 T=4K 32 splits 12.6 vs 11.6)."""
+    keeps 4 / 128 (16/16: Llama B=1 T=4K 32 splits 12.6 vs 11.6). ``short_split_programs_per_sm`` (v11): those
+    short splits only while the launch has at most SMs × this many programs (:data:`SHORT_SPLIT_PROGRAMS_PER_SM`);
+    None where the rule keeps 4-tile splits."""
     large = B * prog_heads * T >= LARGE_WORK
     sw = default_swap(k_bits, v_bits)
-    rule = dict(min_tiles_per_split=4, max_splits=128)
+    rule = dict(min_tiles_per_split=LONG_SPLIT_TILES, max_splits=128, short_split_programs_per_sm=None)
     if not large and (k_bits, v_bits) != (16, 16):
-        rule = dict(min_tiles_per_split=SMALL_MIN_TILES_PER_SPLIT, max_splits=MERGE_MAX_ELEMS // d)
+        small_warps = 1 if d == 64 else 4
+        rule = dict(min_tiles_per_split=SMALL_MIN_TILES_PER_SPLIT, max_splits=MERGE_MAX_ELEMS // d,
+                    short_split_programs_per_sm=SHORT_SPLIT_PROGRAMS_PER_SM[small_warps])
     if k_bits == 16 and v_bits == 16:
         bn = 128 if d == 128 and large else 64
         return dict(block_n=bn, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw,
@@ -854,7 +901,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      maxnreg: int | None = None, swap: bool | None = None,
                      v_fold: bool | None = None, k_fold: bool | None = None,
                      merge_block_s: int | None = None, min_tiles_per_split: int | None = None,
-                     max_splits: int | None = None) -> torch.Tensor:
+                     max_splits: int | None = None,
+                     short_split_programs_per_sm: int | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -877,7 +925,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     ``merge_block_s``: the most splits the merge kernel reads per round of loads (a power of two; None =
     :func:`merge_shape`'s default; 16 = kernel v9's merge).
     ``min_tiles_per_split`` / ``max_splits``: the split rule's bounds when ``num_splits`` is None (None =
-    :func:`default_config`'s; 4 / 128 = kernel v9's rule).
+    :func:`default_config`'s; 4 / 128 = kernel v9's rule). ``short_split_programs_per_sm``: splits shorter than
+    LONG_SPLIT_TILES tiles only while the launch has at most SMs × this many programs (None = default_config's;
+    0 = no cap, kernel v10's rule).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -890,13 +940,10 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     hpp = G if gqa_shared else 1
     prog_heads = Hkv if gqa_shared else Hq
     cfg = default_config(cache.k.bits, cache.v.bits, d, B, prog_heads, T)
-    programs_per_sm = cfg["programs_per_sm"]
     if block_n is None:
         block_n = cfg["block_n"]
     if num_warps is None:
         num_warps = cfg["num_warps"]
-    if (block_n, num_warps) != (cfg["block_n"], cfg["num_warps"]):
-        programs_per_sm = shape_programs_per_sm(cache.k.bits, cache.v.bits, d, block_n, num_warps)
     if num_stages is None:
         num_stages = cfg["num_stages"]
     if magic is None:
@@ -906,12 +953,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         swap = cfg["swap"]
     m_pad = max(SWAP_MIN_ROWS if swap else 16, triton.next_power_of_2(hpp))
     if num_splits is None:
-        mt = cfg["min_tiles_per_split"] if min_tiles_per_split is None else int(min_tiles_per_split)
-        ms = cfg["max_splits"] if max_splits is None else int(max_splits)
-        if mt < 1 or ms < 1:
-            raise ValueError(f"min_tiles_per_split and max_splits must be >= 1, got {mt}, {ms}")
-        num_splits = choose_num_splits(B, prog_heads, T, block_n, num_sms(q.device), programs_per_sm,
-                                       min_tiles_per_split=mt, max_splits=ms)
+        num_splits = plan_num_splits(cache.k.bits, cache.v.bits, d, B, prog_heads, T, num_sms(q.device),
+                                     block_n=block_n, num_warps=num_warps, min_tiles_per_split=min_tiles_per_split,
+                                     max_splits=max_splits, short_split_programs_per_sm=short_split_programs_per_sm)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tiles = -(-T // block_n)

@@ -404,16 +404,21 @@ def fused_kernel_time_s(programs, nbytes, sm_count, c_res, r1_GBps, rc_GBps, t0_
 
 
 def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64, programs_per_sm: int = 4,
-                min_tiles_per_split: int = 4, max_splits: int = 128):
+                min_tiles_per_split: int = 4, max_splits: int = 128, short_split_programs: int | None = None):
     """Splits along the context that fill the SMs: the rule of kernels.decode_attention.choose_num_splits (minimize
-    waves x (tiles per program + 1) + 0.5 for the merge launch, at most two waves), ported without torch.
+    waves x (tiles per program + 1) + 0.5 for the merge launch, at most two waves; splits shorter than 4 tiles only
+    while the launch has at most ``short_split_programs`` programs, None = no cap), ported without torch.
     Vectorized (element-wise)."""
 
     def one(n, T):
         n = max(int(n), 1)
         tiles = max(1, -(-int(T) // block_n))
         slots = max(1, sm_count * programs_per_sm)
-        s_max = max(1, min(max_splits, tiles // min_tiles_per_split, (2 * slots) // n))  # at most two waves
+        waves2 = (2 * slots) // n  # at most two waves
+        s_max = min(max_splits, tiles // min_tiles_per_split, waves2)
+        if short_split_programs is not None and min_tiles_per_split < 4:
+            s_max = max(min(max_splits, tiles // 4, waves2), min(s_max, short_split_programs // n))
+        s_max = max(1, s_max)
         best, best_cost = 1, None
         for s in range(1, s_max + 1):
             per = -(-tiles // s)
@@ -433,15 +438,16 @@ KERNEL_LARGE_WORK = 1 << 18
 
 #: Fused-kernel version this port mirrors (``kernels.decode_attention.KERNEL_VERSION``; tests/test_kernels.py
 #: checks they agree, tests/test_validation.py holds the port to the committed grid of this version).
-KERNEL_PORT_VERSION = "v10"
+KERNEL_PORT_VERSION = "v11"
 #: Most fp32 partial-output elements (splits x head dim) the merge reads in one round of loads
 #: (``kernels.decode_attention.MERGE_MAX_ELEMS``, kernel v10).
 KERNEL_MERGE_MAX_ELEMS = 8192
 
 
-#: Kernel versions the port can describe: v8-v10 share the block shapes; v10 changed the split bounds of small
-#: launches and the merge's splits per round (so committed grids of v8 / v9 are predicted with their own rules).
-KERNEL_PORT_VERSIONS = ("v8", "v9", "v10")
+#: Kernel versions the port can describe: v8-v11 share the block shapes; v10 changed the split bounds of small
+#: launches and the merge's splits per round, v11 capped v10's short splits by the launch's programs (so committed
+#: grids of each version are predicted with their own rules).
+KERNEL_PORT_VERSIONS = ("v8", "v9", "v10", "v11")
 
 
 def _check_kernel_version(version: str) -> int:
@@ -457,17 +463,21 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context, version:
     tile, symmetric 4-bit K, v9+), ``merge`` ('pdl': the split merge as a programmatic dependent launch, small
     launches of the 4-warp shape; else 'kernel'), ``min_tiles_per_split`` / ``max_splits`` (the split rule's
     bounds: v10 2 / MERGE_MAX_ELEMS / d for small launches with a quantized part, else 4 / 128),
+    ``short_split_programs_per_sm`` (v11: those 2-tile splits only while the launch has at most SMs × this many
+    programs: 1 for the 4-warp shape, 4 for the 1-warp one at d = 64; None = no cap),
     ``merge_round_splits`` (splits the merge loads per round beyond 4: v10 max(16, MERGE_MAX_ELEMS / d), before
     16) and ``large`` (B·heads·T ≥ KERNEL_LARGE_WORK). The choice is a deterministic function of the call, so a
     model may use it: the two sides of the threshold are different programs with different per-token costs."""
     kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
     v = _check_kernel_version(version)
     large = float(batch) * float(prog_heads) * float(context) >= KERNEL_LARGE_WORK
-    rule = dict(min_tiles_per_split=4, max_splits=128, merge_round_splits=16)
+    rule = dict(min_tiles_per_split=4, max_splits=128, merge_round_splits=16, short_split_programs_per_sm=None)
     if v >= 10:
         rule["merge_round_splits"] = max(16, KERNEL_MERGE_MAX_ELEMS // d)
         if not large and (kb, vb) != (16, 16):
             rule.update(min_tiles_per_split=2, max_splits=KERNEL_MERGE_MAX_ELEMS // d)
+            if v >= 11:  # short splits only up to SMs x 1 programs (4-warp shape) or x 4 (1-warp, d = 64)
+                rule["short_split_programs_per_sm"] = 4 if d == 64 else 1
     if kb == 16 and vb == 16:
         bn = 128 if d == 128 and large else 64
         return dict(block_n=bn, num_warps=4, programs_per_sm=4, merge="kernel" if large else "pdl", large=large,
@@ -493,6 +503,13 @@ def kernel_config_key(cfg: dict) -> str:
     return f"n{cfg['block_n']}w{cfg['num_warps']}"
 
 
+def short_programs(cfg: dict, sm_count: int) -> int | None:
+    """Most programs a launch of ``cfg`` (:func:`kernel_config`) may have while its splits are shorter than 4
+    tiles (kernel v11: SMs × ``short_split_programs_per_sm``); None = no such cap."""
+    pps = cfg.get("short_split_programs_per_sm")
+    return int(sm_count) * int(pps) if pps else None
+
+
 def kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_count: int,
                        version: str = KERNEL_PORT_VERSION):
     """Splits the fused kernel (``version``, default the current one) actually launches: its block shape from
@@ -503,6 +520,7 @@ def kernel_split_count(k_bits, v_bits, head_dim, batch, kv_heads, context, sm_co
         c = kernel_config(k_bits, v_bits, head_dim, B, kv_heads, T, version)
         return float(split_count(B * kv_heads, T, sm_count, block_n=c["block_n"],
                                  programs_per_sm=c["programs_per_sm"],
-                                 min_tiles_per_split=c["min_tiles_per_split"], max_splits=c["max_splits"]))
+                                 min_tiles_per_split=c["min_tiles_per_split"], max_splits=c["max_splits"],
+                                 short_split_programs=short_programs(c, sm_count)))
 
     return np.vectorize(one, otypes=[float])(batch, context)

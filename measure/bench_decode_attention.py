@@ -362,14 +362,14 @@ def run_grid(args, rf, ceil):
                                 opts["gqa_shared"] = False
                             fn = lambda i, o=opts: decode_attention(qs[i], caches[i], out=outs[i],  # noqa: E731
                                                                     workspace=wss[i], **o)
-                            from kvmodel.kernels.decode_attention import choose_num_splits, default_config, num_sms
+                            from kvmodel.kernels.decode_attention import num_sms, plan_num_splits
 
                             heads = Hkv if opts.get("gqa_shared", True) else Hq
-                            cfg = default_config(kb, vb, d, B, heads, T)
-                            bn = opts.get("block_n", cfg["block_n"])
-                            ppsm = 4 if "num_warps" in opts else cfg["programs_per_sm"]
-                            extra["num_splits"] = opts.get("num_splits") or choose_num_splits(
-                                B, heads, T, bn, num_sms(torch.device("cuda")), ppsm)
+                            rule = {k: opts[k] for k in ("block_n", "num_warps", "min_tiles_per_split", "max_splits",
+                                                         "short_split_programs_per_sm") if k in opts}
+                            # the splits the launcher launches (kernel v10's grid recorded v9's rule here)
+                            extra["num_splits"] = opts.get("num_splits") or plan_num_splits(
+                                kb, vb, d, B, heads, T, num_sms(torch.device("cuda")), **rule)
                             extra["gqa_shared"] = opts.get("gqa_shared", True)
                         try:
                             med, p10, p90, n, R = time_graph(fn, n_sets, target_s=args.target_s)

@@ -212,16 +212,46 @@ def test_merge_shape(monkeypatch):
 
 def test_split_rule_bounds_by_launch_size():
     """Kernel v10: small launches with a quantized part split into 2-tile splits, at most MERGE_MAX_ELEMS / d of them
-    (one merge round); large launches and 16/16 keep v9's 4 tiles / 128 splits."""
+    (one merge round); large launches and 16/16 keep v9's 4 tiles / 128 splits. Kernel v11: the short splits only
+    while the launch has at most SMs x 1 (4-warp shape) or x 4 (1-warp, d = 64) programs."""
     da = importlib.import_module("kvmodel.kernels.decode_attention")
 
     for d in (64, 128, 256):
         small = da.default_config(4, 8, d, 1, 4, 4096)
         assert (small["min_tiles_per_split"], small["max_splits"]) == (2, da.MERGE_MAX_ELEMS // d)
+        assert small["short_split_programs_per_sm"] == (4 if d == 64 else 1)
+        assert small["num_warps"] == (1 if d == 64 else 4)
         large = da.default_config(4, 8, d, 64, 8, 32768)
         assert (large["min_tiles_per_split"], large["max_splits"]) == (4, 128)
         fp16 = da.default_config(16, 16, d, 1, 4, 4096)
         assert (fp16["min_tiles_per_split"], fp16["max_splits"]) == (4, 128)
+        assert large["short_split_programs_per_sm"] is None and fp16["short_split_programs_per_sm"] is None
+
+
+def test_short_splits_only_up_to_the_program_cap():
+    """v11 (the v10 grid on an H100): 2-tile splits where the launch stays within one program per SM of the 4-warp
+    shape (Qwen2.5-7B B=1 T=4K: 32 splits, 128 programs), 4-tile splits beyond (Qwen2.5-7B B=16 T=1K 8/8: 4 splits,
+    not v10's 8; Llama B=1 T=4K: 16, not 32); at d = 64 up to four per SM (Qwen2.5-0.5B B=16 T=1K: 16 splits,
+    B=16 T=4K: 32, not 64). No cap (0) is v10's rule."""
+    da = importlib.import_module("kvmodel.kernels.decode_attention")
+    plan = da.plan_num_splits
+    assert plan(4, 4, 128, 1, 4, 4096, 132) == 32
+    assert plan(8, 8, 128, 16, 4, 1024, 132) == 4
+    assert plan(8, 8, 128, 16, 4, 1024, 132, short_split_programs_per_sm=0) == 8
+    assert plan(4, 4, 128, 1, 8, 4096, 132) == 16
+    assert plan(4, 4, 128, 1, 8, 4096, 132, short_split_programs_per_sm=0) == 32
+    assert plan(4, 4, 64, 16, 2, 1024, 132) == 16
+    assert plan(4, 4, 64, 16, 2, 4096, 132) == 32
+    assert plan(4, 4, 64, 16, 2, 4096, 132, short_split_programs_per_sm=0) == 64
+    for kb, vb, d, B, H, T in itertools.product((4, 8, 16), (4, 8), (64, 128, 256), (1, 3, 16, 64), (1, 2, 8),
+                                                (1, 63, 1000, 4096, 16384)):
+        s = plan(kb, vb, d, B, H, T, 132)
+        cfg = da.default_config(kb, vb, d, B, H, T)
+        tiles = -(-T // cfg["block_n"])
+        per = -(-tiles // s)
+        assert -(-tiles // per) == s  # no empty splits
+        if per < da.LONG_SPLIT_TILES and s > 1:  # short splits: within the cap, and more than the long rule's
+            assert B * H * s <= 132 * cfg["short_split_programs_per_sm"], (kb, vb, d, B, H, T, s)
 
 
 def test_launcher_splits_by_the_rule_bounds():
@@ -241,7 +271,9 @@ def test_launcher_splits_by_the_rule_bounds():
         return ns, out
 
     ns, out = launched()
-    assert ns == da.choose_num_splits(B, Hkv, T, cfg["block_n"], sms, cfg["programs_per_sm"], 2, 128)
+    assert ns == da.choose_num_splits(B, Hkv, T, cfg["block_n"], sms, cfg["programs_per_sm"], 2, 128,
+                                      sms * cfg["short_split_programs_per_sm"]) == da.plan_num_splits(4, 4, d, B, Hkv,
+                                                                                                      T, sms)
     ns9, out9 = launched(min_tiles_per_split=4, max_splits=128)
     assert ns9 == da.choose_num_splits(B, Hkv, T, cfg["block_n"], sms, cfg["programs_per_sm"], 4, 128) < ns
     ns3, _ = launched(max_splits=3)
@@ -963,11 +995,11 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
         want = da.default_config(kb, vb, d, B, Hkv, T)
         got = timing.kernel_config(kb, vb, d, B, Hkv, T)
         key = (kb, vb, d, B, Hkv, T)
-        keys = ("block_n", "num_warps", "programs_per_sm", "merge", "k_fold", "min_tiles_per_split", "max_splits")
+        keys = ("block_n", "num_warps", "programs_per_sm", "merge", "k_fold", "min_tiles_per_split", "max_splits",
+                "short_split_programs_per_sm")
         assert [got[k] for k in keys] == [want[k] for k in keys], key
         assert got["large"] == (B * Hkv * T >= da.LARGE_WORK), key
-        splits = da.choose_num_splits(B, Hkv, T, want["block_n"], sms, want["programs_per_sm"],
-                                      min_tiles_per_split=want["min_tiles_per_split"], max_splits=want["max_splits"])
+        splits = da.plan_num_splits(kb, vb, d, B, Hkv, T, sms)
         assert float(timing.kernel_split_count(kb, vb, d, B, Hkv, T, sms)) == splits, key
         # the merge's splits per round (beyond 4): what merge_shape reads in one round of a many-split merge
         assert got["merge_round_splits"] == da.merge_shape(1 << 12, d)[0], key
@@ -975,11 +1007,14 @@ def test_timing_port_of_block_shape_and_split_rules_matches_the_kernel():
     assert n == 3 * 3 * 3 * 6 * 4 * 8
     # split_count is choose_num_splits for any tile size / occupancy (vectorized over B*Hkv and T)
     BH = np.array([1, 8, 32, 512, 1024])
-    for block_n, pps, sm in itertools.product((16, 32, 64, 128), (1, 4, 9, 12), (78, 132)):
+    for block_n, pps, sm, (mt, cap) in itertools.product((16, 32, 64, 128), (1, 4, 9, 12), (78, 132),
+                                                        ((4, None), (2, None), (2, 132), (2, 528), (1, 64))):
         for T in (1, 100, 4096, 65536, 131072):
-            got = timing.split_count(BH, T, sm, block_n=block_n, programs_per_sm=pps)
-            want = [da.choose_num_splits(int(b), 1, T, block_n, sm, pps) for b in BH]
-            assert list(got) == want, (block_n, pps, sm, T)
+            got = timing.split_count(BH, T, sm, block_n=block_n, programs_per_sm=pps, min_tiles_per_split=mt,
+                                     short_split_programs=cap)
+            want = [da.choose_num_splits(int(b), 1, T, block_n, sm, pps, min_tiles_per_split=mt,
+                                         short_split_programs=cap) for b in BH]
+            assert list(got) == want, (block_n, pps, sm, T, mt, cap)
 
 
 def test_timing_port_of_the_default_v_layout_matches_the_kernels():

@@ -697,10 +697,11 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 def plan_num_splits(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T: int, sms: int, *,
                     block_n: int | None = None, num_warps: int | None = None,
                     min_tiles_per_split: int | None = None, max_splits: int | None = None,
-                    short_split_programs_per_sm: int | None = None) -> int:
+                    short_split_programs_per_sm: int | None = None, cfg: dict | None = None) -> int:
     """Splits :func:`decode_attention` launches for a call when ``num_splits`` is None (the same keyword
-    overrides; None = :func:`default_config`'s), after dropping empty splits. Benchmarks record this."""
-    cfg = default_config(k_bits, v_bits, d, B, prog_heads, T)
+    overrides; None = :func:`default_config`'s, which ``cfg`` passes in when the caller has it), after dropping
+    empty splits. Benchmarks record this."""
+    cfg = default_config(k_bits, v_bits, d, B, prog_heads, T) if cfg is None else cfg
     bn = cfg["block_n"] if block_n is None else int(block_n)
     nw = cfg["num_warps"] if num_warps is None else int(num_warps)
     pps = cfg["programs_per_sm"]
@@ -955,7 +956,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     if num_splits is None:
         num_splits = plan_num_splits(cache.k.bits, cache.v.bits, d, B, prog_heads, T, num_sms(q.device),
                                      block_n=block_n, num_warps=num_warps, min_tiles_per_split=min_tiles_per_split,
-                                     max_splits=max_splits, short_split_programs_per_sm=short_split_programs_per_sm)
+                                     max_splits=max_splits, short_split_programs_per_sm=short_split_programs_per_sm,
+                                     cfg=cfg)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tiles = -(-T // block_n)

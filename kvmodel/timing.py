@@ -403,6 +403,10 @@ def fused_kernel_time_s(programs, nbytes, sm_count, c_res, r1_GBps, rc_GBps, t0_
 
 
 
+#: Tiles per split of the long-split rule (``kernels.decode_attention.LONG_SPLIT_TILES``); v11 caps shorter splits.
+KERNEL_LONG_SPLIT_TILES = 4
+
+
 def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64, programs_per_sm: int = 4,
                 min_tiles_per_split: int = 4, max_splits: int = 128, short_split_programs: int | None = None):
     """Splits along the context that fill the SMs: the rule of kernels.decode_attention.choose_num_splits (minimize
@@ -416,8 +420,9 @@ def split_count(batch_kv_heads, context_tokens, sm_count: int, block_n: int = 64
         slots = max(1, sm_count * programs_per_sm)
         waves2 = (2 * slots) // n  # at most two waves
         s_max = min(max_splits, tiles // min_tiles_per_split, waves2)
-        if short_split_programs is not None and min_tiles_per_split < 4:
-            s_max = max(min(max_splits, tiles // 4, waves2), min(s_max, short_split_programs // n))
+        if short_split_programs is not None and min_tiles_per_split < KERNEL_LONG_SPLIT_TILES:
+            s_long = min(max_splits, tiles // KERNEL_LONG_SPLIT_TILES, waves2)
+            s_max = max(s_long, min(s_max, short_split_programs // n))
         s_max = max(1, s_max)
         best, best_cost = 1, None
         for s in range(1, s_max + 1):
@@ -471,7 +476,8 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context, version:
     kb, vb, d = int(k_bits), int(v_bits), int(head_dim)
     v = _check_kernel_version(version)
     large = float(batch) * float(prog_heads) * float(context) >= KERNEL_LARGE_WORK
-    rule = dict(min_tiles_per_split=4, max_splits=128, merge_round_splits=16, short_split_programs_per_sm=None)
+    rule = dict(min_tiles_per_split=KERNEL_LONG_SPLIT_TILES, max_splits=128, merge_round_splits=16,
+                short_split_programs_per_sm=None)
     if v >= 10:
         rule["merge_round_splits"] = max(16, KERNEL_MERGE_MAX_ELEMS // d)
         if not large and (kb, vb) != (16, 16):

@@ -40,8 +40,23 @@ def test_every_probe_set_names_known_variants_and_models():
         for model, B, T, (kb, vb), variants in cases:
             assert model in bench.MODELS, (name, model)
             assert B >= 1 and T >= 1 and kb in (4, 8, 16) and vb in (4, 8, 16), (name, model)
-            for v in variants:
-                assert v in bench.PROBE_VARIANTS, (name, model, v)
+            for v in variants:  # READ...: the streaming-read kernel over the P5 call's bytes (no kernel options)
+                assert v in bench.PROBE_VARIANTS or v in ("READ", "READcold", "READg8"), (name, model, v)
+    for v in bench.PROBE_TIMING:
+        assert v in bench.PROBE_VARIANTS or v.startswith("READ"), v
+
+
+def test_timing_warm_up_covers_the_slow_first_replays():
+    """The untimed warm-up of time_graph: at least WARM_REPLAYS replays (the slow phase was 13-24 one-call replays
+    on the H100), at least WARM_S seconds for short replays, bounded by MAX_WARM_S for long ones (never fewer than
+    one), and none when both minimums are 0 (the probes' cold variants)."""
+    n = bench.warm_replay_count
+    assert n(1e-3) == bench.WARM_REPLAYS >= 25
+    assert n(1e-4) * 1e-4 >= bench.WARM_S
+    assert n(2e-4, warm_s=10.0) * 2e-4 <= bench.MAX_WARM_S + 2e-4
+    assert n(0.02) * 0.02 <= bench.MAX_WARM_S + 0.02 and n(0.02) < bench.WARM_REPLAYS
+    assert n(5.0) == 1
+    assert n(1e-3, warm_replays=0, warm_s=0.0) == 0
 
 
 def test_kernel_timeline_stats_from_trace_events(tmp_path):

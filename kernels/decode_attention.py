@@ -697,7 +697,8 @@ def choose_num_splits(B: int, Hkv: int, T: int, block_n: int = 64, sms: int = DE
 def plan_num_splits(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T: int, sms: int, *,
                     block_n: int | None = None, num_warps: int | None = None,
                     min_tiles_per_split: int | None = None, max_splits: int | None = None,
-                    short_split_programs_per_sm: int | None = None, cfg: dict | None = None) -> int:
+                    short_split_programs_per_sm: int | None = None, programs_per_sm: int | None = None,
+                    cfg: dict | None = None) -> int:
     """Splits :func:`decode_attention` launches for a call when ``num_splits`` is None (the same keyword
     overrides; None = :func:`default_config`'s, which ``cfg`` passes in when the caller has it), after dropping
     empty splits. Benchmarks record this."""
@@ -707,11 +708,13 @@ def plan_num_splits(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T
     pps = cfg["programs_per_sm"]
     if (bn, nw) != (cfg["block_n"], cfg["num_warps"]):
         pps = shape_programs_per_sm(k_bits, v_bits, d, bn, nw)
+    if programs_per_sm is not None:
+        pps = int(programs_per_sm)
     mt = cfg["min_tiles_per_split"] if min_tiles_per_split is None else int(min_tiles_per_split)
     ms = cfg["max_splits"] if max_splits is None else int(max_splits)
     sp = cfg["short_split_programs_per_sm"] if short_split_programs_per_sm is None else int(short_split_programs_per_sm)
-    if mt < 1 or ms < 1:
-        raise ValueError(f"min_tiles_per_split and max_splits must be >= 1, got {mt}, {ms}")
+    if mt < 1 or ms < 1 or pps < 1:
+        raise ValueError(f"min_tiles_per_split, max_splits and programs_per_sm must be >= 1, got {mt}, {ms}, {pps}")
     s = choose_num_splits(B, prog_heads, T, bn, sms, pps, min_tiles_per_split=mt, max_splits=ms,
                           short_split_programs=sms * sp if sp and sp > 0 else None)
     tiles = -(-T // bn)
@@ -740,8 +743,12 @@ def plan_num_splits(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T
 #: and small launches with a quantized part split into at least 2 tiles per split (v9: 4), at most
 #: MERGE_MAX_ELEMS / d splits (H100 probe v10: Qwen2.5-0.5B B=1 T=4K 7.9 -> 6.6 us, Qwen2.5-7B 9.5 -> 7.9). v11:
 #: those short splits only while the launch has at most SMs x SHORT_SPLIT_PROGRAMS_PER_SM programs (the v10 grid:
-#: they lost at B = 4-16, T = 1K-4K, e.g. Qwen2.5-7B B=16 T=1K 8/8 17.4 -> 23.0 us).
-KERNEL_VERSION = "v11"
+#: they lost at B = 4-16, T = 1K-4K, e.g. Qwen2.5-7B B=16 T=1K 8/8 17.4 -> 23.0 us). v12: large 4/4 launches at
+#: d = 128 assume 8 programs per SM in the split rule (was 16), and at d = 256 run the 1-warp 32-token shape with
+#: the K fold at 8 programs per SM (was 2 warps at 16; H100 probe v12sp, steady-state timing: Llama-3.1-8B 4/4
+#: B=8 T=32K 128.6 -> 116.3 us, B=128 T=4K 232 -> 207, B=32 T=32K 442 -> 405; Gemma-3-12B B=16 T=32K 606 -> 481,
+#: B=4 T=128K 595 -> 467).
+KERNEL_VERSION = "v12"
 
 LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from which the throughput configs are used
 
@@ -753,19 +760,25 @@ LARGE_WORK = 1 << 18  # token-heads per launch (B · program heads · T) from wh
 #: once win. 4/4: 16 (2,048 programs at Llama B=32 T=32K: 525 us vs 564 at v4's 12, 667 at the resource count
 #: 10; Qwen2.5-7B B=32 T=32K 274 vs 346 us); 8-bit parts 8 (8/8 Llama B=32 T=32K 922 us vs 1056 at 4; 8/4 541 vs
 #: 686); a 16-bit part 8 at d=128 (630 us vs 741 at v4's 9) and 9 at d=64 (v4, not probed). v6 (swapped dots):
-#: the 2-warp shape of 4/4 at d=256 assumes 16 (Gemma B=32 T=32K: 8 splits 1282 us vs 2 splits 1371 at 4).
-SHAPE_PROGRAMS_PER_SM = {("4/4", 64): 16, ("4/4", 128): 16, ("16-bit part", 64): 9, ("16-bit part", 128): 8,
-                         ("8-bit part", 64): 8, ("8-bit part", 128): 8, ("4/4", 256): 16}
+#: the 2-warp shape of 4/4 at d=256 assumes 16 (Gemma B=32 T=32K: 8 splits 1282 us vs 2 splits 1371 at 4;
+#: :data:`TWO_WARP_D256_PROGRAMS_PER_SM`). v12 (H100 probe v12sp, K fold, steady-state timing): 4/4 at d = 128
+#: assumes 8 (Llama B=8 T=32K 116 us vs 129 at 16, B=32 T=32K 405 vs 442, Qwen2.5-7B B=64 T=32K 412 vs 439; 4, 6,
+#: 12 and 24 were slower at most sizes), and the 1-warp shape of 4/4 at d = 256 (the v12 default there) 8 (Gemma
+#: B=16 T=32K 481 us vs 556 at 4); d = 64 keeps 16 (Qwen2.5-0.5B B=64 T=32K 114 us vs 123 at 8).
+SHAPE_PROGRAMS_PER_SM = {("4/4", 64): 16, ("4/4", 128): 8, ("4/4", 256): 8, ("16-bit part", 64): 9,
+                         ("16-bit part", 128): 8, ("8-bit part", 64): 8, ("8-bit part", 128): 8}
+TWO_WARP_D256_PROGRAMS_PER_SM = 16
 
 
 def shape_programs_per_sm(k_bits: int, v_bits: int, d: int, block_n: int, num_warps: int) -> int:
     """Programs of one block shape the split rule assumes an SM runs at once (:data:`SHAPE_PROGRAMS_PER_SM` for the
-    1-warp 32-token shape with a quantized part and the 2-warp one of 4/4 at d = 256; 4 for every other shape)."""
+    1-warp 32-token shape with a quantized part, :data:`TWO_WARP_D256_PROGRAMS_PER_SM` for the 2-warp one of 4/4
+    at d = 256; 4 for every other shape)."""
     if block_n == 32 and num_warps == 2 and d == 256 and (k_bits, v_bits) == (4, 4):
-        return SHAPE_PROGRAMS_PER_SM[("4/4", 256)]
-    if block_n == 32 and num_warps == 1 and d in (64, 128) and (k_bits, v_bits) != (16, 16):
+        return TWO_WARP_D256_PROGRAMS_PER_SM
+    if block_n == 32 and num_warps == 1 and (k_bits, v_bits) != (16, 16):
         fmt = "8-bit part" if 8 in (k_bits, v_bits) else "4/4" if (k_bits, v_bits) == (4, 4) else "16-bit part"
-        return SHAPE_PROGRAMS_PER_SM[(fmt, d)]
+        return SHAPE_PROGRAMS_PER_SM.get((fmt, d), 4)
     return 4
 
 
@@ -827,7 +840,8 @@ def default_config(k_bits: int, v_bits: int, d: int, B: int, prog_heads: int, T:
     if not large and d != 64:
         return dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, swap=sw, merge="pdl", k_fold=False,
                     **rule)
-    bn, w = (32, 2) if d > 128 else (32, 1)
+    # 1 warp per 32-token tile; 2 at d = 256 except 4/4 (v12: 1 warp there too, with the K fold)
+    bn, w = (32, 2) if d > 128 and (k_bits, v_bits) != (4, 4) else (32, 1)
     ppsm = shape_programs_per_sm(k_bits, v_bits, d, bn, w)
     kf = K_FOLD_DEFAULT and sw and large and k_bits == 4
     return dict(block_n=bn, num_warps=w, num_stages=3, programs_per_sm=ppsm, swap=sw, merge="kernel", k_fold=kf,
@@ -903,7 +917,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      v_fold: bool | None = None, k_fold: bool | None = None,
                      merge_block_s: int | None = None, min_tiles_per_split: int | None = None,
                      max_splits: int | None = None,
-                     short_split_programs_per_sm: int | None = None) -> torch.Tensor:
+                     short_split_programs_per_sm: int | None = None,
+                     programs_per_sm: int | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -928,7 +943,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     ``min_tiles_per_split`` / ``max_splits``: the split rule's bounds when ``num_splits`` is None (None =
     :func:`default_config`'s; 4 / 128 = kernel v9's rule). ``short_split_programs_per_sm``: splits shorter than
     LONG_SPLIT_TILES tiles only while the launch has at most SMs × this many programs (None = default_config's;
-    0 = no cap, kernel v10's rule).
+    0 = no cap, kernel v10's rule). ``programs_per_sm``: the programs per SM the split rule assumes (None = the
+    block shape's, :func:`shape_programs_per_sm`).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -957,7 +973,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         num_splits = plan_num_splits(cache.k.bits, cache.v.bits, d, B, prog_heads, T, num_sms(q.device),
                                      block_n=block_n, num_warps=num_warps, min_tiles_per_split=min_tiles_per_split,
                                      max_splits=max_splits, short_split_programs_per_sm=short_split_programs_per_sm,
-                                     cfg=cfg)
+                                     programs_per_sm=programs_per_sm, cfg=cfg)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tiles = -(-T // block_n)

@@ -443,7 +443,7 @@ KERNEL_LARGE_WORK = 1 << 18
 
 #: Fused-kernel version this port mirrors (``kernels.decode_attention.KERNEL_VERSION``; tests/test_kernels.py
 #: checks they agree, tests/test_validation.py holds the port to the committed grid of this version).
-KERNEL_PORT_VERSION = "v11"
+KERNEL_PORT_VERSION = "v12"
 #: Most fp32 partial-output elements (splits x head dim) the merge reads in one round of loads
 #: (``kernels.decode_attention.MERGE_MAX_ELEMS``, kernel v10).
 KERNEL_MERGE_MAX_ELEMS = 8192
@@ -451,8 +451,10 @@ KERNEL_MERGE_MAX_ELEMS = 8192
 
 #: Kernel versions the port can describe: v8-v11 share the block shapes; v10 changed the split bounds of small
 #: launches and the merge's splits per round, v11 capped v10's short splits by the launch's programs (so committed
-#: grids of each version are predicted with their own rules).
-KERNEL_PORT_VERSIONS = ("v8", "v9", "v10", "v11")
+#: grids of each version are predicted with their own rules), v12 changed the large 4/4 launches (d = 128: 8
+#: programs per SM in the split rule instead of 16; d = 256: the 1-warp shape with the K fold at 8 instead of 2 warps
+#: at 16).
+KERNEL_PORT_VERSIONS = ("v8", "v9", "v10", "v11", "v12")
 
 
 def _check_kernel_version(version: str) -> int:
@@ -491,14 +493,14 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context, version:
     if not large and d != 64:
         return dict(block_n=64, num_warps=4, programs_per_sm=4, merge="pdl", large=large, k_fold=False, **rule)
     k_fold = large and kb == 4 and v >= 9  # v9: K's group scales folded into the score tile (symmetric caches)
-    if d > 128:
+    if d > 128 and not (v >= 12 and (kb, vb) == (4, 4)):
         return dict(block_n=32, num_warps=2, programs_per_sm=16 if (kb, vb) == (4, 4) else 4, merge="kernel",
                     large=large, k_fold=k_fold, **rule)
     # programs per SM the split rule assumes for the 1-warp shape (kernels.decode_attention.SHAPE_PROGRAMS_PER_SM)
     if 8 in (kb, vb):
         pps = 8 if d in (64, 128) else 4
     elif (kb, vb) == (4, 4):
-        pps = 16 if d in (64, 128) else 4
+        pps = 16 if d == 64 or (d == 128 and v < 12) else 8 if v >= 12 and d in (128, 256) else 4
     else:
         pps = {64: 9, 128: 8}.get(d, 4)
     return dict(block_n=32, num_warps=1, programs_per_sm=pps, merge="kernel", large=large, k_fold=k_fold, **rule)

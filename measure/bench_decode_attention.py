@@ -729,11 +729,38 @@ _PROBE_V11WARM = [
     ("llama-3.1-8b", 1, 4096, (4, 4), ["dfltcold", "dflt"]),
     ("qwen2.5-0.5b", 64, 16384, (4, 4), ["dfltcold", "dflt"]),
 ]
+# v12 candidate (split rule of large launches): the steady-state v11 grid has P5 4/4 at d = 128 at 74 % of the read
+# ceiling for 302 MB calls and 94 % at 4.8 GB, 2,048 programs each (16 per SM assumed); the kernel timeline puts the
+# loss in the split kernel (merge 2-5 us) and 16 splits instead of 32 at Llama B=8 T=32K took 108 instead of 119 us.
+# ppsN = the split rule assuming N programs per SM (default: 16 for 4/4, 8 for an 8-bit part); a32x1 at d = 256 =
+# the 1-warp shape for Gemma (549 vs 575 us at B=16 T=32K in the timeline, without the K fold: kfa32x1 with it)
+for _n in (4, 6, 8, 12, 16, 24):
+    PROBE_VARIANTS[f"pps{_n}"] = dict(programs_per_sm=_n)
+_PPS = ["dflt", "pps4", "pps6", "pps8", "pps12", "pps24"]
+_PROBE_V12SP = [
+    ("llama-3.1-8b", 8, 32768, (4, 4), _PPS),
+    ("llama-3.1-8b", 64, 4096, (4, 4), _PPS),
+    ("llama-3.1-8b", 128, 4096, (4, 4), _PPS),
+    ("llama-3.1-8b", 32, 32768, (4, 4), _PPS),
+    ("llama-3.1-8b", 4, 131072, (4, 4), _PPS),
+    ("llama-3.1-8b", 16, 131072, (4, 4), _PPS),
+    ("qwen2.5-7b", 32, 16384, (4, 4), _PPS),
+    ("qwen2.5-7b", 4, 131072, (4, 4), _PPS),
+    ("qwen2.5-7b", 64, 32768, (4, 4), _PPS),
+    ("qwen2.5-0.5b", 64, 32768, (4, 4), _PPS),
+    ("qwen2.5-0.5b", 16, 131072, (4, 4), _PPS),
+    ("llama-3.1-8b", 8, 32768, (8, 4), ["dflt", "pps4", "pps6", "pps12", "pps16"]),
+    ("llama-3.1-8b", 32, 32768, (8, 8), ["dflt", "pps4", "pps6", "pps12", "pps16"]),
+    ("gemma-3-12b", 16, 32768, (4, 4), _PPS + ["a32x1", "kfa32x1", "kfa32x1pps8"]),
+    ("gemma-3-12b", 32, 4096, (4, 4), ["dflt", "pps8", "a32x1", "kfa32x1", "kfa32x1pps8"]),
+    ("gemma-3-12b", 4, 131072, (4, 4), ["dflt", "pps8", "a32x1", "kfa32x1", "kfa32x1pps8"]),
+]
+PROBE_VARIANTS["kfa32x1pps8"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=3, programs_per_sm=8)
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
               "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF, "v9rep": _PROBE_V9REP,
               "v10": _PROBE_V10, "v10b": _PROBE_V10B, "v11bi": _PROBE_V11BI,
-              "v11warm": _PROBE_V11WARM}
+              "v11warm": _PROBE_V11WARM, "v12sp": _PROBE_V12SP}
 
 
 def _probe_compile(spec):
@@ -842,7 +869,7 @@ def main(argv=None):
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
                     help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits; "
-                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches; v9kf: the K fold; v11bi: bimodal times vs the read kernel at the same bytes; v11warm: the timing warm-up)")
+                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches; v9kf: the K fold; v11bi: bimodal times vs the read kernel at the same bytes; v11warm: the timing warm-up; v12sp: programs per SM of the split rule)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

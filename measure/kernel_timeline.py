@@ -46,6 +46,18 @@ CASES = {
         ("llama-3.1-8b", 1, 4096, (4, 4), ["P0", "dflt", "a32x1sp64"]),
         ("gemma-3-12b", 1, 4096, (4, 4), ["P0", "dflt", "sp64"]),
     ],
+    # large launches (session 11): the steady-state v11 grid fits P5 4/4 at d = 128 as ~30 us + bytes / 3.05 TB/s
+    # per call on the H100 (302 MB: 74 % of the read ceiling, 4.8 GB: 94 %) with 2,048 programs throughout: is the
+    # fixed part the split kernel's or the merge's? Plus block shapes for Gemma (d = 256, 64 % at every size)
+    "large": [
+        ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "fused", "a32x1sp16", "a32x1sp64"]),
+        ("llama-3.1-8b", 64, 4096, (4, 4), ["dflt", "fused"]),
+        ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt"]),
+        ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt"]),
+        ("qwen2.5-7b", 32, 16384, (4, 4), ["dflt"]),
+        ("gemma-3-12b", 16, 32768, (4, 4), ["dflt", "a32x4", "a64x4", "a32x1", "nokf"]),
+        ("gemma-3-12b", 32, 4096, (4, 4), ["dflt"]),
+    ],
 }
 
 

@@ -379,6 +379,32 @@ def test_decode_attention_large_launch_gpu(kb, vb, d, G):
     check_attention(2, G, 8, d, 65543, kb, vb, seed=kb + vb + d + G)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [1, 2, 4, 7, 8])
+@pytest.mark.parametrize("asym", [False, True])
+def test_decode_attention_large_launch_d256_one_warp_gpu(G, asym):
+    """Kernel v12's large 4/4 launches at d = 256: the 1-warp 32-token shape (with the K fold where the cache is
+    symmetric), every GQA ratio, on the channel and token_octet V layouts."""
+    for i, layout in enumerate(("channel", "token_octet")):
+        check_attention(2, G, 8, 256, 65543 - 17 * i, 4, 4, asym=asym, seed=300 + G + 10 * asym + i,
+                        v_layout=layout)
+
+
+def test_v12_defaults_of_large_4bit_launches():
+    """Kernel v12: large 4/4 launches assume 8 programs per SM at d = 128 and 256 (16 at d = 64) and run the
+    1-warp 32-token shape with the K fold at d = 256 too; other formats at d = 256 keep 2 warps; small launches
+    are unchanged."""
+    from kvmodel.kernels.decode_attention import LARGE_WORK, default_config
+
+    big = LARGE_WORK  # B * heads * T at the threshold
+    for d, pps in ((64, 16), (128, 8), (256, 8)):
+        c = default_config(4, 4, d, 1, 1, big)
+        assert (c["block_n"], c["num_warps"], c["programs_per_sm"], c["k_fold"]) == (32, 1, pps, True), d
+    assert default_config(8, 8, 256, 1, 1, big)["num_warps"] == 2
+    assert default_config(8, 4, 256, 1, 1, big)["num_warps"] == 2
+    assert default_config(4, 4, 256, 1, 1, big - 1)["num_warps"] == 4
+
+
 def test_split_heuristic():
     assert choose_num_splits(1, 8, 4096, 64, 132) > 1  # B=1 must split to fill the SMs
     assert choose_num_splits(128, 8, 32768, 64, 132) <= 2  # 1024 programs already fill 132 SMs

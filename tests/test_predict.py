@@ -200,12 +200,17 @@ def test_fused_curve_in_step_time_windowed_layers_and_tp():
 def test_p5_calls_follow_the_launch_rules_of_the_calibrations_kernel():
     """A calibration's fused curves describe the kernel that measured them: predict follows that kernel's launch
     rules (kernel v8 at Qwen2.5-7B B=1 T=4K: 16 splits, its merge reading 16 splits a round) unless told otherwise,
-    and says so; without a recorded version, the current kernel's (v11: 32 two-tile splits, one merge round; at
-    Llama's 8 KV heads v11 keeps 16, where v10 launched 32)."""
+    and says so; without a recorded version, the current kernel's (v11 and v12: 32 two-tile splits, one merge
+    round; at Llama's 8 KV heads v11 keeps 16, where v10 launched 32; v12 changed large launches only: Llama
+    B=8 T=32K 4/4 16 splits, v11 32)."""
     from kvmodel.predict import attention_call_time_s
     from kvmodel.timing import KERNEL_PORT_VERSION, kernel_config, kernel_split_count
 
-    assert KERNEL_PORT_VERSION == "v11"
+    assert KERNEL_PORT_VERSION == "v12"
+    assert kernel_split_count(4, 4, 128, 8, 8, 32768, 132, "v11") == 32.0
+    assert kernel_split_count(4, 4, 128, 8, 8, 32768, 132) == 16.0
+    assert kernel_config(4, 4, 256, 16, 8, 32768)["num_warps"] == 1
+    assert kernel_config(4, 4, 256, 16, 8, 32768, "v11")["num_warps"] == 2
     assert kernel_split_count(4, 4, 128, 1, 8, 4096, 132, "v8") == 16.0
     assert kernel_split_count(4, 4, 128, 1, 8, 4096, 132, "v10") == 32.0
     assert kernel_split_count(4, 4, 128, 1, 8, 4096, 132) == 16.0
@@ -222,11 +227,11 @@ def test_p5_calls_follow_the_launch_rules_of_the_calibrations_kernel():
     curve = cal.fused["attention:P5:k4v4:d128"].model_copy(update={"merge_per_round_s": 1e-6})
     cal = cal.model_copy(update={"fused": {**cal.fused, "attention:P5:k4v4:d128": curve}})
     current, old = TimeModel(H200, cal), TimeModel(H200, cal.model_copy(update={"fused_kernel_version": "v8"}))
-    assert current.kernel_version == "v11" and old.kernel_version == "v8"
+    assert current.kernel_version == "v12" and old.kernel_version == "v8"
     assert "v8's launch rules" in old.label and "launch rules" not in current.label
     assert TimeModel(H200, cal, kernel_version="v8").kernel_version == "v8"
     int4 = parse_kv_format("int4")
-    # Qwen2.5-7B's shape (28 / 4 / 128) at B=1 T=4K: v8 16 splits, v11 32 two-tile splits (128 programs)
+    # Qwen2.5-7B's shape (28 / 4 / 128) at B=1 T=4K: v8 16 splits, v11/v12 32 two-tile splits (128 programs)
     t_old = attention_call_time_s(old, "P5", int4, 1, 4096, 28, 4, 128)
     t_cur = attention_call_time_s(current, "P5", int4, 1, 4096, 28, 4, 128)
     occ = cal.fused["attention:P5:k4v4:d128:n64w4"].occupancy_curve() \

@@ -293,3 +293,25 @@ def test_main_without_gpu_says_so(tmp_path, capsys):
     assert fi.main(["--out", str(tmp_path / "p.csv")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_table_target_lines_count_only_large_calls(tmp_path):
+    """The issue-3 summary under the table: P5 4/4 rows at B x T >= 128K tokens that move >= 250 MB, their % of
+    the read ceiling and speedup over P0 (median and range); smaller calls and other formats are left out."""
+    import pandas as pd
+
+    kt = _kernel_table()
+    rows = []
+    for B, T, nbytes, t5, pct in ((16, 131072, 2.4e9, 800e-6, 93.0), (32, 131072, 4.8e9, 1600e-6, 95.0),
+                                  (1, 131072, 0.15e9, 60e-6, 40.0), (4, 4096, 0.3e9, 100e-6, 70.0)):
+        rows.append(dict(pipeline="P5", model="m", B=B, T=T, k_bits=4, v_bits=4, median_s=t5, bytes_moved=nbytes,
+                         pct_read_ceiling=pct))
+        rows.append(dict(pipeline="P5", model="m", B=B, T=T, k_bits=8, v_bits=8, median_s=t5, bytes_moved=nbytes,
+                         pct_read_ceiling=10.0))
+        rows.append(dict(pipeline="P0", model="m", B=B, T=T, k_bits=16, v_bits=16, median_s=3 * t5,
+                         bytes_moved=3.5 * nbytes, pct_read_ceiling=99.0))
+    lines = kt.target_lines(pd.DataFrame(rows))
+    assert len(lines) == 2 and "target" in lines[0]
+    assert lines[1].strip() == "m: 2 rows, 94 % (93-95); 3.00x (3.00-3.00)"
+    assert kt.target_lines(pd.DataFrame(rows[6:])) == []
+    assert kt.main(["--data", str(tmp_path / "missing.csv")]) == 2

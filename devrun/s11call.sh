@@ -4,10 +4,7 @@
 # regime (B = 8/16, T = 16K/32K). The package's pure-Python dependencies the image lacks (pydantic and its own)
 # travel as wheels in .whl (carry it); the image has no network.
 set -u
-W=$OUT/w; mkdir -p $W  # everything lands here, packed into one archive at the end (8 files come back at most)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || echo "wheel install failed"
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
+source devrun/device_env.sh  # sets W, installs the carried wheels and the package
 python3 -c "import kvmodel.specs, kvmodel.measure.e2e_decode; print('kvmodel imports ok')" || exit 3
 nvidia-smi --query-gpu=timestamp,name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 1000 > $W/smi.csv &
 SMI=$!

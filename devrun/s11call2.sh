@@ -2,10 +2,7 @@
 # session 11, device call 2: the timing warm-up checked (probe v11warm: cold vs steady-state replays), then the
 # kernel v11 grid timed in steady state (bench time_graph's WARM_REPLAYS), on whichever card the call gets.
 set -u
-W=$OUT/w; mkdir -p $W  # packed into one archive at the end (8 files come back at most)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || echo "wheel install failed"
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
+source devrun/device_env.sh  # sets W, installs the carried wheels and the package
 nvidia-smi --query-gpu=timestamp,name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 1000 > $W/smi.csv &
 SMI=$!
 timeout 70 python3 -m kvmodel.measure.bench_decode_attention --probe --probe-set v11warm --probe-out $W/probe_v11warm.jsonl --target-s 0.1 --procs 16 2>&1 | tee $W/probe_v11warm.log | grep PROBE

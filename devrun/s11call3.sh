@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # session 11, device call 3: where large P5 launches spend their time (kernel_timeline --cases large)
 set -u
-W=$OUT/w; mkdir -p $W
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || echo "wheel install failed"
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
+source devrun/device_env.sh  # sets W, installs the carried wheels and the package
 timeout 400 python3 -m kvmodel.measure.kernel_timeline --out $W/kernel_timeline_large.jsonl --cases large 2>&1 | tee $W/kernel_timeline_large.log
 python3 - <<'PY' > $W/provenance_call.json
 import json; from kvmodel.measure.provenance import collect_provenance

@@ -2,10 +2,7 @@
 # session 11, device call 4: the v12 split-rule candidate (probe v12sp: programs per SM the rule assumes, large
 # launches) and the 1-warp shape at d = 256
 set -u
-W=$OUT/w; mkdir -p $W
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || echo "wheel install failed"
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
+source devrun/device_env.sh  # sets W, installs the carried wheels and the package
 nvidia-smi --query-gpu=timestamp,name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 1000 > $W/smi.csv &
 SMI=$!
 timeout 400 python3 -m kvmodel.measure.bench_decode_attention --probe --probe-set v12sp --probe-out $W/probe_v12sp.jsonl --target-s 0.05 --procs 16 2>&1 | tee $W/probe_v12sp.log | grep -E "PROBE|ERR|rror"

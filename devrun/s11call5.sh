@@ -2,10 +2,7 @@
 # session 11, device call 5: kernel v12 — GPU tests of the large launches (the new d = 256 1-warp shape included),
 # the v12 grid in steady-state timing, then KV-bound decode steps with P5 4/4 (v12) and --linear triton-pdl
 set -u
-W=$OUT/w; mkdir -p $W
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || echo "wheel install failed"
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
+source devrun/device_env.sh  # sets W, installs the carried wheels and the package
 nvidia-smi --query-gpu=timestamp,name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 1000 > $W/smi.csv &
 SMI=$!
 timeout 130 python3 -m pytest -q -p no:cacheprovider -n 16 tests/test_kernels.py -k "large_launch or v12" > $W/kernel_gpu_tests_v12.log 2>&1; tail -4 $W/kernel_gpu_tests_v12.log

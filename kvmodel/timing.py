@@ -457,6 +457,14 @@ KERNEL_MERGE_MAX_ELEMS = 8192
 KERNEL_PORT_VERSIONS = ("v8", "v9", "v10", "v11", "v12")
 
 
+#: Programs per SM the split rule assumes for the 1-warp 32-token shape, by format class and head dim
+#: (``kernels.decode_attention.SHAPE_PROGRAMS_PER_SM``; other shapes: 4). v5-v11, then v12's (4/4 at d = 128 and
+#: the 1-warp 4/4 shape at d = 256: 8).
+KERNEL_ONE_WARP_PROGRAMS_PER_SM = {("4/4", 64): 16, ("4/4", 128): 16, ("16-bit part", 64): 9,
+                                   ("16-bit part", 128): 8, ("8-bit part", 64): 8, ("8-bit part", 128): 8}
+KERNEL_ONE_WARP_PROGRAMS_PER_SM_V12 = {**KERNEL_ONE_WARP_PROGRAMS_PER_SM, ("4/4", 128): 8, ("4/4", 256): 8}
+
+
 def _check_kernel_version(version: str) -> int:
     if version not in KERNEL_PORT_VERSIONS:
         raise ValueError(f"kernel version {version!r} is not ported (known: {', '.join(KERNEL_PORT_VERSIONS)})")
@@ -496,13 +504,9 @@ def kernel_config(k_bits, v_bits, head_dim, batch, prog_heads, context, version:
     if d > 128 and not (v >= 12 and (kb, vb) == (4, 4)):
         return dict(block_n=32, num_warps=2, programs_per_sm=16 if (kb, vb) == (4, 4) else 4, merge="kernel",
                     large=large, k_fold=k_fold, **rule)
-    # programs per SM the split rule assumes for the 1-warp shape (kernels.decode_attention.SHAPE_PROGRAMS_PER_SM)
-    if 8 in (kb, vb):
-        pps = 8 if d in (64, 128) else 4
-    elif (kb, vb) == (4, 4):
-        pps = 16 if d == 64 or (d == 128 and v < 12) else 8 if v >= 12 and d in (128, 256) else 4
-    else:
-        pps = {64: 9, 128: 8}.get(d, 4)
+    fmt = "8-bit part" if 8 in (kb, vb) else "4/4" if (kb, vb) == (4, 4) else "16-bit part"
+    table = KERNEL_ONE_WARP_PROGRAMS_PER_SM_V12 if v >= 12 else KERNEL_ONE_WARP_PROGRAMS_PER_SM
+    pps = table.get((fmt, d), 4)
     return dict(block_n=32, num_warps=1, programs_per_sm=pps, merge="kernel", large=large, k_fold=k_fold, **rule)
 
 

@@ -816,12 +816,14 @@ def probe(args, ceil):
                                                                              workspace=wss[i], **o)))
                        for n in names if not n.startswith("READ")]
         if any(n.startswith("READ") for n in names):
-            # the read probe's kernel over the P5 call's byte count, one fp16 buffer per working set
-            n_el = int(bytes_moved("P5", B, T, Hq, Hkv, d, kb, vb)[0]) // 2 // (132 * 8 * 4096) * (132 * 8 * 4096)
+            # the read probe's kernel (measure_ceilings' first shape) over the P5 call's byte count, one fp16
+            # buffer per working set
+            progs, block = 132 * 8, 4096
+            n_el = int(bytes_moved("P5", B, T, Hq, Hkv, d, kb, vb)[0]) // 2 // (progs * block) * (progs * block)
             rbufs = [torch.randn(n_el, dtype=torch.float16, device="cuda") for _ in range(n_sets)]
-            rout = torch.empty(132 * 8, dtype=torch.float32, device="cuda")
-            read_fn = lambda i: read_kernel[(132 * 8,)](rbufs[i], rout, n_el // (132 * 8), BLOCK=4096,  # noqa: E731
-                                                        num_warps=8)
+            rout = torch.empty(progs, dtype=torch.float32, device="cuda")
+            read_fn = lambda i: read_kernel[(progs,)](rbufs[i], rout, n_el // progs, BLOCK=block,  # noqa: E731
+                                                      num_warps=8)
             runs += [(n, read_fn) for n in names if n.startswith("READ")]
         line = []
         for name, fn in runs:

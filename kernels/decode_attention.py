@@ -48,6 +48,10 @@ try:  # grid dependency control (programmatic dependent launch; merge="pdl"), tr
 except ImportError:  # pragma: no cover
     gdc_launch_dependents = gdc_wait = None
     HAVE_PDL = False
+try:  # per-program timestamps (the program-timeline probe, stamps=)
+    from triton.language.extra.cuda import globaltimer, smid
+except ImportError:  # pragma: no cover
+    globaltimer = smid = None
 
 LOG2E = 1.4426950408889634
 V_FULL_DEFAULT = False  # True: V dequantized to a full-width fp16 tile before the P·V dot (_load_v_full); measured no faster for 4/4 (NOTES.md), so the grid default is the halves path
@@ -314,7 +318,7 @@ if triton is not None:
 
     @triton.jit
     def _attn_split_kernel(
-        Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter,
+        Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter, Stamps,
         T, tokens_per_split, qk_scale, num_splits,
         stride_qb, stride_qh,
         skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
@@ -327,8 +331,10 @@ if triton is not None:
         V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
         VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
         MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False, PDL: tl.constexpr = False,
-        KF: tl.constexpr = False,
+        KF: tl.constexpr = False, STAMP: tl.constexpr = False,
     ):
+        if STAMP:  # probe: this program's start and end (%globaltimer, ns) and its SM, 4 int64 per program
+            t_start = globaltimer()
         if PDL:  # programmatic dependent launch: the merge grid may be scheduled once every program has started
             gdc_launch_dependents()
         pid_s = tl.program_id(0)
@@ -540,6 +546,12 @@ if triton is not None:
             o = Out + pid_b * stride_ob + head[:, None].to(tl.int64) * stride_oh
             tl.store(o + oa_ch[None, :], acc_a.to(tl.float16), mask=row_ok[:, None])
             tl.store(o + ob_ch[None, :], acc_b.to(tl.float16), mask=row_ok[:, None])
+        if STAMP:
+            t_end = globaltimer()
+            flat = (pid_b * tl.num_programs(1) + pid_h) * tl.num_programs(0) + pid_s
+            tl.store(Stamps + 4 * flat, t_start)
+            tl.store(Stamps + 4 * flat + 1, t_end)
+            tl.store(Stamps + 4 * flat + 2, smid().to(tl.int64))
 
     @triton.jit
     def _merge_rows(PartO, PartL, Out, b, h0, n_rows: tl.constexpr, num_splits, stride_pb, stride_ph, stride_ps,
@@ -918,7 +930,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      merge_block_s: int | None = None, min_tiles_per_split: int | None = None,
                      max_splits: int | None = None,
                      short_split_programs_per_sm: int | None = None,
-                     programs_per_sm: int | None = None) -> torch.Tensor:
+                     programs_per_sm: int | None = None,
+                     stamps: torch.Tensor | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
     ``num_splits``: None = heuristic (fills the SMs), 1 = no split (the study's design).
@@ -945,6 +958,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     LONG_SPLIT_TILES tiles only while the launch has at most SMs × this many programs (None = default_config's;
     0 = no cap, kernel v10's rule). ``programs_per_sm``: the programs per SM the split rule assumes (None = the
     block shape's, :func:`shape_programs_per_sm`).
+    ``stamps``: probe option (CUDA only) — an int64 tensor of at least 4 × (split-kernel programs) elements that
+    receives, per program (flat index ``(b · heads + h) · splits + s``), its start and end ``%globaltimer`` (ns)
+    and its SM id (``measure.program_timeline``); None (default) compiles the kernel without them.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -1042,11 +1058,17 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                   and k_fold_possible(swap, cache.asym, k.bits, k_full))
     if k_fold and not k_fold_possible(swap, cache.asym, k.bits, k_full):
         raise ValueError("k_fold needs swap=True and a symmetric 4-bit K (k_full off)")
+    n_programs = num_splits * prog_heads * B
+    if stamps is not None:
+        if q.device.type != "cuda" or _interpreting() or globaltimer is None:
+            raise ValueError("stamps needs a CUDA GPU (not the interpreter) and triton's %globaltimer")
+        if stamps.dtype != torch.int64 or not stamps.is_contiguous() or stamps.numel() < 4 * n_programs:
+            raise ValueError(f"stamps must be a contiguous int64 tensor of >= {4 * n_programs} elements")
     merge_sb = min(16, triton.next_power_of_2(num_splits))
     merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step
     grid = (num_splits, prog_heads, B)
     _attn_split_kernel[grid](
-        q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l, counter,
+        q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l, counter, out if stamps is None else stamps,
         T, tokens_per_split, sm_scale * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         *k.data.stride()[:3], *kst,
@@ -1056,7 +1078,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         G=G, HPP=hpp, M_PAD=m_pad, D=d, K_BITS=k.bits, V_BITS=v.bits, GROUP=cache.group, ASYM=cache.asym,
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
         K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
-        VF=bool(v_fold), PDL=bool(pdl and split), KF=bool(k_fold),
+        VF=bool(v_fold), PDL=bool(pdl and split), KF=bool(k_fold), STAMP=stamps is not None,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:

@@ -20,6 +20,7 @@ persistent kernel that claims tiles, or different split sizes).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -96,7 +97,7 @@ def summarise_calls(per_call: list[list], bytes_per_call: float) -> dict:
     sums = [call_summary(c) for c in per_call]
     med = {k: _pct([s[k] for s in sums], 0.5) for k in sums[0]}
     gaps = []
-    for a, b in zip(per_call, per_call[1:]):
+    for a, b in itertools.pairwise(per_call):
         end_a = max(int(r[1]) for r in a)
         start_b = min(int(r[0]) for r in b)
         if start_b >= end_a:
@@ -147,8 +148,6 @@ def _stamped_run(B, T, Hq, Hkv, d, kb, vb, opts, n_sets, replays):
         e1.synchronize()
         times.append(e0.elapsed_time(e1) * 1e-3 / R)
     per_call = [b.view(programs, STAMP_FIELDS)[:, :3].cpu().tolist() for b in bufs]
-    del g, caches, qs, outs, wss, bufs
-    torch.cuda.empty_cache()
     return per_call, programs, R, _pct(times[len(times) // 2:], 0.5), t_plain
 
 
@@ -178,6 +177,7 @@ def main(argv=None) -> int:
                     per_call, programs, R, t_st, t_plain = _stamped_run(B, T, Hq, Hkv, d, kb, vb,
                                                                         PROBE_VARIANTS[name], n_sets, args.replays)
                     summ = summarise_calls(per_call, nbytes)
+                    torch.cuda.empty_cache()  # the case's caches went with _stamped_run's frame
                 except Exception as e:  # noqa: BLE001
                     log(f"PT {model} B={B} T={T} {kb}/{vb} {name}: ERR {type(e).__name__}: {str(e)[:160]}")
                     torch.cuda.empty_cache()

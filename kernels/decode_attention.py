@@ -317,8 +317,9 @@ if triton is not None:
         return tl.reshape(v, (BLOCK_N, D))
 
     @triton.jit
-    def _attn_split_kernel(
-        Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter, Stamps,
+    def _attn_program(
+        pid_s, pid_h, pid_b, n_heads,
+        Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter,
         T, tokens_per_split, qk_scale, num_splits,
         stride_qb, stride_qh,
         skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
@@ -328,18 +329,12 @@ if triton is not None:
         G: tl.constexpr, HPP: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
         K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
-        V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
-        VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
-        MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False, PDL: tl.constexpr = False,
-        KF: tl.constexpr = False, STAMP: tl.constexpr = False,
+        V_FULL: tl.constexpr, SC: tl.constexpr, K_FULL: tl.constexpr,
+        VTP: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_RB: tl.constexpr,
+        MERGE_SB: tl.constexpr, SW: tl.constexpr, VF: tl.constexpr, KF: tl.constexpr,
     ):
-        if STAMP:  # probe: this program's start and end (%globaltimer, ns) and its SM, 4 int64 per program
-            t_start = globaltimer()
-        if PDL:  # programmatic dependent launch: the merge grid may be scheduled once every program has started
-            gdc_launch_dependents()
-        pid_s = tl.program_id(0)
-        pid_h = tl.program_id(1)  # KV head (GQA shared, HPP = G) or query head (HPP = 1)
-        pid_b = tl.program_id(2).to(tl.int64)
+        """One work item of the split kernel: split ``pid_s`` of (sequence ``pid_b``, program head ``pid_h``) —
+        its tokens' online softmax and P·V, then its partial output and log-sum-exp (or, unsplit, the output)."""
         HALF_D: tl.constexpr = D // 2
         kvh = (pid_h // (G // HPP)).to(tl.int64)
 
@@ -536,7 +531,7 @@ if triton is not None:
                 # Barrier, then one gpu-scope acq_rel atomic (CUTLASS's semaphore pattern) publishes this CTA's
                 # partials; the merge reads them with .cg (L2, never a stale L1 line).
                 tl.debug_barrier()
-                cnt_ptr = Counter + pid_b * tl.num_programs(1) + pid_h
+                cnt_ptr = Counter + pid_b * n_heads + pid_h
                 prev = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
                 if prev == num_splits - 1:
                     _merge_rows(PartO, PartL, Out, pid_b, pid_h * HPP, HPP, num_splits, stride_pb, stride_ph,
@@ -546,9 +541,70 @@ if triton is not None:
             o = Out + pid_b * stride_ob + head[:, None].to(tl.int64) * stride_oh
             tl.store(o + oa_ch[None, :], acc_a.to(tl.float16), mask=row_ok[:, None])
             tl.store(o + ob_ch[None, :], acc_b.to(tl.float16), mask=row_ok[:, None])
+
+    @triton.jit
+    def _attn_split_kernel(
+        Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter, Stamps,
+        T, tokens_per_split, qk_scale, num_splits, n_heads, n_items,
+        stride_qb, stride_qh,
+        skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
+        svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
+        stride_ob, stride_oh,
+        stride_pb, stride_ph, stride_ps,
+        G: tl.constexpr, HPP: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+        K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+        BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
+        V_FULL: tl.constexpr = True, SC: tl.constexpr = False, K_FULL: tl.constexpr = False,
+        VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
+        MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False, PDL: tl.constexpr = False,
+        KF: tl.constexpr = False, STAMP: tl.constexpr = False, PERSIST: tl.constexpr = False,
+    ):
+        """Grid (num_splits, n_heads, B): one program per work item. PERSIST: a 1-D grid of fewer programs, each
+        claiming work items (split fastest, then head, then sequence: the classic launch order) from the counter
+        Counter[0] until all n_items are taken; the last program to finish resets Counter[0:2] for the next
+        launch."""
+        if STAMP:  # probe: this program's start and end (%globaltimer, ns) and its SM, 4 int64 per program
+            t_start = globaltimer()
+        if PDL:  # programmatic dependent launch: the merge grid may be scheduled once every program has started
+            gdc_launch_dependents()
+        if PERSIST:
+            item = tl.atomic_add(Counter, 1, sem="relaxed", scope="gpu")
+            while item < n_items:
+                rest = item // num_splits
+                _attn_program(
+                    item % num_splits, rest % n_heads, (rest // n_heads).to(tl.int64), n_heads,
+                    Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter,
+                    T, tokens_per_split, qk_scale, num_splits,
+                    stride_qb, stride_qh,
+                    skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
+                    svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
+                    stride_ob, stride_oh,
+                    stride_pb, stride_ph, stride_ps,
+                    G, HPP, M_PAD, D, K_BITS, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SPLIT, V_FULL, SC, K_FULL,
+                    VTP, FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF,
+                )
+                item = tl.atomic_add(Counter, 1, sem="relaxed", scope="gpu")
+            done = tl.atomic_add(Counter + 1, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(0) - 1:  # every other program has left its claim loop
+                tl.atomic_xchg(Counter, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(Counter + 1, 0, sem="relaxed", scope="gpu")
+        else:
+            _attn_program(
+                tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), n_heads,
+                Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter,
+                T, tokens_per_split, qk_scale, num_splits,
+                stride_qb, stride_qh,
+                skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
+                svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
+                stride_ob, stride_oh,
+                stride_pb, stride_ph, stride_ps,
+                G, HPP, M_PAD, D, K_BITS, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SPLIT, V_FULL, SC, K_FULL, VTP,
+                FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF,
+            )
         if STAMP:
             t_end = globaltimer()
-            flat = (pid_b * tl.num_programs(1) + pid_h) * tl.num_programs(0) + pid_s
+            flat = ((tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0)
+                    + tl.program_id(0))
             tl.store(Stamps + 4 * flat, t_start)
             tl.store(Stamps + 4 * flat + 1, t_end)
             tl.store(Stamps + 4 * flat + 2, smid().to(tl.int64))
@@ -931,6 +987,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      max_splits: int | None = None,
                      short_split_programs_per_sm: int | None = None,
                      programs_per_sm: int | None = None,
+                     persistent_programs_per_sm: int | None = None,
                      stamps: torch.Tensor | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
@@ -958,6 +1015,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     LONG_SPLIT_TILES tiles only while the launch has at most SMs × this many programs (None = default_config's;
     0 = no cap, kernel v10's rule). ``programs_per_sm``: the programs per SM the split rule assumes (None = the
     block shape's, :func:`shape_programs_per_sm`).
+    ``persistent_programs_per_sm``: probe option — a persistent split kernel of SMs × this many programs that
+    claim the work items (one per split, head and sequence) from an atomic counter, instead of one program per
+    item (None / 0 = one program per item; needs more than one split and a merge other than "fused").
     ``stamps``: probe option (CUDA only) — an int64 tensor of at least 4 × (split-kernel programs) elements that
     receives, per program (flat index ``(b · heads + h) · splits + s``), its start and end ``%globaltimer`` (ns)
     and its SM id (``measure.program_timeline``); None (default) compiles the kernel without them.
@@ -1058,7 +1118,22 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                   and k_fold_possible(swap, cache.asym, k.bits, k_full))
     if k_fold and not k_fold_possible(swap, cache.asym, k.bits, k_full):
         raise ValueError("k_fold needs swap=True and a symmetric 4-bit K (k_full off)")
-    n_programs = num_splits * prog_heads * B
+    n_items = num_splits * prog_heads * B
+    persist = bool(persistent_programs_per_sm) and split
+    if persist:
+        if fuse:
+            raise ValueError("a persistent split kernel needs merge='kernel' or 'pdl' (its counter is the claim queue)")
+        n_programs = max(1, min(n_items, num_sms(q.device) * int(persistent_programs_per_sm)))
+        pkey = ("persist_counter", q.device)
+        counter = None if workspace is None else workspace.get(pkey)
+        if counter is None:
+            counter = torch.zeros(2, dtype=torch.int32, device=q.device)  # [next item, programs done]; kernel resets
+            if workspace is not None:
+                workspace[pkey] = counter
+        grid = (n_programs,)
+    else:
+        n_programs = n_items
+        grid = (num_splits, prog_heads, B)
     if stamps is not None:
         if q.device.type != "cuda" or _interpreting() or globaltimer is None:
             raise ValueError("stamps needs a CUDA GPU (not the interpreter) and triton's %globaltimer")
@@ -1066,10 +1141,9 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
             raise ValueError(f"stamps must be a contiguous int64 tensor of >= {4 * n_programs} elements")
     merge_sb = min(16, triton.next_power_of_2(num_splits))
     merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step
-    grid = (num_splits, prog_heads, B)
     _attn_split_kernel[grid](
         q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l, counter, out if stamps is None else stamps,
-        T, tokens_per_split, sm_scale * LOG2E, num_splits,
+        T, tokens_per_split, sm_scale * LOG2E, num_splits, prog_heads, n_items,
         q.stride(0), q.stride(1),
         *k.data.stride()[:3], *kst,
         *v.data.stride()[:3], *vst,
@@ -1079,6 +1153,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
         K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
         VF=bool(v_fold), PDL=bool(pdl and split), KF=bool(k_fold), STAMP=stamps is not None,
+        PERSIST=persist,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:

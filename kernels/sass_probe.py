@@ -61,7 +61,8 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     dt = {4: "u8", 8: "u8", 16: "fp16"}
     ptrs = dict(Q="*fp16", KD=f"*{dt[kb]}", KS="*fp16", KZ="*fp16", VD=f"*{dt[vb]}", VS="*fp16", VZ="*fp16",
                 Out="*fp16", PartO="*fp32", PartL="*fp32")
-    ints = ["T", "tokens_per_split", "stride_qb", "stride_qh", "skd_b", "skd_h", "skd_t", "sks_b", "sks_h",
+    ints = ["T", "tokens_per_split", "n_heads", "n_items", "stride_qb", "stride_qh", "skd_b", "skd_h", "skd_t",
+            "sks_b", "sks_h",
             "sks_t", "svd_b", "svd_h", "svd_t", "svs_b", "svs_h", "svs_t", "stride_ob", "stride_oh", "stride_pb",
             "stride_ph", "stride_ps"]
     # the scale token strides are d/group (4 for d=128, g=32): not 16-divisible; every other int of a real launch

@@ -31,15 +31,15 @@ from kvmodel.measure.bench_decode_attention import (L2_BYTES, MODELS, PROBE_VARI
 #: (model, B, T, (k_bits, v_bits), [P5 variants of bench_decode_attention.PROBE_VARIANTS])
 CASES = {
     "large": [
-        ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "pps16"]),
-        ("llama-3.1-8b", 16, 32768, (4, 4), ["dflt"]),
-        ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt"]),
+        ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "pps16", "pe8", "pe8pps16", "pe8pps32", "pe4pps16"]),
+        ("llama-3.1-8b", 16, 32768, (4, 4), ["dflt", "pe8pps16"]),
+        ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "pe8pps16", "pe16pps32"]),
         ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt"]),
         ("llama-3.1-8b", 64, 4096, (4, 4), ["dflt"]),
         ("llama-3.1-8b", 8, 32768, (16, 16), ["dflt"]),
-        ("qwen2.5-7b", 32, 16384, (4, 4), ["dflt"]),
-        ("gemma-3-12b", 16, 32768, (4, 4), ["dflt"]),
-        ("gemma-3-12b", 8, 32768, (4, 4), ["dflt"]),
+        ("qwen2.5-7b", 32, 16384, (4, 4), ["dflt", "pe8pps16"]),
+        ("gemma-3-12b", 16, 32768, (4, 4), ["dflt", "pe8pps16"]),
+        ("gemma-3-12b", 8, 32768, (4, 4), ["dflt", "pe8pps16"]),
     ],
     "tiny": [("qwen2.5-0.5b", 2, 4096, (4, 4), ["dflt"])],
 }

@@ -391,6 +391,38 @@ def test_decode_attention_large_launch_d256_one_warp_gpu(G, asym):
                         v_layout=layout)
 
 
+@pytest.mark.parametrize("B,G,Hkv,d,T,kb,vb,splits,pps", [(3, 4, 2, 128, 1000, 4, 4, 7, 1), (1, 7, 1, 64, 65, 8, 4, 3, 2),
+                                                          (2, 2, 1, 256, 130, 16, 16, 4, 1)])
+def test_persistent_split_kernel_claims_every_item_across_launches(B, G, Hkv, d, T, kb, vb, splits, pps, monkeypatch):
+    """The persistent split kernel (probe option): fewer programs than work items (2 "SMs" × pps) claim them from
+    a counter; every item is processed once per launch, and the kernel resets its counter, so a second launch with
+    the same workspace is right too."""
+    da = importlib.import_module("kvmodel.kernels.decode_attention")
+    monkeypatch.setattr(da, "num_sms", lambda device: 2)
+    cache, g = _make_cache(B, Hkv, T, d, kb, vb, 32, False, seed=B + G + d + T,
+                           v_layout="token_octet" if vb == 4 else "channel")
+    ref = decode_attention_reference(q := (torch.randn(B, G * Hkv, d, generator=g) * 1.5).half().to(DEV), cache)
+    base = _p1_reference_error(q, cache, ref)
+    ws = {}
+    for _ in range(2):
+        out = torch.full((B, G * Hkv, d), float("nan"), dtype=torch.float16, device=DEV)
+        decode_attention(q, cache, out=out, workspace=ws, num_splits=splits, persistent_programs_per_sm=pps)
+        assert not torch.isnan(out).any()
+        assert (out.float() - ref).abs().max().item() <= 2.0 * base + ABS_FLOOR
+        assert ws[("persist_counter", q.device)].tolist() == [0, 0]  # reset for the next launch
+    with pytest.raises(ValueError, match="persistent"):
+        decode_attention(q, cache, num_splits=splits, persistent_programs_per_sm=pps, merge="fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb,vb,d,G", [(4, 4, 128, 4), (4, 4, 256, 2), (8, 4, 128, 7)])
+def test_decode_attention_persistent_large_launch_gpu(kb, vb, d, G):
+    """The persistent split kernel at a large launch (the throughput shape), twice as many work items as its
+    8 programs per SM."""
+    check_attention(2, G, 8, d, 65543, kb, vb, seed=400 + kb + d + G, v_layout="token_octet" if vb == 4 else "channel",
+                    persistent_programs_per_sm=8, programs_per_sm=16)
+
+
 def test_v12_defaults_of_large_4bit_launches():
     """Kernel v12: large 4/4 launches assume 8 programs per SM at d = 128 and 256 (16 at d = 64) and run the
     1-warp 32-token shape with the K fold at d = 256 too; other formats at d = 256 keep 2 warps; small launches

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                     log(f"PT {model} B={B} T={T} {kb}/{vb} {name}: ERR {type(e).__name__}: {str(e)[:160]}")
                     torch.cuda.empty_cache()
                     continue
-                row = dict(model=model, B=B, T=T, k_bits=kb, v_bits=vb, variant=name, sms=sms, bytes=nbytes,
+                row = dict(model=model, B=B, T=T, k_bits=kb, v_bits=vb, variant=name, device_sms=sms, bytes=nbytes,
                            R=R, call_stamped_us=t_st * 1e6, call_plain_us=t_plain * 1e6, **summ)
                 out.write(json.dumps(row) + "\n")
                 out.flush()

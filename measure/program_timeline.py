@@ -41,6 +41,16 @@ CASES = {
         ("gemma-3-12b", 16, 32768, (4, 4), ["dflt", "pe8pps16"]),
         ("gemma-3-12b", 8, 32768, (4, 4), ["dflt", "pe8pps16"]),
     ],
+    # the merge of large launches (session 12): a programmatic dependent launch or the fused last-program merge
+    # against the second launch, where call 2 put ~4-5 us between the split kernel's last program and the next call
+    "merge": [
+        ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "pdl", "fused"]),
+        ("llama-3.1-8b", 64, 4096, (4, 4), ["dflt", "pdl", "fused"]),
+        ("qwen2.5-7b", 32, 16384, (4, 4), ["dflt", "pdl", "fused"]),
+        ("gemma-3-12b", 8, 32768, (4, 4), ["dflt", "pdl"]),
+        ("qwen2.5-0.5b", 64, 32768, (4, 4), ["dflt", "pdl"]),
+        ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "pdl"]),
+    ],
     "tiny": [("qwen2.5-0.5b", 2, 4096, (4, 4), ["dflt"])],
 }
 STAMP_FIELDS = 4  # start ns, end ns, SM id, unused (int64 each)

@@ -331,7 +331,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SPLIT: tl.constexpr,
         V_FULL: tl.constexpr, SC: tl.constexpr, K_FULL: tl.constexpr,
         VTP: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_RB: tl.constexpr,
-        MERGE_SB: tl.constexpr, SW: tl.constexpr, VF: tl.constexpr, KF: tl.constexpr,
+        MERGE_SB: tl.constexpr, SW: tl.constexpr, VF: tl.constexpr, KF: tl.constexpr, ROT: tl.constexpr,
     ):
         """One work item of the split kernel: split ``pid_s`` of (sequence ``pid_b``, program head ``pid_h``) —
         its tokens' online softmax and P·V, then its partial output and log-sum-exp (or, unsplit, the output)."""
@@ -427,8 +427,17 @@ if triton is not None:
             acc_a = tl.zeros([M_PAD, HALF_D], tl.float32)
             acc_b = tl.zeros([M_PAD, HALF_D], tl.float32)
 
+        if ROT:
+            # probe: each program walks its split's tiles from a program-dependent tile on (wrapping around), so
+            # programs running side by side do not sit at addresses congruent modulo the split size
+            span_t = tl.cdiv(end - start, BLOCK_N) * BLOCK_N
+            rot_t = ((pid_s * 7 + pid_h * 13 + pid_b.to(tl.int32) * 5) % tl.cdiv(end - start, BLOCK_N)) * BLOCK_N
         for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
+            if ROT:
+                n_t = start + (n0 - start + rot_t) % span_t
+            else:
+                n_t = n0
+            offs_n = n_t + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
             if K_FULL:
                 kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
@@ -474,7 +483,7 @@ if triton is not None:
             p16 = p.to(tl.float16)
             # P·V: the V tile (full width, or the two halves), then acc += P·V (swapped: acc^T += V^T·P^T)
             if VF:
-                v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC, True)
+                v = _load_v_octets(vd, vs, vz, n_t, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC, True)
                 sv = tl.load(vs + offs_n[None, :] * svs_t + tl.arange(0, NGV)[:, None], mask=mask_n[None, :],
                              other=0.0)  # [NG, BLOCK_N]
                 b3 = p16[None, :, :] * sv[:, :, None]  # [NG, BLOCK_N, M_PAD] fp16
@@ -482,9 +491,9 @@ if triton is not None:
                 acc3 = tl.dot(a3, b3, acc3 * alpha[None, None, :])
             else:
                 if VTP == 2:
-                    v = _load_v_octets(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
+                    v = _load_v_octets(vd, vs, vz, n_t, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
                 elif VTP:
-                    v = _load_v_pairs(vd, vs, vz, n0, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
+                    v = _load_v_pairs(vd, vs, vz, n_t, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
                 elif V_FULL:
                     v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
                                      MAGIC, ASM)
@@ -558,6 +567,7 @@ if triton is not None:
         VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
         MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False, PDL: tl.constexpr = False,
         KF: tl.constexpr = False, STAMP: tl.constexpr = False, PERSIST: tl.constexpr = False,
+        ROT: tl.constexpr = False,
     ):
         """Grid (num_splits, n_heads, B): one program per work item. PERSIST: a 1-D grid of fewer programs, each
         claiming work items (split fastest, then head, then sequence: the classic launch order) from the counter
@@ -581,7 +591,7 @@ if triton is not None:
                     stride_ob, stride_oh,
                     stride_pb, stride_ph, stride_ps,
                     G, HPP, M_PAD, D, K_BITS, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SPLIT, V_FULL, SC, K_FULL,
-                    VTP, FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF,
+                    VTP, FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF, ROT,
                 )
                 item = tl.atomic_add(Counter, 1, sem="relaxed", scope="gpu")
             done = tl.atomic_add(Counter + 1, 1, sem="acq_rel", scope="gpu")
@@ -599,7 +609,7 @@ if triton is not None:
                 stride_ob, stride_oh,
                 stride_pb, stride_ph, stride_ps,
                 G, HPP, M_PAD, D, K_BITS, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SPLIT, V_FULL, SC, K_FULL, VTP,
-                FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF,
+                FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF, ROT,
             )
         if STAMP:
             t_end = globaltimer()
@@ -987,7 +997,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      max_splits: int | None = None,
                      short_split_programs_per_sm: int | None = None,
                      programs_per_sm: int | None = None,
-                     persistent_programs_per_sm: int | None = None,
+                     persistent_programs_per_sm: int | None = None, rotate_tiles: bool = False,
                      stamps: torch.Tensor | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
@@ -1018,6 +1028,8 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     ``persistent_programs_per_sm``: probe option — a persistent split kernel of SMs × this many programs that
     claim the work items (one per split, head and sequence) from an atomic counter, instead of one program per
     item (None / 0 = one program per item; needs more than one split and a merge other than "fused").
+    ``rotate_tiles``: probe option — each program walks its split's tiles starting from a program-dependent tile
+    (wrapping around), so concurrent programs do not read addresses congruent modulo the split's byte size.
     ``stamps``: probe option (CUDA only) — an int64 tensor of at least 4 × (split-kernel programs) elements that
     receives, per program (flat index ``(b · heads + h) · splits + s``), its start and end ``%globaltimer`` (ns)
     and its SM id (``measure.program_timeline``); None (default) compiles the kernel without them.
@@ -1153,7 +1165,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
         K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
         VF=bool(v_fold), PDL=bool(pdl and split), KF=bool(k_fold), STAMP=stamps is not None,
-        PERSIST=persist,
+        PERSIST=persist, ROT=bool(rotate_tiles),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:

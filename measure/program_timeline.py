@@ -26,7 +26,7 @@ import math
 import sys
 
 from kvmodel.measure.bench_decode_attention import (L2_BYTES, MODELS, PROBE_VARIANTS, cache_bytes, capture_graph, log,
-                                                    make_cache, time_graph, warm_up)
+                                                    make_cache, measure_ceilings, time_graph, warm_up)
 
 #: (model, B, T, (k_bits, v_bits), [P5 variants of bench_decode_attention.PROBE_VARIANTS])
 CASES = {
@@ -50,6 +50,20 @@ CASES = {
         ("gemma-3-12b", 8, 32768, (4, 4), ["dflt", "pdl"]),
         ("qwen2.5-0.5b", 64, 32768, (4, 4), ["dflt", "pdl"]),
         ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "pdl"]),
+    ],
+    # rotated tile order (session 12): the split programs of a head start at addresses congruent modulo the split's
+    # byte size (a power of two) and advance at one pace; the streaming-read kernel, at 99 % of the ceiling, does
+    # not. Does walking each split from a program-dependent tile (rotate_tiles) narrow the spread of program times?
+    "rot": [
+        ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "rot"]),
+        ("gemma-3-12b", 8, 32768, (4, 4), ["dflt", "rot"]),
+        ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "rot"]),
+        ("qwen2.5-7b", 32, 16384, (4, 4), ["dflt", "rot"]),
+        ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "rot"]),
+        ("gemma-3-12b", 16, 32768, (4, 4), ["dflt", "rot"]),
+        ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "rot"]),
+        ("llama-3.1-8b", 64, 4096, (4, 4), ["dflt", "rot"]),
+        ("llama-3.1-8b", 8, 32768, (16, 16), ["dflt", "rot"]),
     ],
     "tiny": [("qwen2.5-0.5b", 2, 4096, (4, 4), ["dflt"])],
 }
@@ -167,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--raw", default=None, help="JSON lines file (appended): one call's stamps per case")
     ap.add_argument("--cases", choices=sorted(CASES), default="large")
     ap.add_argument("--replays", type=int, default=40, help="graph replays (the last one's stamps are kept)")
+    ap.add_argument("--no-ceilings", action="store_true", help="skip the read / copy ceiling probe (same run)")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -177,6 +192,9 @@ def main(argv=None) -> int:
         print("program_timeline needs a CUDA GPU", file=sys.stderr)
         return 2
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    ceil = {} if args.no_ceilings else measure_ceilings()
+    if ceil:
+        log(f"PT ceilings: read {ceil['read_GBps']:.0f} GB/s, copy {ceil['copy_GBps']:.0f} GB/s")
     with open(args.out, "a") as out:
         for model, B, T, (kb, vb), names in CASES[args.cases]:
             Hq, Hkv, d = MODELS[model]
@@ -193,14 +211,17 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                     continue
                 row = dict(model=model, B=B, T=T, k_bits=kb, v_bits=vb, variant=name, device_sms=sms, bytes=nbytes,
-                           R=R, call_stamped_us=t_st * 1e6, call_plain_us=t_plain * 1e6, **summ)
+                           R=R, call_stamped_us=t_st * 1e6, call_plain_us=t_plain * 1e6,
+                           read_ceiling_GBps=ceil.get("read_GBps"), copy_ceiling_GBps=ceil.get("copy_GBps"),
+                           pct_read_ceiling=(100 * nbytes / t_plain / 1e9 / ceil["read_GBps"]) if ceil else None, **summ)
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 if args.raw:
                     with open(args.raw, "a") as raw:
                         raw.write(json.dumps(dict(model=model, B=B, T=T, k_bits=kb, v_bits=vb, variant=name,
                                                   stamps=per_call[len(per_call) // 2])) + "\n")
-                log(f"PT {model} B={B} T={T} {kb}/{vb} {name}: {nbytes / 1e6:.0f} MB, call {t_plain * 1e6:.1f} us "
+                pct = f" = {row['pct_read_ceiling']:.1f} % of read" if ceil else ""
+                log(f"PT {model} B={B} T={T} {kb}/{vb} {name}: {nbytes / 1e6:.0f} MB, call {t_plain * 1e6:.1f} us{pct} "
                     f"(stamped {t_st * 1e6:.1f}); split span {summ['span_us']:.1f} us ({summ['split_GBps']:.0f} "
                     f"GB/s), {programs} programs on {summ['sms']} SMs, resident <= {summ['resident_max']}; starts "
                     f"p90 {summ['start_p90_us']:.1f} max {summ['start_max_us']:.1f}; dur p10/50/90/max "

@@ -414,6 +414,17 @@ def test_persistent_split_kernel_claims_every_item_across_launches(B, G, Hkv, d,
         decode_attention(q, cache, num_splits=splits, persistent_programs_per_sm=pps, merge="fused")
 
 
+@pytest.mark.parametrize("B,G,Hkv,d,T,kb,vb,splits,layout", [(3, 4, 2, 128, 1000, 4, 4, 3, "token_octet"),
+                                                             (1, 7, 1, 64, 65, 8, 4, 2, "token_octet"),
+                                                             (2, 2, 1, 256, 300, 16, 16, 4, "channel"),
+                                                             (1, 8, 1, 128, 4097, 8, 8, 5, "channel")])
+def test_rotated_tile_order_gives_the_same_attention(B, G, Hkv, d, T, kb, vb, splits, layout):
+    """rotate_tiles (probe option): each program starts its split at a program-dependent tile and wraps around —
+    the partial last tile then falls mid-walk; the result must still match the reference."""
+    check_attention(B, G, Hkv, d, T, kb, vb, seed=500 + T + d, v_layout=layout, num_splits=splits,
+                    rotate_tiles=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kb,vb,d,G", [(4, 4, 128, 4), (4, 4, 256, 2), (8, 4, 128, 7)])
 def test_decode_attention_persistent_large_launch_gpu(kb, vb, d, G):

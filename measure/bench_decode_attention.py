@@ -765,6 +765,8 @@ for _n, _m in ((8, 0), (8, 16), (8, 32), (4, 16), (16, 32)):
                                                                    **({"programs_per_sm": _m} if _m else {}))
 PROBE_VARIANTS["rot"] = dict(rotate_tiles=True)  # session 12: each split walked from a program-dependent tile
 PROBE_VARIANTS["kfst2"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=2)  # the 4/4 large shape, 2 stages
+PROBE_VARIANTS["kfst4"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=4)  # ... and 4
+PROBE_VARIANTS["kfst4pps6"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=4, programs_per_sm=6)
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
               "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF, "v9rep": _PROBE_V9REP,

@@ -67,6 +67,16 @@ CASES = {
         ("llama-3.1-8b", 64, 4096, (4, 4), ["dflt", "rot"]),
         ("llama-3.1-8b", 8, 32768, (16, 16), ["dflt", "rot"]),
     ],
+    # pipeline depth of the 4/4 large shape (session 12): 2 stages lost 8-10 % against 3 (the rot set's kfst2);
+    # does a 4th help? At d = 256 four stages need ~36 KB of shared memory per program: 6 per SM fit, not 8
+    "stages": [
+        ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "kfst4"]),
+        ("qwen2.5-7b", 32, 16384, (4, 4), ["dflt", "kfst4"]),
+        ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "kfst4"]),
+        ("gemma-3-12b", 8, 32768, (4, 4), ["dflt", "kfst4pps6", "kfst4"]),
+        ("gemma-3-12b", 16, 32768, (4, 4), ["dflt", "kfst4pps6"]),
+        ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "kfst4"]),
+    ],
     "tiny": [("qwen2.5-0.5b", 2, 4096, (4, 4), ["dflt"])],
 }
 STAMP_FIELDS = 4  # start ns, end ns, SM id, unused (int64 each)

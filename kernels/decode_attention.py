@@ -317,8 +317,106 @@ if triton is not None:
         return tl.reshape(v, (BLOCK_N, D))
 
     @triton.jit
+    def _attn_range(
+        lo, hi, m_i, l_i, acc, acc_a, acc_b, acc3,
+        qf, qa, qb, q3a, q3b, kbias3, gk, wk, rot_t, span_t,
+        kd, ks, kz, vd, vs, vz, skd_t, sks_t, svd_t, svs_t, qk_scale,
+        D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+        BLOCK_N: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, SC: tl.constexpr, K_FULL: tl.constexpr,
+        V_FULL: tl.constexpr, VTP: tl.constexpr, SW: tl.constexpr, VF: tl.constexpr, KF: tl.constexpr,
+        ROT: tl.constexpr,
+    ):
+        """Tokens [lo, hi) of one (sequence, program head) folded into the online-softmax state (m_i, l_i and the
+        accumulator of the build: acc, acc_a / acc_b or acc3; the others are placeholders passed through), one
+        BLOCK_N tile per step. The q-side operands are the ones the build uses (placeholders otherwise)."""
+        WK: tl.constexpr = GROUP // 2
+        NGK: tl.constexpr = D // GROUP
+        NGV: tl.constexpr = D // GROUP
+        for n0 in range(lo, hi, BLOCK_N):
+            if ROT:
+                n_t = lo + (n0 - lo + rot_t) % span_t
+            else:
+                n_t = n0
+            offs_n = n_t + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            if K_FULL:
+                kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                  ASM)
+            elif KF:
+                n3 = offs_n[:, None, None]
+                bk = tl.load(kd + n3 * skd_t + gk[None, :, None] * WK + wk[None, None, :], mask=mask_n[:, None, None],
+                             other=0)  # [BLOCK_N, NG, W] packed bytes
+                sk = tl.load(ks + offs_n[:, None] * sks_t + gk[None, :], mask=mask_n[:, None], other=0.0)
+                klo, khi = _nibbles_f16(bk, MAGIC, ASM)  # raw codes
+                s3 = tl.dot(tl.permute(klo, (1, 0, 2)), q3a, kbias3)
+                s3 = tl.dot(tl.permute(khi, (1, 0, 2)), q3b, s3)  # [NG, BLOCK_N, M_PAD]
+                s = tl.sum(s3 * tl.permute(tl.reshape(sk.to(tl.float32), (BLOCK_N, NGK, 1)), (1, 0, 2)), 0)
+            else:
+                ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
+                                    ASM)
+            # scores and softmax over the tile's tokens: [M_PAD, BLOCK_N], or [BLOCK_N, M_PAD] with swapped dots
+            if SW:
+                if K_FULL:
+                    s = tl.dot(kf, qf)
+                elif not KF:  # (with the K fold the scores were built with the tile's load)
+                    s = tl.dot(ka, qa)
+                    s = tl.dot(kb, qb, s)
+                s = s * qk_scale
+                s = tl.where(mask_n[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, 0)
+            else:
+                if K_FULL:
+                    s = tl.dot(qf, tl.trans(kf))
+                else:
+                    s = tl.dot(qa, tl.trans(ka))
+                    s = tl.dot(qb, tl.trans(kb), s)
+                s = s * qk_scale
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            p16 = p.to(tl.float16)
+            # P·V: the V tile (full width, or the two halves), then acc += P·V (swapped: acc^T += V^T·P^T)
+            if VF:
+                v = _load_v_octets(vd, vs, vz, n_t, hi, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC, True)
+                sv = tl.load(vs + offs_n[None, :] * svs_t + tl.arange(0, NGV)[:, None], mask=mask_n[None, :],
+                             other=0.0)  # [NG, BLOCK_N]
+                b3 = p16[None, :, :] * sv[:, :, None]  # [NG, BLOCK_N, M_PAD] fp16
+                a3 = tl.permute(tl.reshape(v, (BLOCK_N, NGV, GROUP)), (1, 2, 0))  # [NG, GROUP, BLOCK_N]
+                acc3 = tl.dot(a3, b3, acc3 * alpha[None, None, :])
+            else:
+                if VTP == 2:
+                    v = _load_v_octets(vd, vs, vz, n_t, hi, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
+                elif VTP:
+                    v = _load_v_pairs(vd, vs, vz, n_t, hi, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
+                elif V_FULL:
+                    v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
+                                     MAGIC, ASM)
+                else:
+                    va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
+                                        MAGIC, ASM)
+                if V_FULL or VTP:
+                    if SW:
+                        acc = tl.dot(tl.trans(v), p16, acc * alpha[None, :])
+                    else:
+                        acc = tl.dot(p16, v, acc * alpha[:, None])
+                elif SW:
+                    acc_a = tl.dot(tl.trans(va), p16, acc_a * alpha[None, :])
+                    acc_b = tl.dot(tl.trans(vb), p16, acc_b * alpha[None, :])
+                else:
+                    acc_a = tl.dot(p16, va, acc_a * alpha[:, None])
+                    acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
+
+        return m_i, l_i, acc, acc_a, acc_b, acc3
+
+    @triton.jit
     def _attn_program(
-        pid_s, pid_h, pid_b, n_heads,
+        pid_s, pid_h, pid_b, n_heads, pool_start, pool_chunk, n_pool,
         Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter,
         T, tokens_per_split, qk_scale, num_splits,
         stride_qb, stride_qh,
@@ -332,9 +430,26 @@ if triton is not None:
         V_FULL: tl.constexpr, SC: tl.constexpr, K_FULL: tl.constexpr,
         VTP: tl.constexpr, FUSE_MERGE: tl.constexpr, MERGE_RB: tl.constexpr,
         MERGE_SB: tl.constexpr, SW: tl.constexpr, VF: tl.constexpr, KF: tl.constexpr, ROT: tl.constexpr,
+        POOL: tl.constexpr,
     ):
         """One work item of the split kernel: split ``pid_s`` of (sequence ``pid_b``, program head ``pid_h``) —
         its tokens' online softmax and P·V, then its partial output and log-sum-exp (or, unsplit, the output)."""
+        # placeholders for the operands and accumulators this build does not use (the branches below bind the rest)
+        ph = tl.zeros([1], tl.float32)
+        qf = ph
+        qa = ph
+        qb = ph
+        q3a = ph
+        q3b = ph
+        kbias3 = ph
+        gk = ph
+        wk = ph
+        acc = ph
+        acc_a = ph
+        acc_b = ph
+        acc3 = ph
+        rot_t = ph
+        span_t = ph
         HALF_D: tl.constexpr = D // 2
         kvh = (pid_h // (G // HPP)).to(tl.int64)
 
@@ -432,85 +547,30 @@ if triton is not None:
             # programs running side by side do not sit at addresses congruent modulo the split size
             span_t = tl.cdiv(end - start, BLOCK_N) * BLOCK_N
             rot_t = ((pid_s * 7 + pid_h * 13 + pid_b.to(tl.int32) * 5) % tl.cdiv(end - start, BLOCK_N)) * BLOCK_N
-        for n0 in range(start, end, BLOCK_N):
-            if ROT:
-                n_t = start + (n0 - start + rot_t) % span_t
-            else:
-                n_t = n0
-            offs_n = n_t + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < end
-            if K_FULL:
-                kf = _load_v_full(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                  ASM)
-            elif KF:
-                n3 = offs_n[:, None, None]
-                bk = tl.load(kd + n3 * skd_t + gk[None, :, None] * WK + wk[None, None, :], mask=mask_n[:, None, None],
-                             other=0)  # [BLOCK_N, NG, W] packed bytes
-                sk = tl.load(ks + offs_n[:, None] * sks_t + gk[None, :], mask=mask_n[:, None], other=0.0)
-                klo, khi = _nibbles_f16(bk, MAGIC, ASM)  # raw codes
-                s3 = tl.dot(tl.permute(klo, (1, 0, 2)), q3a, kbias3)
-                s3 = tl.dot(tl.permute(khi, (1, 0, 2)), q3b, s3)  # [NG, BLOCK_N, M_PAD]
-                s = tl.sum(s3 * tl.permute(tl.reshape(sk.to(tl.float32), (BLOCK_N, NGK, 1)), (1, 0, 2)), 0)
-            else:
-                ka, kb = _load_tile(kd, ks, kz, offs_n, mask_n, skd_t, sks_t, D, K_BITS, GROUP, ASYM, BLOCK_N, MAGIC,
-                                    ASM)
-            # scores and softmax over the tile's tokens: [M_PAD, BLOCK_N], or [BLOCK_N, M_PAD] with swapped dots
-            if SW:
-                if K_FULL:
-                    s = tl.dot(kf, qf)
-                elif not KF:  # (with the K fold the scores were built with the tile's load)
-                    s = tl.dot(ka, qa)
-                    s = tl.dot(kb, qb, s)
-                s = s * qk_scale
-                s = tl.where(mask_n[:, None], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[None, :])
-                l_i = l_i * alpha + tl.sum(p, 0)
-            else:
-                if K_FULL:
-                    s = tl.dot(qf, tl.trans(kf))
-                else:
-                    s = tl.dot(qa, tl.trans(ka))
-                    s = tl.dot(qb, tl.trans(kb), s)
-                s = s * qk_scale
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-            p16 = p.to(tl.float16)
-            # P·V: the V tile (full width, or the two halves), then acc += P·V (swapped: acc^T += V^T·P^T)
-            if VF:
-                v = _load_v_octets(vd, vs, vz, n_t, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC, True)
-                sv = tl.load(vs + offs_n[None, :] * svs_t + tl.arange(0, NGV)[:, None], mask=mask_n[None, :],
-                             other=0.0)  # [NG, BLOCK_N]
-                b3 = p16[None, :, :] * sv[:, :, None]  # [NG, BLOCK_N, M_PAD] fp16
-                a3 = tl.permute(tl.reshape(v, (BLOCK_N, NGV, GROUP)), (1, 2, 0))  # [NG, GROUP, BLOCK_N]
-                acc3 = tl.dot(a3, b3, acc3 * alpha[None, None, :])
-            else:
-                if VTP == 2:
-                    v = _load_v_octets(vd, vs, vz, n_t, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC)
-                elif VTP:
-                    v = _load_v_pairs(vd, vs, vz, n_t, end, svd_t, svs_t, D, GROUP, ASYM, BLOCK_N, MAGIC, ASM)
-                elif V_FULL:
-                    v = _load_v_full(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
-                                     MAGIC, ASM)
-                else:
-                    va, vb = _load_tile(vd, vs, vz, offs_n, mask_n, svd_t, svs_t, D, V_BITS, GROUP, ASYM, BLOCK_N,
-                                        MAGIC, ASM)
-                if V_FULL or VTP:
-                    if SW:
-                        acc = tl.dot(tl.trans(v), p16, acc * alpha[None, :])
-                    else:
-                        acc = tl.dot(p16, v, acc * alpha[:, None])
-                elif SW:
-                    acc_a = tl.dot(tl.trans(va), p16, acc_a * alpha[None, :])
-                    acc_b = tl.dot(tl.trans(vb), p16, acc_b * alpha[None, :])
-                else:
-                    acc_a = tl.dot(p16, va, acc_a * alpha[:, None])
-                    acc_b = tl.dot(p16, vb, acc_b * alpha[:, None])
+        m_i, l_i, acc, acc_a, acc_b, acc3 = _attn_range(
+            start, end, m_i, l_i, acc, acc_a, acc_b, acc3, qf, qa, qb, q3a, q3b, kbias3, gk, wk, rot_t, span_t,
+            kd, ks, kz, vd, vs, vz, skd_t, sks_t, svd_t, svs_t, qk_scale,
+            D, K_BITS, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC, K_FULL, V_FULL, VTP, SW, VF, KF, ROT,
+        )
+        if POOL:
+            # tail pool (probe): the last tokens of this (sequence, head) are chunks that its split programs claim
+            # from a counter once their own tokens are done, folding them into the same softmax state — a program
+            # on a slow SM takes fewer. Every program's last claim fails; the last failing one resets the counter
+            cnt = Counter + pid_b * n_heads + pid_h
+            c = tl.atomic_add(cnt, 1, sem="relaxed", scope="gpu")
+            while c < n_pool:
+                lo = pool_start + c * pool_chunk
+                hi = lo + pool_chunk
+                if hi > T:
+                    hi = T
+                m_i, l_i, acc, acc_a, acc_b, acc3 = _attn_range(
+                    lo, hi, m_i, l_i, acc, acc_a, acc_b, acc3, qf, qa, qb, q3a, q3b, kbias3, gk, wk, rot_t, span_t,
+                    kd, ks, kz, vd, vs, vz, skd_t, sks_t, svd_t, svs_t, qk_scale,
+                    D, K_BITS, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SC, K_FULL, V_FULL, VTP, SW, VF, KF, False,
+                )
+                c = tl.atomic_add(cnt, 1, sem="relaxed", scope="gpu")
+            if c == n_pool + num_splits - 1:
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         if SW:
@@ -554,7 +614,7 @@ if triton is not None:
     @triton.jit
     def _attn_split_kernel(
         Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter, Stamps,
-        T, tokens_per_split, qk_scale, num_splits, n_heads, n_items,
+        T, tokens_per_split, qk_scale, num_splits, n_heads, n_items, pool_start, pool_chunk, n_pool,
         stride_qb, stride_qh,
         skd_b, skd_h, skd_t, sks_b, sks_h, sks_t,
         svd_b, svd_h, svd_t, svs_b, svs_h, svs_t,
@@ -567,7 +627,7 @@ if triton is not None:
         VTP: tl.constexpr = False, FUSE_MERGE: tl.constexpr = False, MERGE_RB: tl.constexpr = 1,
         MERGE_SB: tl.constexpr = 1, SW: tl.constexpr = False, VF: tl.constexpr = False, PDL: tl.constexpr = False,
         KF: tl.constexpr = False, STAMP: tl.constexpr = False, PERSIST: tl.constexpr = False,
-        ROT: tl.constexpr = False,
+        ROT: tl.constexpr = False, POOL: tl.constexpr = False,
     ):
         """Grid (num_splits, n_heads, B): one program per work item. PERSIST: a 1-D grid of fewer programs, each
         claiming work items (split fastest, then head, then sequence: the classic launch order) from the counter
@@ -582,7 +642,8 @@ if triton is not None:
             while item < n_items:
                 rest = item // num_splits
                 _attn_program(
-                    item % num_splits, rest % n_heads, (rest // n_heads).to(tl.int64), n_heads,
+                    item % num_splits, rest % n_heads, (rest // n_heads).to(tl.int64), n_heads, pool_start, pool_chunk,
+                    n_pool,
                     Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter,
                     T, tokens_per_split, qk_scale, num_splits,
                     stride_qb, stride_qh,
@@ -591,7 +652,7 @@ if triton is not None:
                     stride_ob, stride_oh,
                     stride_pb, stride_ph, stride_ps,
                     G, HPP, M_PAD, D, K_BITS, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SPLIT, V_FULL, SC, K_FULL,
-                    VTP, FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF, ROT,
+                    VTP, FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF, ROT, POOL,
                 )
                 item = tl.atomic_add(Counter, 1, sem="relaxed", scope="gpu")
             done = tl.atomic_add(Counter + 1, 1, sem="acq_rel", scope="gpu")
@@ -600,7 +661,8 @@ if triton is not None:
                 tl.atomic_xchg(Counter + 1, 0, sem="relaxed", scope="gpu")
         else:
             _attn_program(
-                tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), n_heads,
+                tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), n_heads, pool_start, pool_chunk,
+                n_pool,
                 Q, KD, KS, KZ, VD, VS, VZ, Out, PartO, PartL, Counter,
                 T, tokens_per_split, qk_scale, num_splits,
                 stride_qb, stride_qh,
@@ -609,7 +671,7 @@ if triton is not None:
                 stride_ob, stride_oh,
                 stride_pb, stride_ph, stride_ps,
                 G, HPP, M_PAD, D, K_BITS, V_BITS, GROUP, ASYM, BLOCK_N, MAGIC, ASM, SPLIT, V_FULL, SC, K_FULL, VTP,
-                FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF, ROT,
+                FUSE_MERGE, MERGE_RB, MERGE_SB, SW, VF, KF, ROT, POOL,
             )
         if STAMP:
             t_end = globaltimer()
@@ -998,6 +1060,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
                      short_split_programs_per_sm: int | None = None,
                      programs_per_sm: int | None = None,
                      persistent_programs_per_sm: int | None = None, rotate_tiles: bool = False,
+                     tail_pool: float = 0.0, pool_chunk_tiles: int = 4,
                      stamps: torch.Tensor | None = None) -> torch.Tensor:
     """Fused decode attention of ``q [B, Hq, d]`` fp16 over ``cache`` → ``[B, Hq, d]`` fp16.
 
@@ -1030,6 +1093,10 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     item (None / 0 = one program per item; needs more than one split and a merge other than "fused").
     ``rotate_tiles``: probe option — each program walks its split's tiles starting from a program-dependent tile
     (wrapping around), so concurrent programs do not read addresses congruent modulo the split's byte size.
+    ``tail_pool``: probe option — this fraction of each (sequence, head)'s tiles (at the end) is not assigned to a
+    split but cut into chunks of ``pool_chunk_tiles`` tiles that the head's split programs claim from a counter
+    when their own tiles are done (into the same softmax state: the split count and the merge are unchanged), so
+    programs that run slower take fewer. Needs more than one split and a merge other than "fused".
     ``stamps``: probe option (CUDA only) — an int64 tensor of at least 4 × (split-kernel programs) elements that
     receives, per program (flat index ``(b · heads + h) · splits + s``), its start and end ``%globaltimer`` (ns)
     and its SM id (``measure.program_timeline``); None (default) compiles the kernel without them.
@@ -1068,6 +1135,17 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     per = -(-tiles // min(num_splits, tiles))
     tokens_per_split = per * block_n
     num_splits = -(-T // tokens_per_split)
+    pool = bool(tail_pool) and num_splits > 1
+    pool_start = pool_chunk = n_pool = 0
+    if pool:
+        if not 0.0 < tail_pool < 1.0 or pool_chunk_tiles < 1:
+            raise ValueError(f"tail_pool must be in (0, 1) and pool_chunk_tiles >= 1, got {tail_pool}, "
+                             f"{pool_chunk_tiles}")
+        per = max(1, int(tiles * (1.0 - tail_pool)) // num_splits)  # static tiles per split
+        tokens_per_split = per * block_n
+        pool_start = num_splits * tokens_per_split
+        pool_chunk = pool_chunk_tiles * block_n
+        n_pool = max(0, -(-(T - pool_start) // pool_chunk))
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
     if q.stride(-1) != 1:
@@ -1132,6 +1210,15 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         raise ValueError("k_fold needs swap=True and a symmetric 4-bit K (k_full off)")
     n_items = num_splits * prog_heads * B
     persist = bool(persistent_programs_per_sm) and split
+    if pool:
+        if fuse or persist:
+            raise ValueError("the tail pool needs merge='kernel' or 'pdl' and no persistent kernel (its counters)")
+        pkey = ("pool_counter", B, prog_heads, q.device)
+        counter = None if workspace is None else workspace.get(pkey)
+        if counter is None:
+            counter = torch.zeros(B * prog_heads, dtype=torch.int32, device=q.device)  # reset by the kernel
+            if workspace is not None:
+                workspace[pkey] = counter
     if persist:
         if fuse:
             raise ValueError("a persistent split kernel needs merge='kernel' or 'pdl' (its counter is the claim queue)")
@@ -1155,7 +1242,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
     merge_rb = max(1, min(triton.next_power_of_2(hpp), 8192 // (merge_sb * d)))  # ≤ 32 KB of fp32 per step
     _attn_split_kernel[grid](
         q, k.data, ks, kz, v.data, vs, vz, out, part_o, part_l, counter, out if stamps is None else stamps,
-        T, tokens_per_split, sm_scale * LOG2E, num_splits, prog_heads, n_items,
+        T, tokens_per_split, sm_scale * LOG2E, num_splits, prog_heads, n_items, pool_start, pool_chunk, n_pool,
         q.stride(0), q.stride(1),
         *k.data.stride()[:3], *kst,
         *v.data.stride()[:3], *vst,
@@ -1165,7 +1252,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, num_splits: in
         BLOCK_N=block_n, MAGIC=magic, ASM=asm, SPLIT=split, V_FULL=bool(v_full), SC=bool(async_scales),
         K_FULL=bool(k_full), VTP=vtp, FUSE_MERGE=fuse, MERGE_RB=merge_rb, MERGE_SB=merge_sb, SW=bool(swap),
         VF=bool(v_fold), PDL=bool(pdl and split), KF=bool(k_fold), STAMP=stamps is not None,
-        PERSIST=persist, ROT=bool(rotate_tiles),
+        PERSIST=persist, ROT=bool(rotate_tiles), POOL=pool,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split and not fuse:

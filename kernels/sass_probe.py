@@ -49,10 +49,11 @@ def offline_signature(fn, ptrs: dict, ints, not_div=(), floats=()) -> tuple[dict
 
 def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3, group=32, asym=False,
                    vtp=False, v_full=False, k_full=False, sc=True, split=True, swap=None, vf=None, kf=False,
-                   persist=False, stamp=False):
+                   persist=False, stamp=False, pool=False):
     """The compiled kernel (``triton.compile`` result) for sm_90. ``swap`` / ``vf`` None: the launcher's defaults
     (swapped dots for a quantized part; the V fold for a symmetric 4-bit token_octet V with K not 8-bit).
-    ``persist`` / ``stamp``: the persistent split kernel / the per-program timestamps (probe options)."""
+    ``persist`` / ``stamp`` / ``pool``: the persistent split kernel / the per-program timestamps / the tail pool
+    (probe options)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -63,16 +64,16 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     dt = {4: "u8", 8: "u8", 16: "fp16"}
     ptrs = dict(Q="*fp16", KD=f"*{dt[kb]}", KS="*fp16", KZ="*fp16", VD=f"*{dt[vb]}", VS="*fp16", VZ="*fp16",
                 Out="*fp16", PartO="*fp32", PartL="*fp32")
-    if persist:
+    if persist or pool:
         ptrs["Counter"] = "*i32"
     if stamp:
         ptrs["Stamps"] = "*i64"
-    ints = ["T", "tokens_per_split", "num_splits", "n_heads", "n_items", "stride_qb", "stride_qh", "skd_b", "skd_h",
-            "skd_t", "sks_b", "sks_h", "sks_t", "svd_b", "svd_h", "svd_t", "svs_b", "svs_h", "svs_t", "stride_ob",
+    ints = ["T", "tokens_per_split", "num_splits", "n_heads", "n_items", "pool_start", "pool_chunk", "n_pool",
+            "stride_qb", "stride_qh", "skd_b", "skd_h", "skd_t", "sks_b", "sks_h", "sks_t", "svd_b", "svd_h", "svd_t", "svs_b", "svs_h", "svs_t", "stride_ob",
             "stride_oh", "stride_pb", "stride_ph", "stride_ps"]
     # the scale token strides are d/group (4 for d=128, g=32) and the work-item counts are not 16-divisible; every
     # other int of a real launch (T = 32K, strides of 16-aligned allocations) is
-    not_div = {"sks_t", "svs_t", "num_splits", "n_heads", "n_items"}
+    not_div = {"sks_t", "svs_t", "num_splits", "n_heads", "n_items", "pool_start", "pool_chunk", "n_pool"}
     if swap is None:
         swap = default_swap(kb, vb)
     if vf is None:
@@ -80,7 +81,7 @@ def compile_kernel(kb=4, vb=4, d=128, G=4, block_n=32, num_warps=1, num_stages=3
     m_pad = max(SWAP_MIN_ROWS, triton.next_power_of_2(G)) if swap else max(16, triton.next_power_of_2(G))
     consts = dict(G=G, HPP=G, M_PAD=m_pad, SW=swap, VF=vf, D=d, K_BITS=kb, V_BITS=vb, GROUP=group,
                   ASYM=asym, BLOCK_N=block_n, MAGIC=True, ASM=True, SPLIT=split, V_FULL=v_full, SC=sc,
-                  K_FULL=k_full, VTP=vtp, KF=kf, PERSIST=persist, STAMP=stamp)
+                  K_FULL=k_full, VTP=vtp, KF=kf, PERSIST=persist, STAMP=stamp, POOL=pool)
     sig, attrs = offline_signature(fn, ptrs, ints, not_div, floats=("qk_scale",))
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -766,6 +766,8 @@ for _n, _m in ((8, 0), (8, 16), (8, 32), (4, 16), (16, 32)):
 PROBE_VARIANTS["rot"] = dict(rotate_tiles=True)  # session 12: each split walked from a program-dependent tile
 PROBE_VARIANTS["kfst2"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=2)  # the 4/4 large shape, 2 stages
 PROBE_VARIANTS["kfst4"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=4)  # ... and 4
+for _f, _c in ((5, 2), (10, 2), (10, 4), (15, 4), (20, 4), (10, 8)):  # tail pool: _f % of the tiles, _c-tile chunks
+    PROBE_VARIANTS[f"tp{_f:02d}c{_c}"] = dict(tail_pool=_f / 100, pool_chunk_tiles=_c)
 PROBE_VARIANTS["kfst4pps6"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=4, programs_per_sm=6)
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,

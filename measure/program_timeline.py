@@ -77,6 +77,21 @@ CASES = {
         ("gemma-3-12b", 16, 32768, (4, 4), ["dflt", "kfst4pps6"]),
         ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "kfst4"]),
     ],
+    # tail pool (session 12): the slowest programs end ~9 us after the median one at 302 MB (memory unfairness
+    # between SMs and programs: more bytes in flight, wider spread); a pool of end-of-head chunks claimed by the
+    # head's programs once their own tiles are done evens the ends without more partials (tpFFcC: FF % in C-tile
+    # chunks)
+    "pool": [
+        ("llama-3.1-8b", 8, 32768, (4, 4), ["dflt", "tp05c2", "tp10c2", "tp10c4", "tp15c4", "tp20c4", "tp10c8"]),
+        ("qwen2.5-7b", 32, 16384, (4, 4), ["dflt", "tp10c2", "tp10c4", "tp20c4"]),
+        ("gemma-3-12b", 8, 32768, (4, 4), ["dflt", "tp10c2", "tp10c4", "tp20c4"]),
+        ("llama-3.1-8b", 64, 4096, (4, 4), ["dflt", "tp10c2", "tp10c4"]),
+        ("llama-3.1-8b", 32, 32768, (4, 4), ["dflt", "tp10c4", "tp20c4"]),
+        ("gemma-3-12b", 16, 32768, (4, 4), ["dflt", "tp10c4", "tp20c4"]),
+        ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "tp10c4"]),
+        ("llama-3.1-8b", 32, 32768, (8, 8), ["dflt", "tp10c4"]),
+        ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "tp10c4"]),
+    ],
     "tiny": [("qwen2.5-0.5b", 2, 4096, (4, 4), ["dflt"])],
 }
 STAMP_FIELDS = 4  # start ns, end ns, SM id, unused (int64 each)

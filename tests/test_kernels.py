@@ -425,6 +425,38 @@ def test_rotated_tile_order_gives_the_same_attention(B, G, Hkv, d, T, kb, vb, sp
                     rotate_tiles=True)
 
 
+@pytest.mark.parametrize("B,G,Hkv,d,T,kb,vb,splits,pool,chunk", [(3, 4, 2, 128, 1000, 4, 4, 3, 0.25, 2),
+                                                                (1, 7, 1, 64, 65, 8, 4, 2, 0.5, 1),
+                                                                (2, 2, 1, 256, 300, 16, 16, 4, 0.1, 1),
+                                                                (1, 8, 1, 128, 4097, 8, 8, 5, 0.15, 4)])
+def test_tail_pool_claims_every_chunk_across_launches(B, G, Hkv, d, T, kb, vb, splits, pool, chunk):
+    """tail_pool (probe option): the last tiles of each (sequence, head) are chunks claimed by its split programs
+    after their own tiles; every chunk is folded in exactly once per launch and the counters are reset, so a
+    second launch with the same workspace is right too."""
+    cache, g = _make_cache(B, Hkv, T, d, kb, vb, 32, False, seed=600 + T + d,
+                           v_layout="token_octet" if vb == 4 else "channel")
+    q = (torch.randn(B, G * Hkv, d, generator=g) * 1.5).half().to(DEV)
+    ref = decode_attention_reference(q, cache)
+    base = _p1_reference_error(q, cache, ref)
+    ws = {}
+    for _ in range(2):
+        out = torch.full((B, G * Hkv, d), float("nan"), dtype=torch.float16, device=DEV)
+        decode_attention(q, cache, out=out, workspace=ws, num_splits=splits, tail_pool=pool, pool_chunk_tiles=chunk)
+        assert not torch.isnan(out).any()
+        assert (out.float() - ref).abs().max().item() <= 2.0 * base + ABS_FLOOR
+        assert ws[("pool_counter", B, Hkv, q.device)].tolist() == [0] * (B * Hkv)
+    with pytest.raises(ValueError, match="tail pool"):
+        decode_attention(q, cache, num_splits=splits, tail_pool=pool, merge="fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb,vb,d,G", [(4, 4, 128, 4), (4, 4, 256, 2), (8, 4, 128, 7)])
+def test_decode_attention_tail_pool_large_launch_gpu(kb, vb, d, G):
+    """The tail pool at a large launch (the throughput shape and split count), 10 % of the tiles in 4-tile chunks."""
+    check_attention(2, G, 8, d, 65543, kb, vb, seed=700 + kb + d + G, v_layout="token_octet" if vb == 4 else "channel",
+                    tail_pool=0.1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kb,vb,d,G", [(4, 4, 128, 4), (4, 4, 256, 2), (8, 4, 128, 7)])
 def test_decode_attention_persistent_large_launch_gpu(kb, vb, d, G):

@@ -210,13 +210,12 @@ def main(argv=None) -> int:
     ap.add_argument("--replays", type=int, default=40, help="graph replays (the last one's stamps are kept)")
     ap.add_argument("--no-ceilings", action="store_true", help="skip the read / copy ceiling probe (same run)")
     args = ap.parse_args(argv)
+    from kvmodel.measure.probes import GPUUnavailable, require_cuda
+
     try:
-        import torch
-    except ImportError:
-        print("program_timeline needs torch with CUDA (pip install 'kvmodel[gpu]')", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("program_timeline needs a CUDA GPU", file=sys.stderr)
+        torch = require_cuda()
+    except GPUUnavailable as e:
+        print(f"program_timeline: {e}", file=sys.stderr)
         return 2
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ceil = {} if args.no_ceilings else measure_ceilings()

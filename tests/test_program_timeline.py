@@ -81,3 +81,14 @@ def test_stamps_record_every_program_and_leave_the_output_unchanged_gpu():
     assert (stamps[-4:] == -1).all()  # nothing written past the programs
     with pytest.raises(ValueError, match="stamps must be"):
         decode_attention(q, cache, num_splits=8, stamps=stamps[:8])
+
+
+def test_program_timeline_without_a_gpu_exits_with_a_message(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("the message is for machines without a GPU")
+    from kvmodel.measure.program_timeline import main
+
+    assert main(["--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "program_timeline: " in capsys.readouterr().err
+    assert not (tmp_path / "t.jsonl").exists()

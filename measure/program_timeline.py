@@ -188,7 +188,7 @@ def _stamped_run(B, T, Hq, Hkv, d, kb, vb, opts, n_sets, replays):
     bufs = [torch.full((STAMP_FIELDS * programs,), -1, dtype=torch.int64, device="cuda") for _ in range(R)]
     fn_r = lambda r: decode_attention(qs[r % n_sets], caches[r % n_sets], out=outs[r % n_sets],  # noqa: E731
                                       workspace=wss[r % n_sets], stamps=bufs[r], **opts)
-    warm_up(lambda i: fn_r(i), min(R, 3))
+    warm_up(fn_r, min(R, 3))
     g = capture_graph(fn_r, R, R)
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []

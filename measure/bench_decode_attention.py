@@ -769,11 +769,25 @@ PROBE_VARIANTS["kfst4"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=
 for _f, _c in ((5, 2), (10, 2), (10, 4), (15, 4), (20, 4), (10, 8)):  # tail pool: _f % of the tiles, _c-tile chunks
     PROBE_VARIANTS[f"tp{_f:02d}c{_c}"] = dict(tail_pool=_f / 100, pool_chunk_tiles=_c)
 PROBE_VARIANTS["kfst4pps6"] = dict(k_fold=True, block_n=32, num_warps=1, num_stages=4, programs_per_sm=6)
+# v13 candidate (session 13): the tail pool in steady-state timing. The program timeline (one pass per variant,
+# validation/data/h100/program_timeline_pool.*) had the pool cut the SMs' idle time at the end 3-4x but lengthen the
+# median program, calls moving -3..+3 %: too close for a single pass. Same shapes, bench timing, listed twice.
+_TP = ["dflt", "tp05c2", "tp10c4", "tp10c8", "tp20c4"]
+_PROBE_V13TP = 2 * [
+    ("llama-3.1-8b", 8, 32768, (4, 4), _TP),
+    ("qwen2.5-7b", 32, 16384, (4, 4), _TP),
+    ("llama-3.1-8b", 64, 4096, (4, 4), _TP),
+    ("gemma-3-12b", 8, 32768, (4, 4), _TP),
+    ("llama-3.1-8b", 32, 32768, (4, 4), _TP),
+    ("gemma-3-12b", 16, 32768, (4, 4), _TP),
+    ("llama-3.1-8b", 32, 32768, (8, 4), ["dflt", "tp10c4", "tp10c8"]),
+    ("llama-3.1-8b", 16, 131072, (4, 4), ["dflt", "tp10c4", "tp10c8"]),
+]
 #: ``--probe-set`` choices (re-running one measures the current kernel as "dflt", not the one its file recorded)
 PROBE_SETS = {"v5a": _PROBE_V5A, "v5b": _PROBE_V5B, "v6": _PROBE_V6, "v7": _PROBE_V7, "pdl": _PROBE_PDL,
               "v8": _PROBE_V8, "v8b": _PROBE_V8B, "v9kf": _PROBE_V9KF, "v9rep": _PROBE_V9REP,
               "v10": _PROBE_V10, "v10b": _PROBE_V10B, "v11bi": _PROBE_V11BI,
-              "v11warm": _PROBE_V11WARM, "v12sp": _PROBE_V12SP}
+              "v11warm": _PROBE_V11WARM, "v12sp": _PROBE_V12SP, "v13tp": _PROBE_V13TP}
 
 
 def _probe_compile(spec):
@@ -884,7 +898,7 @@ def main(argv=None):
     ap.add_argument("--probe-out", default=None, help="with --probe: append the probe rows (JSON lines) here")
     ap.add_argument("--probe-set", choices=sorted(PROBE_SETS), default="v5b",
                     help="with --probe: which case list (v5a: split rule and 8-bit loads; v5b: more splits; "
-                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches; v9kf: the K fold; v11bi: bimodal times vs the read kernel at the same bytes; v11warm: the timing warm-up; v12sp: programs per SM of the split rule)")
+                         "v6: swapped mma operands; v7: V scales folded into P; pdl: dependent merge launch; v8: octet V at d = 64, register caps, small launches; v9kf: the K fold; v11bi: bimodal times vs the read kernel at the same bytes; v11warm: the timing warm-up; v12sp: programs per SM of the split rule; v13tp: the tail pool)")
     ap.add_argument("--no-precompile", action="store_true")
     ap.add_argument("--procs", type=int, default=12)
     ap.add_argument("--fill-bytes", action="store_true",

@@ -42,7 +42,7 @@ import yaml
 from scipy.optimize import least_squares, nnls
 
 from kvmodel.specs import (BandwidthCurve, Calibration, FusedKernelCurve, GPUSpec, SpecError, get_gpu,
-                           load_yaml_spec)
+                           gpu_for_device_name, load_yaml_spec)
 from kvmodel.timing import (DEFAULT_FLOP_EFFICIENCY, curve_time_s, expand_charged_bytes, expand_reread_miss,
                             fused_curve_key, kernel_config, kernel_config_key, sdpa_charged_bytes)
 
@@ -635,11 +635,7 @@ def _resolve_gpu(gpu: Optional[str], prov: dict) -> GPUSpec:
     name = gpu or prov.get("gpu_name") or prov.get("device_name")
     if not name:
         raise CalibrationDataError("no GPU named and the provenance files do not say which GPU was measured")
-    try:
-        return get_gpu(name)
-    except KeyError:
-        short = re.sub(r"^nvidia\s+", "", name, flags=re.I)
-        return get_gpu(short)
+    return gpu_for_device_name(name)
 
 
 def fit_calibration(data_dir, gpu: Optional[str] = None, runtime: str = "kvmodel-graph",

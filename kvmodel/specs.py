@@ -553,6 +553,22 @@ def get_gpu(query: str) -> GPUSpec:
     return _resolve("GPU", query, catalog().gpus)
 
 
+_VENDOR_PREFIX = re.compile(r"^\s*(nvidia|amd)\s+", re.I)
+
+
+def gpu_for_device_name(device_name: str) -> GPUSpec:
+    """The catalog GPU of a device name as the driver reports it (``torch.cuda.get_device_name``:
+    "NVIDIA H100 80GB HBM3", "AMD Instinct MI300X"): as a name or alias, else without the vendor prefix.
+    Raises :class:`LookupFailed` (a KeyError) naming the closest entries."""
+    try:
+        return get_gpu(device_name)
+    except KeyError:
+        short = _VENDOR_PREFIX.sub("", device_name).strip()
+        if short == device_name.strip():
+            raise
+        return get_gpu(short)
+
+
 def get_interconnect(query: str) -> Interconnect:
     return _resolve("interconnect", query, catalog().interconnects)
 

@@ -110,7 +110,7 @@ def _fmt_s(s: float) -> str:
 def check_environment(gpu: Optional[str] = None):
     """(torch, GPUSpec) for the visible GPU; raises NoGPUError / UnsupportedGPUError with the reason."""
     from kvmodel.measure.probes import GPUUnavailable, require_cuda
-    from kvmodel.specs import get_gpu
+    from kvmodel.specs import gpu_for_device_name
 
     try:
         torch = require_cuda()
@@ -119,14 +119,11 @@ def check_environment(gpu: Optional[str] = None):
     name = torch.cuda.get_device_properties(0).name
     query = gpu or name
     try:
-        spec = get_gpu(query)
-    except KeyError:
-        try:
-            spec = get_gpu(query.replace("NVIDIA ", "").strip())
-        except KeyError as e:
-            raise UnsupportedGPUError(
-                f"cannot calibrate: {name!r} is not in kvmodel's GPU catalog ({e}); add a hardware/*.yaml entry "
-                f"or name the closest catalog GPU with --gpu") from None
+        spec = gpu_for_device_name(query)
+    except KeyError as e:
+        raise UnsupportedGPUError(
+            f"cannot calibrate: {name!r} is not in kvmodel's GPU catalog ({e}); add a hardware/*.yaml entry "
+            f"or name the closest catalog GPU with --gpu") from None
     return torch, spec
 
 

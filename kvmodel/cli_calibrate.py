@@ -33,7 +33,10 @@ def _default_calibrations_dir() -> Path:
               help="stop measuring cleanly after this many seconds; --resume completes it later.")
 @click.option("--fit-only", "fit_only", type=click.Path(exists=True, file_okay=False), default=None,
               help="no measurement: fit calibrations from the CSVs in this folder (works without a GPU).")
-def calibrate(mode, out_dir, resume, cal_dir, gpu, models, hf, budget_s, fit_only):
+@click.option("--attention-csv", "attention_csv", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="with --fit-only: the decode-attention grid to fit (default: FOLDER/decode_attention.csv), "
+                   "e.g. a grid measured in a separate run on the same GPU.")
+def calibrate(mode, out_dir, resume, cal_dir, gpu, models, hf, budget_s, fit_only, attention_csv):
     """Measure this GPU (bandwidth probes, decode attention, end-to-end decode steps) and fit a calibration.
 
     Writes the raw CSVs (with provenance) under --out and one calibration YAML per runtime measured, which
@@ -42,9 +45,13 @@ def calibrate(mode, out_dir, resume, cal_dir, gpu, models, hf, budget_s, fit_onl
     from kvmodel import calibration as cal
 
     target = Path(cal_dir) if cal_dir else _default_calibrations_dir()
+    if attention_csv and not fit_only:
+        raise click.UsageError("--attention-csv goes with --fit-only (a measuring run writes its own grid)")
     if fit_only:
+        command = f"kvmodel calibrate --fit-only {fit_only}" + (f" --attention-csv {attention_csv}"
+                                                                 if attention_csv else "")
         try:
-            written = cal.fit_all(fit_only, target, gpu=gpu, command=f"kvmodel calibrate --fit-only {fit_only}",
+            written = cal.fit_all(fit_only, target, gpu=gpu, attention_csv=attention_csv, command=command,
                                   log=lambda s: click.echo(s, err=True))
         except (cal.CalibrationDataError, KeyError, ValueError) as e:
             raise click.ClickException(f"cannot fit calibrations from {fit_only}: {e}") from None

@@ -403,3 +403,38 @@ def test_grid_kernel_version_reads_the_grids_provenance(tmp_path):
     for v, want in (("v9", "v9"), ("v10", "v10"), ("v3 (candidates)", None), (None, None)):
         (tmp_path / "decode_attention.provenance.json").write_text(json.dumps({"kernel_version": v}))
         assert grid_kernel_version(grid) == want, v
+
+
+def test_fit_only_cli_takes_a_grid_from_another_folder_and_the_driver_device_name(tmp_path):
+    """`kvmodel calibrate --fit-only DIR --attention-csv GRID`: the grid of a separate run is fitted beside DIR's
+    probes and steps, and a driver device name in the provenance ('NVIDIA H100 80GB HBM3') files it under H100."""
+    from click.testing import CliRunner
+
+    from kvmodel.cli import cli
+
+    run, grid = tmp_path / "run", tmp_path / "grid"
+    write_synthetic_data(run)
+    write_synthetic_data(grid, with_grid=True)
+    for p in run.glob("*.provenance.json"):
+        prov = json.loads(p.read_text())
+        prov["gpu_name"] = prov["device_name"] = "NVIDIA H100 80GB HBM3"
+        p.write_text(json.dumps(prov))
+    out = tmp_path / "cal"
+    r = CliRunner().invoke(cli, ["calibrate", "--fit-only", str(run), "--attention-csv",
+                                  str(grid / "decode_attention.csv"), "--calibrations", str(out)])
+    assert r.exit_code == 0, r.output
+    c = cal.load_calibration(out / "h100-kvmodel-graph.yaml")
+    assert c.gpu == "H100-SXM" and "decode-attention grid" in c.notes
+    assert c.ops["attention:P0"].bw_GBps == pytest.approx(GT["attention:P0"].bw_GBps, rel=0.05)
+    assert "--attention-csv" in c.command
+
+
+def test_attention_csv_without_fit_only_is_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from kvmodel.cli import cli
+
+    f = tmp_path / "g.csv"
+    f.write_text("pipeline\n")
+    r = CliRunner().invoke(cli, ["calibrate", "--attention-csv", str(f)])
+    assert r.exit_code == 2 and "--fit-only" in r.output and "Traceback" not in r.output

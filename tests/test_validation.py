@@ -510,3 +510,16 @@ def test_h200_p5_data_are_predicted_with_their_kernels_launch_rules():
     assert max(p5_runs, key=lambda r: r["date"])["kernel_version"] == kv
     for runtime in ("kvmodel-graph", "hf-eager", "hf-static-graph"):
         assert find_calibration("H200-SXM", runtime=runtime).fused_kernel_version == kv, runtime
+
+
+def test_h100_shipped_calibration_reproduces_its_own_e2e_rows(committed_run):
+    """The shipped H100 calibration (fitted by `kvmodel calibrate --fit-only` from validation/data/h100/calibrate)
+    run through kvmodel predict reproduces the steps it was fitted on (in-sample: a check of the shipped file and
+    of predict's use of it; the H100 SKU resolves from the device name in the provenance)."""
+    j, md = committed_run
+    h = j["h100_shipped_in_sample"]
+    assert h["available"] and "uncalibrated" not in h["label"], h
+    assert h["n_rows"] >= 200 and h["kernel_version"] == "v12"
+    assert h["all_rows"]["median_abs_pct"] < 5.0 and h["all_rows"]["max_abs_pct"] < 25.0, h["all_rows"]
+    assert {"Llama-3.1-8B", "Qwen2.5-7B", "Qwen2.5-0.5B", "Mistral-Small-3.1-24B"} <= set(h["per_model"])
+    assert "H100 end-to-end, in-sample" in md

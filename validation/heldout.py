@@ -512,7 +512,7 @@ def predict_e2e(cal: E2ECalibration, d: pd.DataFrame, peak_flops: float) -> np.n
 
 
 def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None,
-                        kernel_version: Optional[str] = None) -> tuple[np.ndarray, str]:
+                        kernel_version: Optional[str] = None, gpu: str = "h200") -> tuple[np.ndarray, str]:
     """kvmodel as shipped: :func:`kvmodel.predict.step_time_s` per row with calibration ``cal`` (default: the
     shipped H200 kvmodel-graph calibration). Predict looks each attention op up as
     ``attention:<P>:k<b>v<b>:d<d>``, then coarser keys (:meth:`kvmodel.timing.TimeModel.attention_op`).
@@ -525,11 +525,11 @@ def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None,
     from kvmodel.specs import KVFormat, get_gpu
     from kvmodel.timing import TimeModel
 
-    gpu = get_gpu("h200")
+    gpu = get_gpu(gpu)
     if cal is None:
         cal = find_calibration(gpu.name, runtime="kvmodel-graph")
         if cal is None:
-            label = "uncalibrated (datasheet x 0.85): no shipped H200 kvmodel-graph calibration"
+            label = f"uncalibrated (datasheet x 0.85): no shipped {gpu.name} kvmodel-graph calibration"
         else:
             label = f"shipped calibration ({cal.date or 'undated'}; fitted on all data, not held out)"
     tm = TimeModel(gpu, cal, kernel_version=kernel_version or data_kernel_version())
@@ -668,6 +668,31 @@ def run_e2e(path: Optional[Path] = None, attention: Optional[dict] = None) -> di
                                                          pred="shipped_s")},
         "frame": ours, "cal": cal,
     }
+
+
+#: `kvmodel calibrate`'s own run on an H100 (its probes and e2e steps; the attention grid beside it)
+H100_E2E_FILE = ("h100", "calibrate", "e2e_decode.csv")
+H100_ATTENTION_FILE = ("h100", "decode_attention_v12.csv")
+
+
+def run_shipped_in_sample(gpu: str = "h100", e2e_path: Optional[Path] = None,
+                          attention_path: Optional[Path] = None) -> dict:
+    """The shipped ``gpu`` kvmodel-graph calibration against the e2e rows it was fitted on (in-sample: a check that
+    the shipped file and ``kvmodel predict`` reproduce their own data, not a held-out accuracy)."""
+    d = load_e2e(e2e_path or data_path(*H100_E2E_FILE))
+    if d is None:
+        return {"available": False, "reason": f"validation/data/{'/'.join(H100_E2E_FILE)} not present"}
+    ours = d[d.runtime == "kvmodel-graph"].copy()
+    kv = data_kernel_version(attention_path or data_path(*H100_ATTENTION_FILE))
+    ours["shipped_s"], label = shipped_predictions(ours, kernel_version=kv, gpu=gpu)
+    if "uncalibrated" not in label:
+        label = label.replace("fitted on all data, not held out", "in-sample: fitted on these rows")
+    ours["meas_s"] = ours["median_s"]
+    ok = ours[np.isfinite(ours.shipped_s)]
+    return {"available": True, "label": label, "n_rows": int(len(ok)), "kernel_version": kv,
+            "all_rows": error_stats(ok.shipped_s, ok.median_s),
+            "per_model": grouped_stats(ok, "model", pred="shipped_s"),
+            "per_pipeline_format": grouped_stats(ok, ["pipeline", "format"], pred="shipped_s")}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -767,6 +767,8 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
     e2e = heldout.run_e2e(e2e_file, att)
     log("kvmodel predict, held out ...")
     pr = heldout.run_predict_heldout(att, e2e, attention_file, e2e_file)
+    log("H100 shipped calibration, in-sample ...")
+    h100_cal = heldout.run_shipped_in_sample("h100")
     if rerun_peers:
         e2e_df = heldout.load_e2e(e2e_file)
         cfgs = peers.configs_from_e2e(e2e_df) if e2e_df is not None else peers.default_configs()
@@ -827,6 +829,7 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
                  "h100_by_batch": h100["hill"]["by_batch"], "h200": h200_hill,
                  "card": card, "card_file": published.HILL_CARD_FILE},
         "h200_attention": att, "h200_e2e": e2e, "h200_predict_heldout": pr, "peers": pc,
+        "h100_shipped_in_sample": h100_cal,
         "published": [{k: v for k, v in r.items() if k != "details"} for r in pub],
         "regime_map": regime,
     }
@@ -848,6 +851,9 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
                              "training split)", pr["attention"]))
         hl.append(_stats_row("H200 end-to-end, held-out — kvmodel predict (shipped model, calibrated on the "
                              "training split)", pr["e2e"]))
+    if h100_cal.get("available"):
+        hl.append(_stats_row(f"H100 end-to-end, in-sample — kvmodel predict with the shipped H100 calibration "
+                             f"({h100_cal['n_rows']} rows it was fitted on)", h100_cal["all_rows"]))
     md += [md_table(hl, STAT_COLS), ""]
     if not att.get("available"):
         md += [f"- H200 attention: null ({att['reason']})."]

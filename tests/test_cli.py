@@ -185,4 +185,6 @@ def test_calibrated_runtime_is_named_in_the_output(run):
     res = run("predict", "--gpu", "h200", "--model", "llama-3.1-8b", "--ctx", "4k", "--runtime", "hf-eager")
     assert res.exit_code == 0 and "calibrated: H200-SXM / hf-eager" in res.output
     res = run("predict", "--gpu", "h100", "--model", "llama-3.1-8b", "--ctx", "4k")
+    assert res.exit_code == 0 and "calibrated: H100-SXM / kvmodel-graph" in res.output
+    res = run("predict", "--gpu", "b200", "--model", "llama-3.1-8b", "--ctx", "4k")  # no shipped calibration
     assert "uncalibrated" in res.output

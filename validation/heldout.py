@@ -514,7 +514,7 @@ def predict_e2e(cal: E2ECalibration, d: pd.DataFrame, peak_flops: float) -> np.n
 def shipped_predictions(d: pd.DataFrame, cal=None, label: Optional[str] = None,
                         kernel_version: Optional[str] = None, gpu: str = "h200") -> tuple[np.ndarray, str]:
     """kvmodel as shipped: :func:`kvmodel.predict.step_time_s` per row with calibration ``cal`` (default: the
-    shipped H200 kvmodel-graph calibration). Predict looks each attention op up as
+    shipped kvmodel-graph calibration of ``gpu``). Predict looks each attention op up as
     ``attention:<P>:k<b>v<b>:d<d>``, then coarser keys (:meth:`kvmodel.timing.TimeModel.attention_op`).
 
     ``kernel_version``: the fused kernel that measured the rows (its launch rules; default
@@ -675,16 +675,15 @@ H100_E2E_FILE = ("h100", "calibrate", "e2e_decode.csv")
 H100_ATTENTION_FILE = ("h100", "decode_attention_v12.csv")
 
 
-def run_shipped_in_sample(gpu: str = "h100", e2e_path: Optional[Path] = None,
-                          attention_path: Optional[Path] = None) -> dict:
-    """The shipped ``gpu`` kvmodel-graph calibration against the e2e rows it was fitted on (in-sample: a check that
+def run_shipped_in_sample(e2e_path: Optional[Path] = None, attention_path: Optional[Path] = None) -> dict:
+    """The shipped H100 kvmodel-graph calibration against the e2e rows it was fitted on (in-sample: a check that
     the shipped file and ``kvmodel predict`` reproduce their own data, not a held-out accuracy)."""
     d = load_e2e(e2e_path or data_path(*H100_E2E_FILE))
     if d is None:
         return {"available": False, "reason": f"validation/data/{'/'.join(H100_E2E_FILE)} not present"}
     ours = d[d.runtime == "kvmodel-graph"].copy()
     kv = data_kernel_version(attention_path or data_path(*H100_ATTENTION_FILE))
-    ours["shipped_s"], label = shipped_predictions(ours, kernel_version=kv, gpu=gpu)
+    ours["shipped_s"], label = shipped_predictions(ours, kernel_version=kv, gpu="h100")
     if "uncalibrated" not in label:
         label = label.replace("fitted on all data, not held out", "in-sample: fitted on these rows")
     ours["meas_s"] = ours["median_s"]

@@ -768,7 +768,7 @@ def run_validation(out_dir: Path, rerun_peers: bool = False, plots: bool = True,
     log("kvmodel predict, held out ...")
     pr = heldout.run_predict_heldout(att, e2e, attention_file, e2e_file)
     log("H100 shipped calibration, in-sample ...")
-    h100_cal = heldout.run_shipped_in_sample("h100")
+    h100_cal = heldout.run_shipped_in_sample()
     if rerun_peers:
         e2e_df = heldout.load_e2e(e2e_file)
         cfgs = peers.configs_from_e2e(e2e_df) if e2e_df is not None else peers.default_configs()

@@ -242,6 +242,8 @@ def tier_report(gpu: GPUSpec, model: ModelSpec, kv: KVFormat, context_tokens: in
                      f"{target_step_s * 1e3:g} ms target")
     if not tm.calibrated:
         notes.append("uncalibrated HBM timing (datasheet x efficiency)")
+    else:
+        notes.append(f"HBM timing {tm.label}")
     return TierReport(
         gpu=gpu.name, model=model.name, context_tokens=T, batch=B, kv_format=kv.label, access=access.label,
         target_step_s=target_step_s, kv_cache_bytes=cache, kv_budget_bytes=budget, overflow_bytes=over_b,

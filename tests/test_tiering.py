@@ -202,3 +202,15 @@ def test_summary_table_for_several_models():
             "int4", "--link", "nvlink4,pcie5", "--summary")
     assert r.exit_code == 0
     assert "| Llama-3.1-8B | whole-cache | 154.62 | 15,462 | 34.4x | 245.4x |" in r.output
+
+
+def test_tier_report_names_the_timing_behind_its_hbm_work():
+    """The HBM work (and so every serial column) depends on the timing: the report says which one it used."""
+    args = ("tier", "--model", "llama-3.1-8b", "--ctx", "128k", "--batch", "32", "--kv", "int4")
+    calibrated = run(*args, "--gpu", "h100")
+    assert calibrated.exit_code == 0, calibrated.output
+    assert "note: HBM timing calibrated: H100-SXM" in calibrated.output
+    assert "uncalibrated" not in calibrated.output
+    uncalibrated = run(*args, "--gpu", "b200")
+    assert uncalibrated.exit_code == 0, uncalibrated.output
+    assert "note: uncalibrated HBM timing" in uncalibrated.output

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# session 15, device call 1: only on an H200 (on any other card it stops at once). As devrun/s13call1.sh's H200
-# branch -- the kernel v12 grid in steady-state timing, quick probes, decode steps of the 4 catalog models with P0 and
-# P5 4/4 (--linear triton-pdl) in the KV-bound regime -- plus the batch-1 steps (T = 1K, 4K) in the same CSV, with
-# budgets trimmed so the whole call stays inside one 600 s command.
+# session 15, device call 1: only on an H200 (on any other card it stops at once). The kernel v12 grid in
+# steady-state timing, quick probes, and decode steps of the 4 catalog models with P0 and P5 4/4 (--linear
+# triton-pdl), KV-bound (B = 16/8, T = 16K/32K) and at batch 1 (T = 1K/4K) in one CSV, with budgets trimmed so the
+# whole call stays inside one 600 s command.
 set -u
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 [[ "$GPU" == *H200* ]] || { echo "not an H200: nothing to run"; exit 0; }
